@@ -194,6 +194,21 @@ def initial_weights(cfg: Config, data: PreparedData) -> np.ndarray:
     return np.array([cfg.mixing.weights[n] for n in names], dtype=np.float64)
 
 
+def make_model(cfg: Config, data: PreparedData) -> torch.nn.Module:
+    """The model to continue training: a local HF directory, or a fresh Llama from `model` sizes."""
+    if cfg.model.path:
+        model = load_model(cfg.model.path)
+    else:
+        mc = cfg.model
+        model = build_model(
+            vocab_size=data.vocab_size, hidden_size=mc.hidden_size, n_layers=mc.n_layers, n_heads=mc.n_heads,
+            intermediate_size=mc.intermediate_size, max_seq_len=max(cfg.data.seq_len, 64), n_kv_heads=mc.n_kv_heads,
+            tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
+        )
+    check_vocab(model, data.vocab_size)
+    return model
+
+
 # --------------------------------------------------------------------------- run directory
 
 
@@ -298,16 +313,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
     device = env.device
-    if cfg.model.path:
-        model = load_model(cfg.model.path)
-    else:
-        mc = cfg.model
-        model = build_model(
-            vocab_size=data.vocab_size, hidden_size=mc.hidden_size, n_layers=mc.n_layers, n_heads=mc.n_heads,
-            intermediate_size=mc.intermediate_size, max_seq_len=max(L, 64), n_kv_heads=mc.n_kv_heads,
-            tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
-        )
-    check_vocab(model, data.vocab_size)
+    model = make_model(cfg, data)
     tok_dir = cfg.model.tokenizer or cfg.model.path or data.manifest["tokenizer"].get("name_or_path")
     tokenizer = None
     if tok_dir and Path(tok_dir).is_dir():
