@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "prepare", "tokenize corpora into token shards with fixed validation sets"),
         ("report", "report", "tables and plots comparing run directories"),
         ("demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU"),
+        ("sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes"),
     ]:
         p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         try:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from velocitune import __version__, dist, mixing
-from velocitune.checkpoint import RunLock, load_latest, rng_state, save_checkpoint, set_rng_state
+from velocitune.checkpoint import RunLock, list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from velocitune.config import Config, dump_yaml, to_dict
 from velocitune.errors import ConfigError, DataError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
@@ -167,7 +167,7 @@ def make_rule(cfg: Config, w0: np.ndarray, names: list[str], data: PreparedData)
         for key in ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema", "alpha")
         if getattr(mc, key) is not None
     }
-    if mc.rule == "velocitune":
+    if mc.rule in ("velocitune", "velocitune-no-target"):
         params["preset"] = mc.preset
     if mc.rule == "temperature":
         params = {"temperature": mc.temperature,
@@ -244,7 +244,7 @@ def default_arm(cfg: Config) -> str:
     if cfg.run.arm:
         return cfg.run.arm
     arm = cfg.mixing.rule
-    if cfg.mixing.rule == "velocitune" and cfg.mixing.preset != "robust":
+    if cfg.mixing.rule in ("velocitune", "velocitune-no-target") and cfg.mixing.preset != "robust":
         arm += f"-{cfg.mixing.preset}"
     if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal == "train":
         arm += "-train"
@@ -392,6 +392,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             loss_acc.fill_(float(state["loss_acc"]))
             init, skipped = state["init"], state["skipped"]
             tokens_done = np.asarray(state["tokens_done"], dtype=np.int64)
+            timers.load_state_dict(state["timers"])
+            t_start -= state["elapsed_s"]  # wall time counts the run, not this process
             if main:
                 for f in ("metrics.jsonl", "eval.jsonl", "mixture.jsonl"):
                     truncate_after(out / f, start_step)
@@ -450,7 +452,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
 
         bar = tqdm(total=steps, initial=start_step, disable=not (main and cfg.log.progress), unit="step",
                    dynamic_ncols=True)
-        throughput = Throughput()
+        throughput = Throughput(flops_tok, peak, env.world_size)
+        throughput.start()
         last_loss = float("nan")
         net.train()
         step = start_step
@@ -483,8 +486,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             if not bool(torch.isfinite(step_loss) & torch.isfinite(gnorm)):  # the one per-step sync (see docstring)
                 if cfg.train.nan_policy == "stop":
                     bar.close()
-                    last = load_latest(ckpt_root) if main and ckpt_root.exists() else None
-                    where = f"the last good checkpoint is at step {last[0]} in {ckpt_root}" if last else "no checkpoint was written yet"
+                    ckpts = list_checkpoints(ckpt_root) if ckpt_root.exists() else []
+                    where = f"the last checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
                     raise TrainingError(
                         f"non-finite loss or gradient at step {step} (loss {float(step_loss)}, grad norm {float(gnorm)}); "
                         f"{where}. Lower train.lr or raise train.warmup_steps and resume with --resume, "
@@ -508,15 +511,17 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 last_loss = packed[-1] / env.world_size / n_steps
                 dom = packed[:k] / np.maximum(packed[k:2 * k], 1.0)
                 log_sum.zero_(), log_cnt.zero_(), loss_acc.zero_()
-                tps = throughput.rate()
+                stats = throughput.log_point()
+                tps = stats.tok_per_s
                 if main:
                     rec = {"step": done, "tokens": done * tokens_per_step, "loss": last_loss, "lr": lr,
                            "tok_per_s": tps, "tok_per_s_per_rank": tps / env.world_size, "grad_norm": float(gnorm),
                            "elapsed_s": time.perf_counter() - t_start, "time_data_s": timers.total("data"),
                            "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
                            "skipped_steps": skipped, "domain_loss": dict(zip(names, dom.tolist()))}
-                    if peak:
-                        rec["mfu"] = flops_tok * tps / (peak * env.world_size)
+                    if stats.mfu is not None:
+                        rec["mfu"] = stats.mfu
+                        rec["peak_flops"] = peak_name
                     metrics_log.write(rec)
                     tb.scalars("train", {"loss": last_loss, "lr": lr, "tok_per_s": tps}, done)
                     tb.scalars("train_domain_loss", dict(zip(names, dom.tolist())), done)
@@ -554,7 +559,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             if ckpt_every and done % ckpt_every == 0 and done < steps:
                 with timers("checkpoint"):
                     save_state(ckpt_root, done, cfg, model, optimizer, sampler, rule, init, skipped, tokens_done,
-                               (sig_sum, sig_cnt, log_sum, log_cnt, loss_acc), env)
+                               (sig_sum, sig_cnt, log_sum, log_cnt, loss_acc), timers, t_start, env)
         bar.close()
 
         # ---- the end: final validation loss, summary, final/ model
@@ -614,7 +619,7 @@ def mixture_record(step, tokens, names, losses, init, targets, velocity, weights
             "guarded": list(guarded)}
 
 
-def save_state(root, step, cfg, model, optimizer, sampler, rule, init, skipped, tokens_done, accs, env) -> None:
+def save_state(root, step, cfg, model, optimizer, sampler, rule, init, skipped, tokens_done, accs, timers, t_start, env) -> None:
     if not env.is_main:
         dist.barrier(env)
         return
@@ -624,8 +629,8 @@ def save_state(root, step, cfg, model, optimizer, sampler, rule, init, skipped, 
         "sampler": sampler.state_dict(), "rule": rule.state_dict(), "rng": rng_state(),
         "sig_sum": sig_sum.cpu(), "sig_cnt": sig_cnt.cpu(), "log_sum": log_sum.cpu(), "log_cnt": log_cnt.cpu(),
         "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "tokens_done": tokens_done.copy(),
-        "config": to_dict(cfg),
-    }, keep=cfg.checkpoint.keep, meta={"step": step})
+        "config": to_dict(cfg), "timers": timers.state_dict(), "elapsed_s": time.perf_counter() - t_start,
+    }, keep=cfg.checkpoint.keep)
     dist.barrier(env)
 
 

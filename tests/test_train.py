@@ -1,0 +1,203 @@
+"""The training loop end to end on a tiny model: run-directory contract, the rule applied as written,
+exact resume after a weight update, gradient accumulation, NaN handling and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from velocitune import mixing
+from velocitune.errors import ConfigError, TrainingError
+from velocitune.metrics import read_jsonl
+from velocitune.train import lr_at, train
+
+NAMES = ["prose", "code", "math"]
+
+
+def _losses(out, key="loss"):
+    return [r[key] for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def test_run_directory_contract_and_rule_applied(make_config):
+    cfg = make_config()
+    res = train(cfg)
+    out = res.out_dir
+    for f in ("config.yaml", "metrics.jsonl", "eval.jsonl", "mixture.jsonl", "summary.json", "init_loss.json"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["steps"] == 24 and summary["domains"] == NAMES
+    assert sum(summary["tokens_per_domain"].values()) == 24 * 8 * 32
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [4, 8, 12, 16, 20, 24]
+    for key in ("tokens", "loss", "lr", "tok_per_s", "domain_loss"):
+        assert key in metrics[0]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+    # Updates at 2 (end of warm-up) + 4j; every record's weights equal the rule recomputed from its inputs.
+    mix = read_jsonl(out / "mixture.jsonl")
+    assert [r["step"] for r in mix] == [0, 2, 6, 10, 14, 18, 22]
+    w = np.array([mix[0]["weights"][n] for n in NAMES])
+    for rec in mix[1:]:
+        v = mixing.velocity([rec["losses"][n] for n in NAMES], [rec["init"][n] for n in NAMES],
+                            [rec["targets"][n] for n in NAMES], floor=0.02)
+        np.testing.assert_allclose([rec["velocity"][n] for n in NAMES], v, atol=1e-12)
+        w = mixing.update_weights(w, v, eta=1.0, smoothing=1e-4)
+        np.testing.assert_allclose([rec["weights"][n] for n in NAMES], w, atol=1e-9)
+        assert sum(rec["sampling_weights"].values()) == pytest.approx(1.0)
+    assert not np.allclose([mix[0]["weights"][n] for n in NAMES], w)
+
+    # The eval signal's losses are the val losses logged at the same step.
+    evals = {r["step"]: r for r in read_jsonl(out / "eval.jsonl")}
+    assert evals[0]["losses"] == mix[0]["init"]
+    for rec in mix[1:]:
+        assert evals[rec["step"]]["losses"] == rec["losses"]
+    assert summary["final_val_loss"] == evals[24]["losses"]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final", local_files_only=True)
+    assert model.config.vocab_size >= 384
+
+
+def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch):
+    sections = dict(log={"interval": 1, "progress": False}, checkpoint={"interval": 8, "keep": 2})
+    ref = train(make_config("ref", **sections)).out_dir
+
+    cfg = make_config("crash", **sections)
+    import velocitune.train as T
+
+    real = T.lr_at
+
+    def crash(step, *a, **k):
+        if step == 13:  # after the checkpoint at 8 and the updates at 10 and 12 (pending for 12)
+            raise KeyboardInterrupt("simulated kill")
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(T, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(T, "lr_at", real)
+    assert [r["step"] for r in read_jsonl(cfg_out(cfg) / "mixture.jsonl")][-1] == 10
+    train(cfg, resume=True)
+    out = cfg_out(cfg)
+    assert _losses(out) == _losses(ref)
+    assert [r["weights"] for r in read_jsonl(out / "mixture.jsonl")] == [r["weights"] for r in read_jsonl(ref / "mixture.jsonl")]
+    assert read_jsonl(out / "eval.jsonl")[-1]["losses"] == read_jsonl(ref / "eval.jsonl")[-1]["losses"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def cfg_out(cfg):
+    from pathlib import Path
+
+    return Path(cfg.run.out_dir)
+
+
+def test_gradient_accumulation_matches_full_batch(make_config):
+    full = train(make_config("full", train={"steps": 6}, mixing={"rule": "static"})).out_dir
+    acc = train(make_config("acc", train={"steps": 6, "micro_batch_size": 2}, mixing={"rule": "static"})).out_dir
+    np.testing.assert_allclose(_losses(acc), _losses(full), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["static", "uniform", "temperature", "velocitune-no-target", "dbl", "odm"])
+def test_every_rule_runs_and_keeps_weights_valid(make_config, rule):
+    res = train(make_config(rule, train={"steps": 12}, mixing={"rule": rule}, checkpoint={"interval": 0}))
+    mix = read_jsonl(res.out_dir / "mixture.jsonl")
+    for rec in mix:
+        w = np.array(list(rec["sampling_weights"].values()))
+        assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+    if rule in ("static", "uniform", "temperature"):
+        assert len(mix) == 1  # no updates for static rules
+    else:
+        assert len(mix) > 1
+
+
+def test_train_signal_uses_training_losses(make_config):
+    res = train(make_config("sig", train={"steps": 12}, mixing={"signal": "train"}, checkpoint={"interval": 0},
+                            eval={"interval": 5}))
+    mix = read_jsonl(res.out_dir / "mixture.jsonl")
+    evals = {r["step"] for r in read_jsonl(res.out_dir / "eval.jsonl")}
+    assert len(mix) > 1
+    assert all(rec["signal"] == "train" for rec in mix)
+    assert json.loads((res.out_dir / "summary.json").read_text())["arm"] == "velocitune-train"
+    assert not {r["step"] for r in mix[1:]} <= evals  # no val evaluation was needed for the updates
+
+
+def test_replay_uses_previous_runs_average_weights(make_config):
+    src = train(make_config("src", train={"steps": 12}, checkpoint={"interval": 0})).out_dir
+    records = read_jsonl(src / "mixture.jsonl")
+    expected = mixing.replay_weights_from_records(records, NAMES, mode="average")
+    res = train(make_config("replay", train={"steps": 8}, checkpoint={"interval": 0},
+                            mixing={"rule": "replay", "replay_from": str(src)}))
+    first = read_jsonl(res.out_dir / "mixture.jsonl")[0]
+    np.testing.assert_allclose([first["weights"][n] for n in NAMES], expected, atol=1e-12)
+
+
+def test_nan_loss_stops_with_clear_message_or_skips(make_config, monkeypatch):
+    import velocitune.train as T
+
+    real = T.forward_losses
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out = out._replace(loss=out.loss * float("nan"), nll_sum=out.nll_sum * float("nan"))
+        return out
+
+    monkeypatch.setattr(T, "forward_losses", poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 4.*nan_policy=skip"):
+        train(make_config("nan", mixing={"rule": "static"}))
+    calls["n"] = 0
+    res = train(make_config("skip", train={"nan_policy": "skip", "steps": 8}, mixing={"rule": "static"}))
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    assert all(np.isfinite(r["loss"]) for r in read_jsonl(res.out_dir / "metrics.jsonl"))
+
+
+def test_bad_inputs(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="needs a target loss for every domain; missing for \\['math'\\]"):
+        train(make_config("t1", mixing={"target_values": {"prose": 3.0, "code": 2.0}}))
+    with pytest.raises(ConfigError, match="unknown domain"):
+        train(make_config("t2", mixing={"target_values": {"prose": 3.0, "code": 2.0, "math": 1.0, "law": 2.0}}))
+    with pytest.raises(ConfigError, match="mixing.interval' is 50 but the run has only 24 steps"):
+        train(make_config("t3", mixing={"interval": 50}))
+    cfg = make_config("t4", train={"steps": 4}, mixing={"rule": "static"})
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(cfg)
+    changed = make_config("t4", train={"steps": 4, "lr": 1e-2}, mixing={"rule": "static"}, checkpoint={"interval": 2})
+    # No checkpoint inside a 4-step run with interval 2 at step 2 -> there is one; resuming with another lr is refused.
+    train(make_config("t5", train={"steps": 4}, mixing={"rule": "static"}, checkpoint={"interval": 2}))
+    changed = make_config("t5", train={"steps": 4, "lr": 1e-2}, mixing={"rule": "static"}, checkpoint={"interval": 2})
+    with pytest.raises(ConfigError, match="train.lr: 0.003 -> 0.01"):
+        train(changed, resume=True)
+
+
+def test_vocab_mismatch_is_refused(make_config, tmp_path):
+    from velocitune.model import build_model
+
+    small = build_model(vocab_size=100, hidden_size=32, n_layers=1, n_heads=2, intermediate_size=64, max_seq_len=64)
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(TrainingError):
+        train(make_config("vocab", model={"path": str(tmp_path / "small")}))
+
+
+def test_lr_schedules():
+    peak, steps, warm = 1e-3, 100, 10
+    assert lr_at(0, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-4)
+    assert lr_at(9, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-3)
+    assert lr_at(99, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-4)
+    mid = lr_at(54, peak, steps, warm, "cosine", 0.1, 0.2)
+    assert mid == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))
+    assert lr_at(79, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-3)
+    assert lr_at(99, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-4)
+    assert lr_at(89, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-3 - 0.9e-3 * 10 / 20)
+    assert lr_at(99, peak, steps, warm, "constant", 0.1, 0.2) == pytest.approx(1e-3)
