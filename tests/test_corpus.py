@@ -1,4 +1,4 @@
-"""Tests for the embedded demo corpus and tokenizer in velocitune.demo.
+"""Tests for the embedded demo corpus and tokenizer in velocitune.corpus.
 
 The corpus is built at a tiny scale (fast); the full-size build is a slow test. Math answers are
 re-derived from each question with exact Fraction arithmetic, independently of the generator.
@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from velocitune import demo
+from velocitune import corpus
 from velocitune.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 0.02
-ALL_DOMAINS = (demo.PRETRAIN_DOMAIN, *demo.CPT_DOMAINS)
+ALL_DOMAINS = (corpus.PRETRAIN_DOMAIN, *corpus.CPT_DOMAINS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +34,7 @@ def no_network():
     """Refuse every outgoing connection, so a test that needed the network would fail."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("velocitune.demo tried to open a network connection")
+        raise AssertionError("velocitune.corpus tried to open a network connection")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
@@ -46,7 +46,7 @@ def no_network():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    return demo.build_corpus(tmp_path_factory.mktemp("corpus"), scale=SCALE, progress=False)
+    return corpus.build_corpus(tmp_path_factory.mktemp("corpus"), scale=SCALE, progress=False)
 
 
 def texts(path: Path) -> list[str]:
@@ -78,7 +78,7 @@ def test_network_is_really_refused():
 
 def test_every_domain_is_a_nonempty_jsonl_file_with_a_documented_source(tiny):
     assert set(tiny) == set(ALL_DOMAINS)
-    assert len(demo.CPT_DOMAINS) >= 4 and demo.PRETRAIN_DOMAIN not in demo.CPT_DOMAINS
+    assert len(corpus.CPT_DOMAINS) >= 4 and corpus.PRETRAIN_DOMAIN not in corpus.CPT_DOMAINS
     for name, path in tiny.items():
         assert path.name == f"{name}.jsonl" and path.parent == tiny["code"].parent
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -86,7 +86,7 @@ def test_every_domain_is_a_nonempty_jsonl_file_with_a_documented_source(tiny):
         for line in lines:
             obj = json.loads(line)
             assert list(obj) == ["text"] and isinstance(obj["text"], str) and obj["text"].strip()
-        source = demo.SOURCES[name]
+        source = corpus.SOURCES[name]
         assert source.description and source.licence
 
 
@@ -104,8 +104,8 @@ def test_domains_differ_in_content(tiny):
 
 def test_build_is_byte_identical_across_processes_and_hash_seeds(tiny, tmp_path):
     script = (
-        "import sys; from velocitune import demo; "
-        "demo.build_corpus(sys.argv[1], scale=float(sys.argv[2]), progress=False)"
+        "import sys; from velocitune import corpus; "
+        "corpus.build_corpus(sys.argv[1], scale=float(sys.argv[2]), progress=False)"
     )
     for seed in ("0", "4242"):
         out = tmp_path / f"seed{seed}"
@@ -113,31 +113,31 @@ def test_build_is_byte_identical_across_processes_and_hash_seeds(tiny, tmp_path)
         subprocess.run([sys.executable, "-c", script, str(out), str(SCALE)], check=True, env=env, cwd=tmp_path)
         for name, path in tiny.items():
             assert (out / path.name).read_bytes() == path.read_bytes(), (seed, name)
-        assert (out / demo.STAMP_NAME).read_bytes() == (tiny["code"].parent / demo.STAMP_NAME).read_bytes()
+        assert (out / corpus.STAMP_NAME).read_bytes() == (tiny["code"].parent / corpus.STAMP_NAME).read_bytes()
 
 
 def test_rebuild_is_skipped_when_complete_and_redone_when_stale(tmp_path):
-    first = demo.build_corpus(tmp_path, scale=0.01, progress=False)
+    first = corpus.build_corpus(tmp_path, scale=0.01, progress=False)
     original = {name: path.read_bytes() for name, path in first.items()}
     mtimes = {name: path.stat().st_mtime_ns for name, path in first.items()}
 
-    again = demo.build_corpus(tmp_path, scale=0.01, progress=False)
+    again = corpus.build_corpus(tmp_path, scale=0.01, progress=False)
     assert again == first
     assert {name: path.stat().st_mtime_ns for name, path in again.items()} == mtimes
 
     # A damaged file is noticed (its size no longer matches the stamp) and rebuilt.
     first["math"].write_bytes(original["math"][:100])
-    demo.build_corpus(tmp_path, scale=0.01, progress=False)
+    corpus.build_corpus(tmp_path, scale=0.01, progress=False)
     assert first["math"].read_bytes() == original["math"]
 
     # A different scale rebuilds everything and records the new parameters.
-    demo.build_corpus(tmp_path, scale=0.02, progress=False)
-    assert json.loads((tmp_path / demo.STAMP_NAME).read_text())["scale"] == 0.02
+    corpus.build_corpus(tmp_path, scale=0.02, progress=False)
+    assert json.loads((tmp_path / corpus.STAMP_NAME).read_text())["scale"] == 0.02
     assert len(first["code"].read_bytes()) > len(original["code"])
 
 
 def test_smaller_scale_is_a_prefix_of_larger(tiny, tmp_path):
-    smaller = demo.build_corpus(tmp_path, scale=SCALE / 2, progress=False)
+    smaller = corpus.build_corpus(tmp_path, scale=SCALE / 2, progress=False)
     for name in ALL_DOMAINS:
         small, large = texts(smaller[name]), texts(tiny[name])
         assert 0 < len(small) <= len(large)
@@ -149,42 +149,42 @@ def test_sizes_follow_the_budgets_and_span_10x(tiny):
     for name, path in tiny.items():
         docs = texts(path)
         sizes[name] = text_bytes(docs)
-        budget = demo.BUDGET_BYTES[name] * SCALE
+        budget = corpus.BUDGET_BYTES[name] * SCALE
         # Whole documents until the budget is reached: at most one document past it.
         assert budget <= sizes[name] < budget + max(len(d.encode("utf-8")) for d in docs), name
-    cpt = [sizes[name] for name in demo.CPT_DOMAINS]
+    cpt = [sizes[name] for name in corpus.CPT_DOMAINS]
     assert max(cpt) >= 10 * min(cpt)
 
 
 @pytest.mark.slow
 def test_full_scale_corpus_sizes(tmp_path):
-    paths = demo.build_corpus(tmp_path, scale=1.0, progress=False)
+    paths = corpus.build_corpus(tmp_path, scale=1.0, progress=False)
     docs = {name: texts(path) for name, path in paths.items()}
     mb = {name: text_bytes(d) / 1e6 for name, d in docs.items()}
     print({name: (round(mb[name], 3), len(docs[name])) for name in ALL_DOMAINS})
-    cpt = [mb[name] for name in demo.CPT_DOMAINS]
+    cpt = [mb[name] for name in corpus.CPT_DOMAINS]
     assert max(cpt) >= 10 * min(cpt)
     assert 6 <= sum(cpt) <= 12
-    assert mb[demo.PRETRAIN_DOMAIN] >= 1.4
-    replay, pretrain = docs["replay"], docs[demo.PRETRAIN_DOMAIN]
+    assert mb[corpus.PRETRAIN_DOMAIN] >= 1.4
+    replay, pretrain = docs["replay"], docs[corpus.PRETRAIN_DOMAIN]
     assert not set(replay) & set(pretrain)
-    shared = demo.MIN_SHARED_PARAGRAPH_CHARS
+    shared = corpus.MIN_SHARED_PARAGRAPH_CHARS
     assert not paragraphs(replay, shared) & paragraphs(pretrain, shared)
 
 
 def test_scale_must_be_a_positive_number(tmp_path):
     for bad in (0, -1.0, float("nan"), float("inf"), "1"):
         with pytest.raises(ConfigError, match="scale"):
-            demo.build_corpus(tmp_path, scale=bad, progress=False)
+            corpus.build_corpus(tmp_path, scale=bad, progress=False)
 
 
 # --- Replay / pretraining split ----------------------------------------------------------------
 
 
 def test_replay_and_pretrain_prose_share_no_document_or_paragraph(tiny):
-    replay, pretrain = texts(tiny["replay"]), texts(tiny[demo.PRETRAIN_DOMAIN])
+    replay, pretrain = texts(tiny["replay"]), texts(tiny[corpus.PRETRAIN_DOMAIN])
     assert not set(replay) & set(pretrain)
-    shared = demo.MIN_SHARED_PARAGRAPH_CHARS
+    shared = corpus.MIN_SHARED_PARAGRAPH_CHARS
     assert not paragraphs(replay, shared) & paragraphs(pretrain, shared)
 
 
@@ -193,7 +193,7 @@ def test_prose_split_stays_disjoint_when_documents_repeat_and_quote_each_other()
     paras = [f"Paragraph {i} says something long enough to count as shared text, number {i * 7}." for i in range(120)]
     docs = [f"{paras[i % 120]}\n\n{paras[(i * 7 + 3) % 120]}\n\nShort tail {i}." for i in range(300)]
     docs += docs[:50]
-    replay, pretrain = demo._split_prose(iter(docs), 10**9, 10**9, tqdm(disable=True))
+    replay, pretrain = corpus._split_prose(iter(docs), 10**9, 10**9, tqdm(disable=True))
     assert replay and pretrain
     assert not set(replay) & set(pretrain)
     assert not paragraphs(replay, 60) & paragraphs(pretrain, 60)
@@ -202,7 +202,7 @@ def test_prose_split_stays_disjoint_when_documents_repeat_and_quote_each_other()
     assert len(used) == len(set(used)) == len(paras)
     # Roughly REPLAY_FRACTION of the documents go to replay.
     share = len(replay) / (len(replay) + len(pretrain))
-    assert abs(share - demo.REPLAY_FRACTION) < 0.1
+    assert abs(share - corpus.REPLAY_FRACTION) < 0.1
 
 
 # --- Math: every generated value is checked ---------------------------------------------------
@@ -446,21 +446,21 @@ def test_math_worked_examples_check_themselves_against_an_independent_evaluator(
 
 
 def test_math_answers_and_steps_are_correct(tiny):
-    generated = list(itertools.islice(demo._math_documents(), 2500))
+    generated = list(itertools.islice(corpus._math_documents(), 2500))
     kinds = [check_problem(doc) for doc in generated]
     counts = {kind: kinds.count(kind) for kind in set(kinds)}
     expected = {"add", "sub", "mul", "div", "frac", "linear", "expand", "shop", "train", "sale", "share", "garden"}
     assert set(counts) == expected
     assert min(counts.values()) >= 20
     # The corpus file holds the same stream from its start.
-    corpus = texts(tiny["math"])
-    assert corpus == generated[: len(corpus)]
+    written = texts(tiny["math"])
+    assert written == generated[: len(written)]
     # Problems are not repeats of each other.
     assert len(set(generated)) >= 0.99 * len(generated)
 
 
 def test_fraction_subtraction_and_negative_solutions_occur():
-    docs = list(itertools.islice(demo._math_documents(), 2500))
+    docs = list(itertools.islice(corpus._math_documents(), 2500))
     answers = [DOC.fullmatch(d)["a"] for d in docs]
     assert any(re.fullmatch(r"-\d+/\d+", a) for a in answers)
     assert any(re.fullmatch(r"x = -\d+", a) for a in answers)
@@ -475,14 +475,14 @@ TRICKY = [
     "tabs\tand\nnew lines\r\n\n\n",
     "a . , ; : ! ? ( ) [ ] { }  -- ''",
     "Ünïcödé – “quotes” — 数学 😀 \u200b",
-    f"two docs{demo.EOS_TOKEN}joined",
+    f"two docs{corpus.EOS_TOKEN}joined",
     "\x00\x01 control bytes \x7f",
 ]
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tiny, tmp_path_factory) -> Path:
-    return demo.train_tokenizer(list(tiny.values()), tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    return corpus.train_tokenizer(list(tiny.values()), tmp_path_factory.mktemp("tok"), vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +493,11 @@ def tokenizer(tokenizer_dir):
 
 
 def test_tokenizer_has_eos_as_bos_and_pad(tokenizer):
-    assert tokenizer.eos_token == demo.EOS_TOKEN
+    assert tokenizer.eos_token == corpus.EOS_TOKEN
     eos = tokenizer.eos_token_id
-    assert eos == tokenizer.convert_tokens_to_ids(demo.EOS_TOKEN)
+    assert eos == tokenizer.convert_tokens_to_ids(corpus.EOS_TOKEN)
     assert tokenizer.pad_token_id == eos and tokenizer.bos_token_id == eos
-    assert tokenizer.encode(demo.EOS_TOKEN, add_special_tokens=False) == [eos]
+    assert tokenizer.encode(corpus.EOS_TOKEN, add_special_tokens=False) == [eos]
     # Nothing is added around a text: encoding with special tokens on changes nothing.
     plain = tokenizer.encode("def f(x):", add_special_tokens=False)
     assert tokenizer.encode("def f(x):", add_special_tokens=True) == plain
@@ -521,26 +521,26 @@ def test_tokenizer_learned_merges(tiny, tokenizer):
 def test_tokenizer_is_deterministic_and_skips_a_finished_build(tiny, tokenizer_dir, tmp_path):
     files = list(tiny.values())
     before = (tokenizer_dir / "tokenizer.json").stat().st_mtime_ns
-    assert demo.train_tokenizer(files, tokenizer_dir, vocab_size=1024) == tokenizer_dir
+    assert corpus.train_tokenizer(files, tokenizer_dir, vocab_size=1024) == tokenizer_dir
     assert (tokenizer_dir / "tokenizer.json").stat().st_mtime_ns == before
 
-    again = demo.train_tokenizer(files, tmp_path / "again", vocab_size=1024)
+    again = corpus.train_tokenizer(files, tmp_path / "again", vocab_size=1024)
     assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
 
     # Other inputs retrain in place.
-    demo.train_tokenizer(files, again, vocab_size=600)
+    corpus.train_tokenizer(files, again, vocab_size=600)
     vocab = json.loads((again / "tokenizer.json").read_text())["model"]["vocab"]
     assert len(vocab) == 600
 
 
 def test_tokenizer_input_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="missing.jsonl"):
-        demo.train_tokenizer([tmp_path / "missing.jsonl"], tmp_path / "tok")
+        corpus.train_tokenizer([tmp_path / "missing.jsonl"], tmp_path / "tok")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
-        demo.train_tokenizer([bad], tmp_path / "tok")
+        corpus.train_tokenizer([bad], tmp_path / "tok")
     with pytest.raises(ConfigError, match="vocab_size"):
-        demo.train_tokenizer([bad], tmp_path / "tok", vocab_size=100)
+        corpus.train_tokenizer([bad], tmp_path / "tok", vocab_size=100)
     with pytest.raises(ConfigError):
-        demo.train_tokenizer([], tmp_path / "tok")
+        corpus.train_tokenizer([], tmp_path / "tok")

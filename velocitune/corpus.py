@@ -1,4 +1,4 @@
-"""The `velocitune demo` building blocks: an embedded multi-domain corpus and its tokenizer, built offline.
+"""The embedded demo corpus and its tokenizer, built offline from what the setup installs.
 
 Everything here comes from what the setup already installs (the Python standard library, numpy, scipy)
 or is generated, so `velocitune demo` needs no network. Builds are deterministic: documents are
