@@ -283,13 +283,13 @@ def normalised_progress(init: float, final: float, target: float,
 def reweight_share(summary: dict[str, Any]) -> float | None:
     """Fraction of wall time spent choosing weights; None for rules whose weights never move.
 
-    With the `eval` signal the periodic evaluation *is* the reweighting cost; with the `train` signal the
-    evaluations would happen anyway for reporting, so only the update time counts.
+    The trainer's `time_update_s` covers everything done to choose weights: with the `eval` signal the
+    validation passes at update points (the faithful signal's cost), with either signal the all-reduce and
+    the rule itself. `time_eval_s` counts only evaluations made for the loss curves, which every rule pays.
     """
     if summary["rule"] in FIXED_RULES or summary["wall_time_s"] <= 0:
         return None
-    cost = summary["time_update_s"] + (summary["time_eval_s"] if summary["signal"] == "eval" else 0.0)
-    return cost / summary["wall_time_s"]
+    return summary["time_update_s"] / summary["wall_time_s"]
 
 
 @dataclass(frozen=True)
