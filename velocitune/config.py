@@ -358,7 +358,7 @@ def validate(cfg: Config) -> None:
     _check(m.interval is None or m.interval >= 1, "mixing.interval", f"must be >= 1, got {m.interval}")
     _check(m.eta is None or m.eta > 0, "mixing.eta", f"must be > 0, got {m.eta}")
     _check(m.smoothing is None or 0 <= m.smoothing <= 1, "mixing.smoothing", "must be in [0, 1]")
-    _check(m.floor is None or m.floor >= 0, "mixing.floor", "must be >= 0")
+    _check(m.floor is None or m.floor > 0, "mixing.floor", "must be > 0 (it guards a division by the gap)")
     _check(m.ema is None or 0 <= m.ema < 1, "mixing.ema", "must be in [0, 1)")
     _check(m.temperature > 0, "mixing.temperature", "must be > 0")
     _check(0 <= m.sampling_floor < 1, "mixing.sampling_floor", "must be in [0, 1)")

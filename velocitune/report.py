@@ -735,9 +735,9 @@ HOW_TO_READ = (
     "move from the base model, below 0 that it got worse, above 1 that it beat the target; *worst progress* "
     "is the lowest over domains, the number a mixing rule that protects lagging domains should raise. "
     "**Tokens** are the tokens trained per domain (millions). **Reweighting** is the share of wall time spent "
-    "choosing weights: (eval time + update time) / wall time for the `eval` signal, where the periodic "
-    "evaluation is the reweighting cost, and update time / wall time for the `train` signal; — for rules "
-    "whose weights never move. In the plots, a domain keeps one colour throughout; dashed lines mark the "
+    "choosing weights (`time_update_s` / wall time: with the `eval` signal this includes the validation "
+    "passes at update points, the faithful signal's cost; with the `train` signal only the all-reduce and "
+    "the rule); — for rules whose weights never move. In the plots, a domain keeps one colour throughout; dashed lines mark the "
     "predicted targets."
 )
 

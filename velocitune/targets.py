@@ -118,7 +118,7 @@ def fit_domain(
         lo, hi = fit.interval(budget_tokens)
         return {"predictor": "chinchilla", "target": target, "params": {"E": fit.E, "B": fit.B, "beta": fit.beta},
                 "r2": fit.r2, "interval": [float(lo), float(hi)], "holdout_error": fit.holdout_error,
-                "checks": laws.check_data_law(fit, float(losses[-1]))}
+                "checks": laws.check_data_law(fit, float(losses[-1]), budget_tokens)}
 
     def cpt_law() -> dict:
         fit = laws.fit_cpt_law(S1, S2, losses, init)
@@ -217,10 +217,7 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
         "model": cfg.model.path or "fresh",
         "domains": {n: {"loss": float(init_rec["losses"][n]), "tokens": int(init_rec["tokens_evaluated"][n])} for n in names},
     })
-    try:
-        from velocitune.report import plot_targets
+    from velocitune.report import domain_colours, plot_targets
 
-        plot_targets(doc, out.with_suffix(".png"))
-    except ImportError:
-        pass
+    plot_targets(doc, names, [], domain_colours(names), None, out.with_suffix(".png"))
     return doc

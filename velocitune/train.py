@@ -359,7 +359,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     log_cnt = torch.zeros_like(sig_sum)
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # sum of step losses over the log window
     timers = Timers()
-    start_step, skipped, init = 0, 0, None
+    start_step, skipped, init, sig_last = 0, 0, None, None
     tokens_done = np.zeros(k, dtype=np.int64)  # trained tokens per domain (host; from the sampler plan)
 
     # ---- run directory and resume
@@ -390,7 +390,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             for buf, key in ((sig_sum, "sig_sum"), (sig_cnt, "sig_cnt"), (log_sum, "log_sum"), (log_cnt, "log_cnt")):
                 buf.copy_(state[key].to(device))
             loss_acc.fill_(float(state["loss_acc"]))
-            init, skipped = state["init"], state["skipped"]
+            init, skipped, sig_last = state["init"], state["skipped"], state["sig_last"]
             tokens_done = np.asarray(state["tokens_done"], dtype=np.int64)
             timers.load_state_dict(state["timers"])
             t_start -= state["elapsed_s"]  # wall time counts the run, not this process
@@ -423,6 +423,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             measured = run_eval(0, "eval")
             given = read_init_loss(Path(cfg.mixing.init_loss), names) if cfg.mixing.init_loss else None
             init = given if given is not None else measured
+            sig_last = init.copy()  # train signal: the estimate of a domain not sampled in a window
             if main and given is None:
                 atomic_write_json(out / "init_loss.json", {
                     "model": cfg.model.path or "fresh", "domains": {
@@ -540,7 +541,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 with timers("reweight"):
                     if not use_eval_signal:
                         packed = dist.all_reduce_sum(torch.cat([sig_sum, sig_cnt]), env).cpu().numpy()
-                        losses = packed[:k] / np.maximum(packed[k:], 1.0)
+                        # A domain with no tokens in this window (weight ~0) keeps its last estimate.
+                        losses = np.where(packed[k:] > 0, packed[:k] / np.maximum(packed[k:], 1.0), sig_last)
+                        sig_last = losses
                         sig_sum.zero_(), sig_cnt.zero_()
                     upd = rule.update(done, losses, init, targets, plan.sampling_weights)
                     if not upd.skipped:
@@ -558,7 +561,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             # 7. checkpoint (after every record of this step is written, so resume truncates cleanly)
             if ckpt_every and done % ckpt_every == 0 and done < steps:
                 with timers("checkpoint"):
-                    save_state(ckpt_root, done, cfg, model, optimizer, sampler, rule, init, skipped, tokens_done,
+                    save_state(ckpt_root, done, cfg, model, optimizer, sampler, rule, init, sig_last, skipped, tokens_done,
                                (sig_sum, sig_cnt, log_sum, log_cnt, loss_acc), timers, t_start, env)
         bar.close()
 
@@ -619,7 +622,7 @@ def mixture_record(step, tokens, names, losses, init, targets, velocity, weights
             "guarded": list(guarded)}
 
 
-def save_state(root, step, cfg, model, optimizer, sampler, rule, init, skipped, tokens_done, accs, timers, t_start, env) -> None:
+def save_state(root, step, cfg, model, optimizer, sampler, rule, init, sig_last, skipped, tokens_done, accs, timers, t_start, env) -> None:
     if not env.is_main:
         dist.barrier(env)
         return
@@ -628,7 +631,7 @@ def save_state(root, step, cfg, model, optimizer, sampler, rule, init, skipped, 
         "model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(), "rule": rule.state_dict(), "rng": rng_state(),
         "sig_sum": sig_sum.cpu(), "sig_cnt": sig_cnt.cpu(), "log_sum": log_sum.cpu(), "log_cnt": log_cnt.cpu(),
-        "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "tokens_done": tokens_done.copy(),
+        "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "sig_last": sig_last, "tokens_done": tokens_done.copy(),
         "config": to_dict(cfg), "timers": timers.state_dict(), "elapsed_s": time.perf_counter() - t_start,
     }, keep=cfg.checkpoint.keep)
     dist.barrier(env)

@@ -1,0 +1,173 @@
+"""`velocitune demo`: the whole method on the embedded corpus, on a CPU, in minutes.
+
+Stages (each explained as it starts, each cached so a second demo skips what is done):
+1. build the demo corpus and tokenizer (corpus.py);
+2. pretrain a tiny Llama on general prose only, so continual pre-training is a real distribution shift;
+3. prepare the CPT domains (replay slice of prose, code, math, scientific docs);
+4. measure ℓ_init and predict targets from a 10 % proxy run;
+5. train `static` and `velocitune` from the same base on equal budgets (parallel 1-thread processes);
+6. write report.md comparing them. `--full` adds the baselines and ablations over several seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, SOURCES, build_corpus, train_tokenizer  # noqa: F401
+
+# Sizes chosen so that `make demo` ends within ~15 minutes on 2 CPU cores (measured: README "Demo").
+SEQ_LEN = 128
+BATCH = 16
+MODEL = {"hidden_size": 128, "n_layers": 4, "n_heads": 4, "intermediate_size": 352}
+BASE_STEPS = 400
+CPT_STEPS = 600
+CPT_LR = 1e-3
+INTERVAL = 30  # m: 20 updates over the run
+EVAL_TOKENS = 8192  # per domain per evaluation (64 windows of 128)
+PROXY_FRACTION = 0.1
+
+
+def _stage(n: int, title: str, why: str) -> None:
+    print(f"\n[{n}/6] {title}\n      {why}", flush=True)
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _complete(run_dir: Path) -> bool:
+    s = run_dir / "summary.json"
+    return s.is_file() and json.loads(s.read_text()).get("complete", False)
+
+
+def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
+    """The main-run config every arm shares (rule and seed come as overrides)."""
+    return {
+        "data": {"path": str(out / "data"), "seq_len": SEQ_LEN},
+        "model": {"path": str(out / "base" / "final")},
+        "train": {"steps": steps, "batch_size": BATCH, "lr": CPT_LR, "warmup_steps": 0.05, "schedule": "cosine"},
+        "mixing": {"interval": INTERVAL, "targets": str(out / "targets" / "targets.json"),
+                   "init_loss": str(out / "targets" / "init_loss.json")},
+        "eval": {"max_tokens": EVAL_TOKENS, "batch_size": 32},
+        "log": {"interval": 10},
+        "checkpoint": {"interval": steps // 3, "keep": 1, "save_final": False},
+    }
+
+
+def arms(full: bool, seeds: int) -> list[tuple[str, list[str]]]:
+    """(arm name, overrides) of the comparison; replay comes later, once velocitune has run."""
+    base = [("static", ["--mixing.rule=static"]), ("velocitune", ["--mixing.rule=velocitune"])]
+    if full:
+        base += [
+            ("uniform", ["--mixing.rule=uniform"]),
+            ("dbl", ["--mixing.rule=dbl"]),
+            ("velocitune-no-target", ["--mixing.rule=velocitune-no-target"]),
+            ("odm", ["--mixing.rule=odm", "--mixing.signal=train"]),
+            ("velocitune-train", ["--mixing.rule=velocitune", "--mixing.signal=train"]),
+        ]
+    return [(f"{name}/seed{s}", ov + [f"--train.seed={s}", f"--run.arm={name}"]) for name, ov in base for s in range(seeds)]
+
+
+def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: int | None = None,
+             steps: int = CPT_STEPS, base_steps: int = BASE_STEPS, scale: float = 1.0) -> Path:
+    """Run every stage into `out`; return the path of report.md."""
+    from velocitune.config import from_dict
+    from velocitune.prepare import prepare_corpus
+    from velocitune.report import make_report
+    from velocitune.sweep import Arm, run_arms
+    from velocitune.targets import estimate_targets
+    from velocitune.train import train
+
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    seeds = seeds or (3 if full else 1)
+    parallel = parallel or max(1, min(os.cpu_count() or 1, 2))
+
+    _stage(1, "corpus and tokenizer",
+           "Four CPT domains that differ in content and size, plus general prose for the base model, built "
+           "offline from the Python standard library, numpy/scipy docstrings and generated math.")
+    corpus = build_corpus(out / "corpus", scale=scale)
+    tok = train_tokenizer([corpus[d] for d in (PRETRAIN_DOMAIN, *CPT_DOMAINS)], out / "tokenizer")
+
+    _stage(2, "base model",
+           "A tiny Llama pretrained on general prose only, so that code, math and scientific docs are new "
+           "to it and continual pre-training is a real distribution shift (cached for the next demo).")
+    if not _complete(out / "base"):
+        prepare_corpus(tok, out / "data_base", {PRETRAIN_DOMAIN: [str(corpus[PRETRAIN_DOMAIN])]},
+                       val_fraction=0.05, val_tokens=EVAL_TOKENS * 2, workers=2)
+        base = from_dict({
+            "run": {"out_dir": str(out / "base"), "arm": "base"},
+            "data": {"path": str(out / "data_base"), "seq_len": SEQ_LEN, "max_repetition": 4.0},
+            "model": {**MODEL, "tokenizer": str(tok)},
+            "train": {"steps": base_steps, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 0.05,
+                      "threads": parallel},
+            "mixing": {"rule": "static"},
+            "eval": {"max_tokens": EVAL_TOKENS, "interval": base_steps},
+            "log": {"interval": 20},
+            "checkpoint": {"interval": 0},
+        })
+        import shutil
+
+        shutil.rmtree(out / "base", ignore_errors=True)
+        train(base)
+    else:
+        print("      cached: base/final")
+
+    _stage(3, "prepare the CPT domains",
+           "Tokenise each domain into headered token shards with a fixed held-out validation set; the "
+           "token shares give the natural mixture w0. `replay` is a small slice of prose kept apart from "
+           "the base model's pretraining text.")
+    prepare_corpus(tok, out / "data", {d: [str(corpus[d])] for d in CPT_DOMAINS}, val_fraction=0.05, val_tokens=EVAL_TOKENS * 2,
+                   workers=2)
+
+    _stage(4, "initial losses and targets",
+           "ℓ_init is the base model's loss per domain. A proxy run on a stratified 10 % of every domain "
+           "(static w0, same batch, peak LR and schedule shape) is evaluated at 10 points; a scaling law "
+           "fitted per domain predicts the loss reachable at the full budget: the target ℓ_target.")
+    config = cpt_config(out, steps)
+    config_path = _write_yaml(out / "cpt.yaml", config)
+    if not (out / "targets" / "targets.json").is_file():
+        cfg = from_dict({**config, "mixing": {"interval": INTERVAL}, "train": {**config["train"], "threads": parallel}})
+        estimate_targets(cfg, PROXY_FRACTION, 10, "chinchilla", out / "targets" / "targets.json")
+    doc = json.loads((out / "targets" / "targets.json").read_text())
+    for name, d in doc["domains"].items():
+        print(f"      {name:>8s}: ℓ_init {d['init']:.3f} → target {d['target']:.3f} ({d['predictor']})"
+              + ("  [guarded]" if d["guarded"] else ""))
+
+    _stage(5, "train the arms",
+           f"Every arm continues the same base model for {steps} steps ({steps * BATCH * SEQ_LEN:,} tokens), "
+           f"{parallel} one-thread processes at a time. Velocitune re-weights every {INTERVAL} steps by how far "
+           f"each domain still is from its target.")
+    plan = arms(full, seeds)
+    dirs = run_arms(config_path, [Arm(n, ov) for n, ov in plan], out / "runs", parallel=parallel, threads=1)
+    if full:  # data-ordering ablation: static at velocitune's time-averaged weights
+        replay = [Arm(f"replay/seed{s}", ["--mixing.rule=replay", f"--mixing.replay_from={out / 'runs' / 'velocitune' / f'seed{s}'}",
+                                          f"--train.seed={s}", "--run.arm=replay"]) for s in range(seeds)]
+        dirs += run_arms(config_path, replay, out / "runs", parallel=parallel, threads=1)
+
+    _stage(6, "report", "Per-domain final loss, normalised progress toward the targets, tokens and cost; plots.")
+    report = make_report(dirs, out, title="velocitune demo: " + ("all arms" if full else "static vs velocitune"))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s: {report}")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out); stages already done are reused")
+    p.add_argument("--full", action="store_true",
+                   help="add uniform, dbl, velocitune-no-target, odm, the train signal and replay, over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 1, or 3 with --full)")
+    p.add_argument("--parallel", type=int, default=None, help="training processes at once (default: min(CPUs, 2))")
+    p.add_argument("--steps", type=int, default=CPT_STEPS, help=f"CPT steps per arm (default {CPT_STEPS})")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(Path(args.out), full=args.full, seeds=args.seeds, parallel=args.parallel, steps=args.steps)
+    return 0
