@@ -135,6 +135,37 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, strategy: str) -> tuple[dict, dict]:
+    """Unsharded (model, optimizer) state dicts, identical whatever the world size, for checkpoints."""
+    if env.distributed and strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full_model_state(model, env, strategy), optimizer.state_dict()
+
+
+def full_model_state(model: torch.nn.Module, env: DistEnv, strategy: str) -> dict:
+    """The unsharded model state dict (collective under FSDP2), e.g. for save_pretrained."""
+    if env.distributed and strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
+                    env: DistEnv, strategy: str) -> None:
+    """Load states written by `full_state` (at any world size) into a possibly sharded model."""
+    if env.distributed and strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        return
+    unwrap(model).load_state_dict(model_sd)
+    optimizer.load_state_dict(optim_sd)
+
+
 def shutdown(env: DistEnv) -> None:
     if env.distributed and tdist.is_initialized():
         tdist.destroy_process_group()

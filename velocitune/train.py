@@ -229,11 +229,11 @@ def check_resume_config(saved: dict, now: dict) -> None:
         )
 
 
-def save_final(model: torch.nn.Module, tokenizer, out: Path) -> None:
+def save_final(model: torch.nn.Module, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """final/: a save_pretrained directory (plus tokenizer), written beside and renamed into place."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
@@ -382,8 +382,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         if loaded is not None:
             start_step, state = loaded
             check_resume_config(state["config"], to_dict(cfg))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            dist.load_full_state(model, optimizer, state["model"], state["optimizer"], env, cfg.dist.strategy)
             sampler.load_state_dict(state["sampler"])
             rule.load_state_dict(state["rule"])
             set_rng_state(state["rng"])
@@ -570,6 +569,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         wall = time.perf_counter() - t_start
         consumed = sampler.consumed(steps)
         w_final = rule.state_dict().get("weights", rule.initial_weights())
+        final_sd = dist.full_model_state(model, env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if main:
             for log in (metrics_log, eval_log, mix_log):
                 log.sync()
@@ -587,7 +587,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 "complete": True,
             })
             if cfg.checkpoint.save_final:
-                save_final(dist.unwrap(model), tokenizer, out / "final")
+                save_final(dist.unwrap(model), tokenizer, out / "final", final_sd)
             tb.close()
             mean = float(np.mean(final))
             print(f"done: {steps} steps, {steps * tokens_per_step:,} tokens in {wall:.0f}s; "
@@ -623,17 +623,18 @@ def mixture_record(step, tokens, names, losses, init, targets, velocity, weights
 
 
 def save_state(root, step, cfg, model, optimizer, sampler, rule, init, sig_last, skipped, tokens_done, accs, timers, t_start, env) -> None:
-    if not env.is_main:
-        dist.barrier(env)
-        return
-    sig_sum, sig_cnt, log_sum, log_cnt, loss_acc = accs
-    save_checkpoint(root, step, {
-        "model": dist.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(), "rule": rule.state_dict(), "rng": rng_state(),
-        "sig_sum": sig_sum.cpu(), "sig_cnt": sig_cnt.cpu(), "log_sum": log_sum.cpu(), "log_cnt": log_cnt.cpu(),
-        "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "sig_last": sig_last, "tokens_done": tokens_done.copy(),
-        "config": to_dict(cfg), "timers": timers.state_dict(), "elapsed_s": time.perf_counter() - t_start,
-    }, keep=cfg.checkpoint.keep)
+    # Gathering a full model/optimizer state is collective under FSDP2: every rank calls it, rank 0 writes.
+    model_sd, optim_sd = dist.full_state(model, optimizer, env, cfg.dist.strategy)
+    if env.is_main:
+        sig_sum, sig_cnt, log_sum, log_cnt, loss_acc = accs
+        save_checkpoint(root, step, {
+            "model": model_sd, "optimizer": optim_sd,
+            "sampler": sampler.state_dict(), "rule": rule.state_dict(), "rng": rng_state(),
+            "sig_sum": sig_sum.cpu(), "sig_cnt": sig_cnt.cpu(), "log_sum": log_sum.cpu(), "log_cnt": log_cnt.cpu(),
+            "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "sig_last": sig_last,
+            "tokens_done": tokens_done.copy(), "config": to_dict(cfg), "timers": timers.state_dict(),
+            "elapsed_s": time.perf_counter() - t_start,
+        }, keep=cfg.checkpoint.keep)
     dist.barrier(env)
 
 
