@@ -9,7 +9,8 @@ and extrapolates to the main run's budget. The maths lives in laws.py; this modu
 from __future__ import annotations
 
 import copy
-import math
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,9 @@ from typing import Optional
 import numpy as np
 
 from velocitune import dist, laws
-from velocitune.config import Config
+import yaml
+
+from velocitune.config import Config, to_dict
 from velocitune.errors import FitError, VelocituneError
 from velocitune.metrics import atomic_write_json, read_jsonl
 from velocitune.shards import PreparedData
@@ -154,8 +157,6 @@ def fit_domain(
 
 def targets_main(cfg: Config, args) -> int:
     """`velocitune targets`: proxy run, per-domain fits, targets.json and targets.png."""
-    from velocitune.train import lr_schedule, resolve_steps, train, warmup_steps
-
     fraction = args.fraction if args.fraction is not None else 0.1
     n_points = args.points if args.points is not None else 10
     predictor = args.predictor or "chinchilla"
@@ -174,6 +175,13 @@ def targets_main(cfg: Config, args) -> int:
     return 0
 
 
+def _proxy_reusable(proxy_dir: Path, pc: Config) -> bool:
+    summary, saved = proxy_dir / "summary.json", proxy_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()):
+        return False
+    return yaml.safe_load(saved.read_text()) == to_dict(pc) and json.loads(summary.read_text()).get("complete", False)
+
+
 def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str, out: Path) -> dict:
     """Run the proxy, fit each domain, write targets.json (+ targets.png beside it); return the document."""
     from velocitune.train import lr_schedule, resolve_steps, train, warmup_steps
@@ -189,8 +197,12 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
     proxy_dir = out.parent / "proxy"
     pc = proxy_config(cfg, fraction, n_points, proxy_dir, main_steps)
     t0 = time.perf_counter()
-    train(pc, resume=False) if not (proxy_dir / "summary.json").exists() else None
-    proxy_wall = time.perf_counter() - t0
+    if _proxy_reusable(proxy_dir, pc):  # same proxy already run (e.g. refitting with another predictor)
+        proxy_wall = float(json.loads((proxy_dir / "summary.json").read_text())["wall_time_s"])
+    else:
+        shutil.rmtree(proxy_dir, ignore_errors=True)
+        train(pc, resume=False)
+        proxy_wall = time.perf_counter() - t0
     records = read_jsonl(proxy_dir / "eval.jsonl")
     init_rec = next(r for r in records if r["step"] == 0)
     pts = [r for r in records if r["step"] in set(pc.eval.points)]

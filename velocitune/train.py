@@ -27,7 +27,7 @@ from velocitune import __version__, dist, mixing
 from velocitune.checkpoint import RunLock, list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from velocitune.config import Config, dump_yaml, to_dict
 from velocitune.errors import ConfigError, DataError, TrainingError
-from velocitune.evaluate import ValSet, evaluate, load_val_set
+from velocitune.evaluate import evaluate, load_val_set
 from velocitune.losses import forward_losses
 from velocitune.metrics import (
     JsonlWriter,

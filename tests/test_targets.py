@@ -1,0 +1,107 @@
+"""Stages A and B: init-loss, the proxy run and the per-domain fits written to targets.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from velocitune import laws
+from velocitune.cli import main as cli_main
+from velocitune.config import dump_yaml
+from velocitune.errors import FitError
+from velocitune.metrics import read_jsonl
+from velocitune.targets import estimate_targets, fit_domain, proxy_config, proxy_eval_steps
+from velocitune.train import lr_schedule, train
+
+NAMES = ["prose", "code", "math"]
+
+
+def test_proxy_eval_steps_cover_a_tenth_to_the_end():
+    assert proxy_eval_steps(100, 10) == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    pts = proxy_eval_steps(37, 10)
+    assert pts[0] == 4 and pts[-1] == 37 and pts == sorted(set(pts))
+
+
+def test_proxy_config_is_static_w0_on_a_subsample(make_config):
+    cfg = make_config(train={"steps": 200, "warmup_steps": 20}, mixing={"weights": {"prose": 0.2, "code": 0.3, "math": 0.5}})
+    pc = proxy_config(cfg, 0.1, 10, cfg_dir := __import__("pathlib").Path("/tmp/x"), 200)
+    assert pc.mixing.rule == "static" and pc.mixing.weights is None and pc.mixing.targets is None
+    assert pc.data.subsample == 0.1 and pc.train.steps == 20 and pc.train.warmup_steps == 2
+    assert pc.train.lr == cfg.train.lr and pc.train.batch_size == cfg.train.batch_size
+    assert pc.eval.points == proxy_eval_steps(20, 10) and pc.checkpoint.save_final is False
+    # The proxy's schedule is the main one compressed: both end at min LR and peak at the same LR.
+    main, proxy = lr_schedule(cfg, 200), lr_schedule(pc, 20)
+    assert proxy.max() == pytest.approx(main.max()) and proxy[-1] == pytest.approx(main[-1])
+    assert str(cfg_dir) == pc.run.out_dir
+
+
+def _law_points(E=1.8, B=60.0, beta=0.35, n=8):
+    tokens = np.geomspace(2e5, 2e6, n)
+    return tokens, E + B / tokens**beta
+
+
+def test_fit_domain_chinchilla_extrapolates_the_law():
+    tokens, losses = _law_points()
+    S = (np.linspace(0.1, 1, 8), np.zeros(8))
+    d = fit_domain("code", tokens, losses, 3.5, 2e7, "chinchilla", S, (10.0, 0.0))
+    assert d["predictor"] == "chinchilla" and not d["guarded"]
+    assert d["target"] == pytest.approx(1.8 + 60.0 / 2e7**0.35, abs=1e-3)
+    assert d["interval"][0] <= d["target"] <= d["interval"][1]
+    assert d["points"][0] == [tokens[0], losses[0]]
+
+
+def test_fit_domain_auto_falls_back_on_a_flat_curve_and_flags_degrading_domains():
+    tokens = np.geomspace(2e5, 2e6, 8)
+    flat = 2.5 - 0.001 * np.log(tokens / 2e5)  # barely moving: the chinchilla checks must fail
+    S1 = np.linspace(0.01, 0.1, 8)
+    d = fit_domain("replay", tokens, flat, 2.45, 2e7, "auto", (S1, np.zeros(8)), (1.0, 0.0))
+    assert d["warnings"], "a near-flat curve must be flagged"
+    assert d["predictor"] in ("cpt_law", "loglinear")
+    assert d["guarded"] and any("predicted to get worse" in w for w in d["warnings"])
+
+
+def test_fit_domain_needs_four_finite_points():
+    tokens, losses = _law_points(n=5)
+    losses[1:3] = np.nan
+    with pytest.raises(FitError, match="only 3 usable proxy points"):
+        fit_domain("math", tokens, losses, 3.0, 2e7, "chinchilla", (np.ones(5), np.zeros(5)), (1.0, 0.0))
+
+
+def test_estimate_targets_end_to_end_and_train_reads_them(make_config, tmp_path):
+    cfg = make_config("main", train={"steps": 40}, mixing={"target_values": None})
+    out = tmp_path / "t" / "targets.json"
+    doc = estimate_targets(cfg, 0.5, 5, "chinchilla", out)
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 10_000
+    assert doc["main_steps"] == 40 and doc["proxy_steps"] == 20
+    assert doc["budget_tokens"] == 40 * 8 * 32
+    evals = read_jsonl(tmp_path / "t" / "proxy" / "eval.jsonl")
+    init = json.loads((tmp_path / "t" / "init_loss.json").read_text())["domains"]
+    for n in NAMES:
+        d = doc["domains"][n]
+        assert len(d["points"]) == 5
+        assert d["init"] == pytest.approx(evals[0]["losses"][n]) == pytest.approx(init[n]["loss"])
+        # The recorded points are the proxy's val losses at its eval steps, in tokens.
+        by_step = {r["step"]: r["losses"][n] for r in evals}
+        assert [p[1] for p in d["points"]] == [by_step[s] for s in proxy_eval_steps(20, 5)]
+        if d["predictor"] == "chinchilla":
+            fit = laws.fit_data_law(np.array([p[0] for p in d["points"]]), np.array([p[1] for p in d["points"]]))
+            assert d["target"] == pytest.approx(float(fit.predict(40 * 8 * 32)), rel=1e-6)
+    res = train(make_config("uses", train={"steps": 12}, mixing={"target_values": None, "targets": str(out)}))
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["targets"] == {n: doc["domains"][n]["target"] for n in NAMES}
+    assert (res.out_dir / "targets.json").is_file()
+
+
+def test_cli_init_loss_and_targets(make_config, tmp_path, capsys):
+    cfg = make_config("cli", train={"steps": 20}, mixing={"target_values": None})
+    path = tmp_path / "cli.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert cli_main(["init-loss", str(path), "--out", str(tmp_path / "il.json")]) == 0
+    doc = json.loads((tmp_path / "il.json").read_text())
+    assert set(doc["domains"]) == set(NAMES) and all(v["loss"] > 0 for v in doc["domains"].values())
+    assert cli_main(["targets", str(path), "--fraction", "0.5", "--points", "4", "--predictor", "auto",
+                     "--out", str(tmp_path / "tg" / "targets.json")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert cli_main(["targets", str(path), "--points", "2"]) == 2
