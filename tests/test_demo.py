@@ -1,0 +1,30 @@
+"""The demo pipeline end to end at toy size: every stage runs and report.md compares the two arms."""
+
+from __future__ import annotations
+
+import json
+
+from velocitune import demo
+
+
+def test_demo_pipeline_at_toy_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "SEQ_LEN", 32)
+    monkeypatch.setattr(demo, "BATCH", 8)
+    monkeypatch.setattr(demo, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
+    monkeypatch.setattr(demo, "EVAL_TOKENS", 256)
+    monkeypatch.setattr(demo, "INTERVAL", 4)
+    out = tmp_path / "demo"
+    report = demo.run_demo(out, steps=16, base_steps=8, scale=0.03, parallel=2)
+    assert report == out / "report.md"
+    text = report.read_text()
+    assert "static/seed0" in text and "velocitune/seed0" in text
+    for png in ("weights.png", "val_loss.png", "velocity.png", "targets.png"):
+        assert (out / png).stat().st_size > 10_000
+    targets = json.loads((out / "targets" / "targets.json").read_text())
+    assert set(targets["domains"]) == set(demo.CPT_DOMAINS)
+    vt = [json.loads(line) for line in (out / "runs" / "velocitune" / "seed0" / "mixture.jsonl").read_text().splitlines()]
+    assert len(vt) > 1 and vt[-1]["weights"] != vt[0]["weights"]  # the weights moved
+    # Stages are cached: a second call reuses the base model, the targets and the finished arms.
+    base_mtime = (out / "base" / "summary.json").stat().st_mtime_ns
+    demo.run_demo(out, steps=16, base_steps=8, scale=0.03, parallel=2)
+    assert (out / "base" / "summary.json").stat().st_mtime_ns == base_mtime
