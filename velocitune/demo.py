@@ -25,7 +25,7 @@ from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, SOURCES, build_corpu
 SEQ_LEN = 128
 BATCH = 16
 MODEL = {"hidden_size": 128, "n_layers": 4, "n_heads": 4, "intermediate_size": 352}
-BASE_STEPS = 400
+BASE_STEPS = 300
 CPT_STEPS = 600
 CPT_LR = 1e-3
 INTERVAL = 30  # m: 20 updates over the run

@@ -347,7 +347,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     sampler = MixtureSampler(
         seed=cfg.train.seed, global_batch=B, windows_per_domain=windows, initial_weights=rule.initial_weights(),
         max_repetition=cfg.data.max_repetition, floor=cfg.mixing.sampling_floor, subsample=cfg.data.subsample,
-        names=names,
+        names=names, tokens_per_window=L,
     )
     val = load_val_set(data, L, cfg.eval.max_tokens)
 
@@ -567,7 +567,6 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         # ---- the end: final validation loss, summary, final/ model
         final = run_eval(steps, "eval")
         wall = time.perf_counter() - t_start
-        consumed = sampler.consumed(steps)
         w_final = rule.state_dict().get("weights", rule.initial_weights())
         final_sd = dist.full_model_state(model, env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if main:
@@ -580,7 +579,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 "targets": None if targets is None else dict(zip(names, map(float, targets))),
                 "final_val_loss": dict(zip(names, final.tolist())),
                 "tokens_per_domain": dict(zip(names, tokens_done.tolist())),
-                "epochs_per_domain": dict(zip(names, (consumed / np.asarray(sub_windows)).tolist())),
+                "epochs_per_domain": dict(zip(names, sampler.epochs(steps).tolist())),
                 "wall_time_s": wall, "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
                 "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
                 "skipped_steps": skipped, "world_size": env.world_size, "estimated_overhead": overhead,
