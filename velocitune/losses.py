@@ -1,0 +1,302 @@
+"""Per-token and per-domain next-token loss, computed without materialising full fp32 logits.
+
+The training loop needs, for every micro-batch, (a) the token-mean loss to backpropagate and
+(b) each domain's NLL sum and token count for the mixing signal (DESIGN §3 "train" signal). The
+output head of a language model turns `N` hidden states into `N × V` logits; for `N = 8k` tokens and
+`V = 50k` that is 1.6 GB in fp32 *per copy*, and autograd keeps several copies. Here the head runs
+chunk by chunk, and backward recomputes each chunk's logits from the saved hidden states, so peak
+memory scales with `chunk_tokens × V` instead of `N × V` (DESIGN §6 rule 6). Per-domain sums stay on
+the device (`index_add_` into float64 accumulators); nothing here calls `.item()` or otherwise
+waits for the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from velocitune.errors import TrainingError
+
+IGNORE_INDEX = -100
+
+
+class LossOutput(NamedTuple):
+    """What one micro-batch's forward pass yields."""
+
+    loss: Tensor  # scalar, token-mean NLL over the micro-batch's valid tokens, differentiable
+    nll_sum: Tensor  # (k,) float64, detached: summed token NLL per domain
+    count: Tensor  # (k,) float64: number of valid (non-ignored) tokens per domain
+
+
+def _apply_softcap(z: Tensor, softcap: float | None) -> Tensor:
+    # Gemma-2/3 style final logit soft-capping: cap · tanh(z / cap).
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    # Under autocast the head matmul runs in the autocast dtype; otherwise in the inputs' dtype.
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _ChunkedLinearNLL(torch.autograd.Function):
+    """Per-token NLL of `softcap(hidden @ weightᵀ + bias)`, chunk by chunk, recomputing in backward.
+
+    Saved for backward: hidden (N, H), weight (V, H), bias, labels (N,) and the per-token
+    log-sum-exp (N,) fp32 — never a (N, V) tensor. Backward recomputes one chunk's logits at a time,
+    turns them into the softmax in place and folds them into the input and weight gradients, so its
+    extra memory is one (chunk, V) fp32 buffer (two with soft-capping). The matmuls run in an
+    explicit compute dtype, the same in forward and backward, so the recomputed logits match the
+    saved log-sum-exp bit for bit.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        chunk_tokens: int,
+        softcap: float | None,
+        ignore_index: int,
+    ) -> Tensor:
+        n = hidden.shape[0]
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        valid = labels != ignore_index  # (N,) bool
+        # Ignored positions gather at class 0 and are zeroed afterwards: no data-dependent branch.
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))  # (N,)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
+        for start in range(0, n, chunk_tokens):
+            end = min(start + chunk_tokens, n)
+            z = _apply_softcap(F.linear(hidden[start:end].to(dtype), w, b).float(), softcap)  # (C, V)
+            lse[start:end] = torch.logsumexp(z, dim=-1)
+            nll[start:end] = lse[start:end] - z.gather(1, safe_labels[start:end, None]).squeeze(1)
+            del z
+        nll = torch.where(valid, nll, torch.zeros_like(nll))
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
+        ctx.chunk_tokens = chunk_tokens
+        ctx.softcap = softcap
+        ctx.dtype = dtype
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
+        hidden, weight, bias, safe_labels, valid, lse = ctx.saved_tensors
+        softcap: float | None = ctx.softcap
+        dtype: torch.dtype = ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, chunk = hidden.shape[0], ctx.chunk_tokens
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        # d nll_t / d z_t = softmax(z_t) - onehot(label_t), times the incoming gradient; ignored
+        # tokens are the constant 0, so their scale is 0.
+        scale = torch.where(valid, grad_nll.float(), torch.zeros_like(lse))  # (N,)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # The head gradient is accumulated over chunks in fp32 even for bf16 weights (one rounding).
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            h = hidden[start:end].to(dtype)  # (C, H)
+            z = F.linear(h, w, b).float()  # (C, V) pre-cap logits
+            if softcap is None:
+                tanh, g = None, z
+            else:
+                tanh = z.div_(softcap).tanh_()  # (C, V), reuses z's buffer
+                g = tanh * softcap  # capped logits
+            g.sub_(lse[start:end, None]).exp_()  # softmax, in place
+            minus_one = torch.full((end - start, 1), -1.0, device=g.device)
+            g.scatter_add_(1, safe_labels[start:end, None], minus_one)  # - onehot(label)
+            g.mul_(scale[start:end, None])
+            if tanh is not None:
+                g.mul_(tanh.square_().neg_().add_(1.0))  # through cap·tanh(z/cap): d/dz = 1 - tanh²
+            del z, tanh
+            g = g.to(dtype)  # (C, V) gradient w.r.t. the pre-cap logits
+            if grad_h is not None:
+                grad_h[start:end] = g @ w
+            if grad_w is not None:
+                grad_w.add_(g.t() @ h)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0))
+            del g
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _module_chunk_nll(
+    head: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None, ignore_index: int
+) -> Tensor:
+    # (C, H) -> (C,) fp32; used for heads that are not a plain linear map.
+    z = _apply_softcap(head(hidden).float(), softcap)  # (C, V)
+    return F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
+
+
+def chunked_token_nll(
+    hidden: Tensor,
+    head: nn.Module | Tensor,
+    labels: Tensor,
+    chunk_tokens: int = 2048,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+) -> Tensor:
+    """Per-token next-token NLL in nats, (N,) float32, without keeping any (N, V) tensor.
+
+    hidden: (N, H) final hidden states; labels: (N,) target ids (`ignore_index` → NLL 0).
+    head: an `nn.Linear` (bias allowed; tied or not), a (V, H) weight tensor, or any module mapping
+    (C, H) → (C, V). Linear heads use a fused chunked autograd function; other modules run each chunk
+    under `torch.utils.checkpoint` so their logits are recomputed in backward. Logits are cast to
+    fp32 before the softmax, like Hugging Face's loss. `softcap` applies `cap·tanh(z/cap)` to the
+    logits (Gemma-2/3 `final_logit_softcapping`).
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (N, H) and labels (N,); got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if isinstance(head, Tensor):
+        weight, bias = head, None
+    elif type(head) is nn.Linear:
+        weight, bias = head.weight, head.bias
+    else:
+        weight = bias = None
+    if weight is not None:
+        return _ChunkedLinearNLL.apply(hidden, weight, bias, labels, chunk_tokens, softcap, ignore_index)
+
+    needs_graph = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
+        if needs_graph:
+            pieces.append(
+                checkpoint(_module_chunk_nll, head, h, y, softcap, ignore_index, use_reentrant=False)
+            )
+        else:
+            pieces.append(_module_chunk_nll(head, h, y, softcap, ignore_index))
+    return torch.cat(pieces)
+
+
+def domain_sums(
+    nll: Tensor, token_domain: Tensor, k: int, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-domain NLL sums and token counts, (k,) float64 each, accumulated on nll's device.
+
+    nll: (N,) per-token NLL (detached here: these are statistics, not a loss);
+    token_domain: (N,) int64 domain index of each token, in [0, k) (not checked: checking would
+    sync with the device); valid: (N,) bool, False for tokens that must not count.
+    """
+    values = nll.detach().to(torch.float64)  # (N,)
+    ones = torch.ones_like(values)
+    if valid is not None:
+        values = torch.where(valid, values, torch.zeros_like(values))
+        ones = valid.to(torch.float64)
+    sums = torch.zeros(k, dtype=torch.float64, device=nll.device).index_add_(0, token_domain, values)
+    counts = torch.zeros(k, dtype=torch.float64, device=nll.device).index_add_(0, token_domain, ones)
+    return sums, counts
+
+
+def token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 2048) -> Tensor:
+    """Per-token NLL (B·T,) float32 of a causal LM on (B, T) inputs and already-shifted labels.
+
+    The final hidden states come from the model's decoder (see `velocitune.model.loss_path`) and
+    go through the output head chunk by chunk; a model with no decoder or head to find falls back,
+    with a one-time warning, to its full logits.
+    """
+    # Imported here: model.py pulls in transformers, which users of the pure functions above skip.
+    from velocitune.model import final_hidden_states, loss_path
+
+    if input_ids.shape != labels.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids and labels must both be (B, T); got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+        )
+    b, t = input_ids.shape
+    flat_labels = labels.reshape(-1)  # (B·T,)
+    path = loss_path(model)
+    if path.head is None:
+        logits = model(input_ids=input_ids).logits  # (B, T, V): the documented fallback
+        return F.cross_entropy(
+            logits.float().reshape(b * t, -1), flat_labels, reduction="none", ignore_index=IGNORE_INDEX
+        )
+    hidden = final_hidden_states(path, input_ids)  # (B, T, H)
+    return chunked_token_nll(
+        hidden.reshape(b * t, -1), path.head, flat_labels, chunk_tokens, IGNORE_INDEX, path.softcap
+    )
+
+
+def forward_losses(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    seq_domain: Tensor,
+    k: int,
+    chunk_tokens: int = 2048,
+) -> LossOutput:
+    """One micro-batch's loss for backward plus its per-domain NLL sums and token counts.
+
+    input_ids, labels: (B, T) int64, labels already shifted (labels[b, t] is the target for
+    input_ids[b, t]), -100 = ignore; seq_domain: (B,) int64 domain of each sequence, in [0, k).
+    `loss` is the mean NLL over the micro-batch's valid tokens (0 when none is valid, where Hugging
+    Face would give NaN). No host sync.
+    """
+    b, t = input_ids.shape
+    if seq_domain.shape != (b,):
+        raise ValueError(f"seq_domain must be (B,) = ({b},); got {tuple(seq_domain.shape)}")
+    nll = token_nll(model, input_ids, labels, chunk_tokens)  # (B·T,)
+    valid = labels.reshape(-1) != IGNORE_INDEX  # (B·T,)
+    token_domain = seq_domain.reshape(b, 1).expand(b, t).reshape(-1)  # (B·T,)
+    nll_sum, count = domain_sums(nll, token_domain, k, valid)
+    loss = nll.sum() / valid.sum().clamp(min=1)
+    return LossOutput(loss=loss, nll_sum=nll_sum, count=count)
+
+
+def check_loss_path(model: nn.Module, input_ids: Tensor, atol: float | None = None) -> float:
+    """Check, once before training, that the chunked loss equals the model's own logits path.
+
+    Runs both on `input_ids` (B, T) (predicting each next token; the last position is ignored)
+    without gradients and returns the largest absolute per-token NLL difference in nats; raises
+    TrainingError when it exceeds `atol` (a head transform velocitune does not model). `atol`
+    defaults to 1e-3 nats for fp32 heads and 0.05 for lower precision, where the two paths' matmuls
+    round differently. It host-syncs and runs the full logits: call it at setup, not per step.
+    """
+    from velocitune.model import unwrap_model
+
+    inner = unwrap_model(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if atol is None:
+        fp32 = head is None or getattr(head, "weight", torch.empty(0)).dtype == torch.float32
+        atol = 1e-3 if fp32 else 0.05
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    with torch.no_grad():
+        ours = token_nll(model, input_ids, labels)  # (B·T,)
+        logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
+        ref = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
+        )
+    diff = float((ours - ref).abs().max())
+    if not math.isfinite(diff) or diff > atol:
+        raise TrainingError(
+            f"the chunked loss of {type(inner).__name__} differs from the model's own logits by up to {diff:.3g} "
+            f"nats per token (tolerance {atol}): its output head applies a transform velocitune does not model. "
+            "Train a model whose head is a plain linear map (optionally soft-capped), or report the model class."
+        )
+    return diff
