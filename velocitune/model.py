@@ -152,6 +152,15 @@ def build_model(
         return LlamaForCausalLM(config)
 
 
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's token->id map and EOS id: equal for the same vocabulary however it is saved."""
+    import hashlib
+    import json
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps([items, tokenizer.eos_token_id], ensure_ascii=False).encode()).hexdigest()
+
+
 def check_vocab(
     model: nn.Module,
     data_vocab_size: int,

@@ -457,10 +457,11 @@ class TokenizerInfo:
     hash: str
     eos_token_id: int
     spec: dict  # what a worker needs to rebuild the exact same encoder (see _BatchEncoder)
+    fingerprint: str = ""  # model.vocab_fingerprint: lets `train` refuse a model with another vocabulary
 
     def manifest(self) -> dict:
         return {"name_or_path": self.name_or_path, "vocab_size": self.vocab_size, "hash": self.hash,
-                "eos_token_id": self.eos_token_id}
+                "eos_token_id": self.eos_token_id, "vocab_fingerprint": self.fingerprint}
 
 
 def _tokenizer_hash(directory: Path, vocab_files: Iterable[str]) -> str:
@@ -507,8 +508,10 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> TokenizerInfo:
     else:
         spec.update(kind="hf", dir=str(directory))
     vocab_files = getattr(tok, "vocab_files_names", {}).values()
+    from velocitune.model import vocab_fingerprint
+
     return TokenizerInfo(str(directory), vocab_size, _tokenizer_hash(directory, vocab_files),
-                         int(tok.eos_token_id), spec)
+                         int(tok.eos_token_id), spec, vocab_fingerprint(tok))
 
 
 class _BatchEncoder:

@@ -28,7 +28,7 @@ from velocitune.checkpoint import RunLock, list_checkpoints, load_latest, rng_st
 from velocitune.config import Config, dump_yaml, to_dict
 from velocitune.errors import ConfigError, DataError, TrainingError
 from velocitune.evaluate import evaluate, load_val_set
-from velocitune.losses import forward_losses
+from velocitune.losses import check_loss_path, forward_losses
 from velocitune.metrics import (
     JsonlWriter,
     TensorBoardLogger,
@@ -40,7 +40,10 @@ from velocitune.metrics import (
     read_jsonl,
     truncate_after,
 )
-from velocitune.model import build_model, check_vocab, flops_per_token, load_model, load_tokenizer, peak_flops
+from velocitune.model import (
+    build_model, check_vocab, flops_per_token, load_model, load_tokenizer, peak_flops,
+    vocab_fingerprint,
+)
 from velocitune.sampler import MixtureSampler, rank_slice
 from velocitune.shards import PreparedData
 
@@ -205,6 +208,10 @@ def make_model(cfg: Config, data: PreparedData) -> torch.nn.Module:
             intermediate_size=mc.intermediate_size, max_seq_len=max(cfg.data.seq_len, 64), n_kv_heads=mc.n_kv_heads,
             tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
         )
+    fp_data = data.manifest["tokenizer"].get("vocab_fingerprint")
+    if cfg.model.path and fp_data and (Path(cfg.model.path) / "tokenizer_config.json").is_file():
+        fp_model = vocab_fingerprint(load_tokenizer(cfg.model.path))
+        check_vocab(model, data.vocab_size, fp_model, fp_data)
     check_vocab(model, data.vocab_size)
     return model
 
@@ -319,6 +326,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     if tok_dir and Path(tok_dir).is_dir():
         tokenizer = load_tokenizer(tok_dir)
     model.to(device)
+    model.train()  # load_model returns eval mode
+    # Once, before any step: the chunked loss must equal the model's own logits (catches unknown heads).
+    check_loss_path(model, torch.from_numpy(domains[names[0]].windows(np.arange(1), L)[:, :-1]).to(device))
     bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     flops_tok = flops_per_token(model, L)
