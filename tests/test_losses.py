@@ -426,3 +426,20 @@ def test_forward_losses_has_no_host_sync_on_cuda():
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_single_chunk_fast_path_matches_recomputing_path():
+    # One chunk keeps the softmax from forward instead of recomputing it in backward: same values and grads.
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=True)
+    labels = torch.randint(0, 50, (24,))
+    labels[3] = -100
+    grads = []
+    for chunk in (24, 5):  # fast path, then the chunked recompute
+        hidden.grad, head.weight.grad, head.bias.grad = None, None, None
+        nll = chunked_token_nll(hidden, head, labels, chunk_tokens=chunk)
+        (nll * torch.linspace(0.5, 2, 24)).sum().backward()
+        grads.append((nll.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

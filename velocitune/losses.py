@@ -67,6 +67,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         chunk_tokens: int,
         softcap: float | None,
         ignore_index: int,
+        grad_enabled: bool,
     ) -> Tensor:
         n = hidden.shape[0]
         dtype = _compute_dtype(hidden, weight)
@@ -77,14 +78,17 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))  # (N,)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
+        probs = None  # (N, V) softmax, kept only when everything fits in one chunk (no recompute then)
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
             z = _apply_softcap(F.linear(hidden[start:end].to(dtype), w, b).float(), softcap)  # (C, V)
             lse[start:end] = torch.logsumexp(z, dim=-1)
             nll[start:end] = lse[start:end] - z.gather(1, safe_labels[start:end, None]).squeeze(1)
+            if n <= chunk_tokens and softcap is None and grad_enabled:
+                probs = z.sub_(lse[:, None]).exp_()  # reuses z: one (N, V) buffer, as backward would allocate
             del z
         nll = torch.where(valid, nll, torch.zeros_like(nll))
-        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse, probs)
         ctx.chunk_tokens = chunk_tokens
         ctx.softcap = softcap
         ctx.dtype = dtype
@@ -93,7 +97,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_nll: Tensor):  # type: ignore[override]
-        hidden, weight, bias, safe_labels, valid, lse = ctx.saved_tensors
+        hidden, weight, bias, safe_labels, valid, lse, probs = ctx.saved_tensors
         softcap: float | None = ctx.softcap
         dtype: torch.dtype = ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -110,13 +114,16 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             h = hidden[start:end].to(dtype)  # (C, H)
-            z = F.linear(h, w, b).float()  # (C, V) pre-cap logits
-            if softcap is None:
-                tanh, g = None, z
+            if probs is not None:  # single chunk: forward kept the softmax, nothing to recompute
+                z, tanh, g = None, None, probs
             else:
-                tanh = z.div_(softcap).tanh_()  # (C, V), reuses z's buffer
-                g = tanh * softcap  # capped logits
-            g.sub_(lse[start:end, None]).exp_()  # softmax, in place
+                z = F.linear(h, w, b).float()  # (C, V) pre-cap logits
+                if softcap is None:
+                    tanh, g = None, z
+                else:
+                    tanh = z.div_(softcap).tanh_()  # (C, V), reuses z's buffer
+                    g = tanh * softcap  # capped logits
+                g.sub_(lse[start:end, None]).exp_()  # softmax, in place
             minus_one = torch.full((end - start, 1), -1.0, device=g.device)
             g.scatter_add_(1, safe_labels[start:end, None], minus_one)  # - onehot(label)
             g.mul_(scale[start:end, None])
@@ -135,6 +142,7 @@ class _ChunkedLinearNLL(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
+            None,
             None,
             None,
             None,
@@ -178,7 +186,9 @@ def chunked_token_nll(
     else:
         weight = bias = None
     if weight is not None:
-        return _ChunkedLinearNLL.apply(hidden, weight, bias, labels, chunk_tokens, softcap, ignore_index)
+        # Grad mode is off inside Function.forward, so the caller's mode travels as an argument.
+        return _ChunkedLinearNLL.apply(hidden, weight, bias, labels, chunk_tokens, softcap, ignore_index,
+                                       torch.is_grad_enabled())
 
     needs_graph = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
