@@ -28,3 +28,14 @@ def test_demo_pipeline_at_toy_size(tmp_path, monkeypatch):
     base_mtime = (out / "base" / "summary.json").stat().st_mtime_ns
     demo.run_demo(out, steps=16, base_steps=8, scale=0.03, parallel=2)
     assert (out / "base" / "summary.json").stat().st_mtime_ns == base_mtime
+
+
+def test_demo_refuses_to_mix_settings_in_one_directory(tmp_path):
+    import pytest
+
+    from velocitune.errors import VelocituneError
+
+    demo.check_settings(tmp_path, {"steps": 600})
+    demo.check_settings(tmp_path, {"steps": 600})
+    with pytest.raises(VelocituneError, match=r"other settings \{'steps': \(600, 300\)\}"):
+        demo.check_settings(tmp_path, {"steps": 300})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from velocitune.errors import VelocituneError
 from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, SOURCES, build_corpus, train_tokenizer  # noqa: F401
 
 # Sizes chosen so that `make demo` ends within ~15 minutes on 2 CPU cores (measured: README "Demo").
@@ -46,6 +47,21 @@ def _write_yaml(path: Path, data: dict) -> Path:
 def _complete(run_dir: Path) -> bool:
     s = run_dir / "summary.json"
     return s.is_file() and json.loads(s.read_text()).get("complete", False)
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Stages are cached in `out`; refuse to mix results of different demo settings in one directory."""
+    path = out / "demo.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(settings)):
+            diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+            raise VelocituneError(
+                f"{out} holds a demo with other settings {diff} (saved, now); use another --out or delete it"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
 
 
 def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
@@ -98,6 +114,8 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     out = Path(out).resolve()
     seeds = seeds or (3 if full else 1)
     parallel = parallel or max(1, min(os.cpu_count() or 1, 2))
+    check_settings(out, {"steps": steps, "base_steps": base_steps, "scale": scale, "seq_len": SEQ_LEN,
+                         "batch": BATCH, "model": MODEL, "interval": INTERVAL, "eval_tokens": EVAL_TOKENS})
 
     _stage(1, "corpus and tokenizer",
            "Four CPT domains that differ in content and size, plus general prose for the base model, built "
