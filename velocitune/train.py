@@ -333,9 +333,10 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     flops_tok = flops_per_token(model, L)
     peak, peak_name = peak_flops(device)
-    net = dist.wrap_model(model, cfg.dist.strategy, env, bf16)
     if cfg.train.compile:
-        net = torch.compile(net)
+        # Compile the decoder in place: the chunked loss calls it directly and runs the head itself.
+        getattr(model, "base_model", model).compile()
+    net = dist.wrap_model(model, cfg.dist.strategy, env, bf16)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
