@@ -226,3 +226,10 @@ def test_model_with_another_tokenizer_is_refused(make_config, tmp_path, tiny_tok
 
     AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(same)
     train(make_config("tok2", model={"path": str(same)}, train={"steps": 2}, mixing={"rule": "static"}))
+
+
+@pytest.mark.slow
+def test_compiled_decoder_gives_the_same_losses(make_config):
+    eager = train(make_config("eager", train={"steps": 4}, mixing={"rule": "static"})).out_dir
+    compiled = train(make_config("compiled", train={"steps": 4, "compile": True}, mixing={"rule": "static"})).out_dir
+    np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-4)
