@@ -171,7 +171,8 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: Di
     """Unsharded (model, optimizer) state dicts for a checkpoint; collective under FSDP2 (call on every rank).
 
     The optimizer state is keyed by parameter name for every strategy (not by position, as
-    `optimizer.state_dict()` is), so one format serves 1 process, DDP and FSDP2 alike.
+    `optimizer.state_dict()` is), so one format serves 1 process, DDP and FSDP2 alike; for the same
+    reason `env` and `strategy` change nothing here (they keep the signature of the sharded path's).
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -352,9 +353,7 @@ def _verify_dcp(path: Path, expect: dict[str, Any] | None) -> None:
 
 def _install_dir(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`, replacing an older `final` (a re-save of the same step after a resume)."""
-    for f in tmp.iterdir():  # DCP's writer already fsyncs its files; make the names durable too
-        _fsync_path(f)
-    _fsync_path(tmp)
+    _fsync_path(tmp)  # DCP's writer fsyncs its files (sync_files=True); this makes their names durable
     if final.exists():
         aside = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
         shutil.rmtree(aside, ignore_errors=True)

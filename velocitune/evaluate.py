@@ -68,13 +68,19 @@ def evaluate(
     try:
         for d, win in enumerate(val.windows):
             mine = win[env.rank :: env.world_size]  # (n_rank, L+1): strided slice for this rank
-            for start in range(0, mine.shape[0], batch_size):
-                batch = torch.from_numpy(mine[start : start + batch_size]).to(device, non_blocking=True)
+            # Every rank runs the same number of forwards: under FSDP2 each one is collective (it
+            # all-gathers parameters), so a rank with fewer windows runs a stand-in batch and drops it.
+            per_rank = -(-win.shape[0] // env.world_size)
+            for start in range(0, per_rank, batch_size):
+                rows = mine[start : start + batch_size]
+                real = rows.shape[0] > 0
+                batch = torch.from_numpy(rows if real else win[:1]).to(device, non_blocking=True)
                 seq_domain = torch.full((batch.shape[0],), d, dtype=torch.long, device=device)
                 with autocast or contextlib.nullcontext():
                     out = forward_losses(model, batch[:, :-1], batch[:, 1:], seq_domain, k, chunk_tokens)
-                sums += out.nll_sum
-                counts += out.count
+                if real:
+                    sums += out.nll_sum
+                    counts += out.count
     finally:
         model.train(was_training)
     packed = dist.all_reduce_sum(torch.cat([sums, counts]), env)

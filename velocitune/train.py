@@ -393,7 +393,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         if loaded is not None:
             start_step, state = loaded
             check_resume_config(state["config"], to_dict(cfg))
-            dist.load_full_state(model, optimizer, state["model"], state["optimizer"], env, cfg.dist.strategy)
+            dist.restore_model_state(ckpt_root, state, model, optimizer, env, cfg.dist.strategy)
             sampler.load_state_dict(state["sampler"])
             rule.load_state_dict(state["rule"])
             set_rng_state(state["rng"])
@@ -633,18 +633,20 @@ def mixture_record(step, tokens, names, losses, init, targets, velocity, weights
 
 
 def save_state(root, step, cfg, model, optimizer, sampler, rule, init, sig_last, skipped, tokens_done, accs, timers, t_start, env) -> None:
-    # Gathering a full model/optimizer state is collective under FSDP2: every rank calls it, rank 0 writes.
-    model_sd, optim_sd = dist.full_state(model, optimizer, env, cfg.dist.strategy)
+    # Collective: under FSDP2 every rank writes its DCP shards; otherwise the full states are gathered for
+    # rank 0. Rank 0's checkpoint directory is the commit point (it holds a reference to the shards).
+    model_part = dist.checkpoint_model_state(root, step, model, optimizer, env, cfg.dist.strategy)
     if env.is_main:
         sig_sum, sig_cnt, log_sum, log_cnt, loss_acc = accs
         save_checkpoint(root, step, {
-            "model": model_sd, "optimizer": optim_sd,
+            **model_part,
             "sampler": sampler.state_dict(), "rule": rule.state_dict(), "rng": rng_state(),
             "sig_sum": sig_sum.cpu(), "sig_cnt": sig_cnt.cpu(), "log_sum": log_sum.cpu(), "log_cnt": log_cnt.cpu(),
             "loss_acc": float(loss_acc), "init": init, "skipped": skipped, "sig_last": sig_last,
             "tokens_done": tokens_done.copy(), "config": to_dict(cfg), "timers": timers.state_dict(),
             "elapsed_s": time.perf_counter() - t_start,
         }, keep=cfg.checkpoint.keep)
+        dist.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
     dist.barrier(env)
 
 
