@@ -278,13 +278,6 @@ def test_two_process_checkpoint_resumes_in_one_process(tiny_prepared, fsdp2_kill
     assert_same_run(out, ddp2, loss_tol=1e-5, weight_tol=1e-6)
 
 
-def _train_writes_sharded() -> bool:
-    return "dist.checkpoint_model_state(" in (REPO / "velocitune" / "train.py").read_text()
-
-
-@pytest.mark.xfail(not _train_writes_sharded(), strict=True,
-                   reason="train.py still gathers full states under FSDP2; needs the save_state/resume patch "
-                          "in the dist report (dist.checkpoint_model_state / restore_model_state)")
 def test_fsdp2_run_writes_sharded_dcp_checkpoints(fsdp2_resumed):
     ckpts = fsdp2_resumed / "checkpoints"
     assert sorted(p.name for p in (ckpts / dist.SHARDED_DIR).iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
@@ -301,9 +294,6 @@ def test_killed_ddp_run_resumes_exactly(runs, ddp2, tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(strict=False, reason="evaluate.py: a rank with fewer val windows runs fewer forwards, and "
-                                        "each FSDP2 forward is collective, so the ranks hang; needs the "
-                                        "evaluate.py patch in the dist report")
 def test_fsdp2_with_val_windows_uneven_across_ranks(runs, tmp_path):
     # 17 val windows per domain: rank 0 evaluates 9 (two batches of 8), rank 1 evaluates 8 (one batch).
     out, log = tmp_path / "uneven", tmp_path / "uneven.log"

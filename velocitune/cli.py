@@ -7,6 +7,7 @@ can fix (VelocituneError) print one clear message and exit with status 2, withou
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -140,6 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.handler(args, extra) or 0)
     except VelocituneError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Checkpoint writes say which checkpoint survived (CheckpointError); any other write lands here.
+        print(f"error: the disk is full ({e}); free some space, then continue the run with --resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -306,10 +307,16 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{p}' is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not UTF-8 text ({e}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{p}' cannot be read ({e})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -329,9 +336,20 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}' {msg}")
 
 
+def _check_finite(d: dict) -> None:
+    """inf and nan pass range checks such as `lr > 0` and then fail deep inside training: refuse them here."""
+    for sec, body in d.items():
+        for key, value in body.items():
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config key '{sec}.{key}' must be a finite number, got {v}")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that do not need the data (those that do live in train.py)."""
     d = to_dict(cfg)
+    _check_finite(d)
     for key, allowed in CHOICES.items():
         sec, name = key.split(".")
         v = d[sec][name]
@@ -352,6 +370,7 @@ def validate(cfg: Config) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
     _check(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", "must be >= 1")
+    _check(0 <= t.seed < 2**63, "train.seed", f"must be an integer in [0, 2**63), got {t.seed}")
     _check(dc.seq_len >= 1, "data.seq_len", f"must be >= 1, got {dc.seq_len}")
     _check(dc.max_repetition > 0, "data.max_repetition", f"must be > 0, got {dc.max_repetition}")
     _check(0 < dc.subsample <= 1, "data.subsample", f"must be in (0, 1], got {dc.subsample}")

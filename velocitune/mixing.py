@@ -6,7 +6,8 @@ returned as data (`Update.warnings`), never logged, so the trainer decides where
 Errors, decided once for the whole module:
 - bad values a user can fix (weights, rule parameters, initial/target losses) -> ConfigError;
 - a non-finite or negative training-time loss -> TrainingError naming the domain;
-- arrays of the wrong length or shape, a negative step -> ValueError (a caller's bug, not the user's).
+- arrays of the wrong length or shape, a negative step, a non-finite `signal` given to update_weights,
+  `sampling_weights` that are not a distribution -> ValueError (a caller's bug, not the user's).
 Losses are cross-entropies in nats, so they must be finite and >= 0; that bound is also what keeps
 every rule free of NaN for any input it accepts.
 """

@@ -180,7 +180,8 @@ def _water_fill(weights: np.ndarray, room: np.ndarray, budget: float) -> np.ndar
         left = budget - math.fsum(room[pinned])
         if mass <= 0 or left <= 0:
             return np.where(pinned, room, 0.0)
-        trial = np.where(free, weights / mass * left, 0.0)  # w/mass <= 1: no overflow for tiny masses
+        trial = np.zeros_like(weights)
+        trial[free] = weights[free] / mass * left  # w/mass <= 1 on the free domains: no overflow for tiny masses
         over = free & (trial > room)
         if not over.any():
             return np.where(pinned, room, trial)

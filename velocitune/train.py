@@ -151,9 +151,12 @@ def read_targets(cfg: Config, names: list[str]) -> Optional[np.ndarray]:
     return np.array([values.get(n, np.nan) for n in names], dtype=np.float64)
 
 
-def read_init_loss(path: Path, names: list[str]) -> Optional[np.ndarray]:
+def read_init_loss(path: Path, names: list[str]) -> np.ndarray:
     if not path.is_file():
-        return None
+        raise ConfigError(
+            f"mixing.init_loss: '{path}' does not exist; run `velocitune init-loss` first, or drop the key to "
+            f"measure it at step 0"
+        )
     import json
 
     doc = json.loads(path.read_text())["domains"]
@@ -209,8 +212,9 @@ def make_model(cfg: Config, data: PreparedData) -> torch.nn.Module:
             tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
         )
     fp_data = data.manifest["tokenizer"].get("vocab_fingerprint")
-    if cfg.model.path and fp_data and (Path(cfg.model.path) / "tokenizer_config.json").is_file():
-        fp_model = vocab_fingerprint(load_tokenizer(cfg.model.path))
+    tok_dir = cfg.model.tokenizer or cfg.model.path  # the tokenizer final/ will ship with
+    if tok_dir and fp_data and (Path(tok_dir) / "tokenizer_config.json").is_file():
+        fp_model = vocab_fingerprint(load_tokenizer(tok_dir))
         check_vocab(model, data.vocab_size, fp_model, fp_data)
     check_vocab(model, data.vocab_size)
     return model
@@ -323,8 +327,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     model = make_model(cfg, data)
     tok_dir = cfg.model.tokenizer or cfg.model.path or data.manifest["tokenizer"].get("name_or_path")
     tokenizer = None
-    if tok_dir and Path(tok_dir).is_dir():
-        tokenizer = load_tokenizer(tok_dir)
+    if cfg.model.tokenizer or (tok_dir and Path(tok_dir).is_dir()):
+        tokenizer = load_tokenizer(tok_dir)  # a model.tokenizer that does not exist is an error, not skipped
     model.to(device)
     model.train()  # load_model returns eval mode
     # Once, before any step: the chunked loss must equal the model's own logits (catches unknown heads).
@@ -348,6 +352,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
     w_init = initial_weights(cfg, data)
     rule = make_rule(cfg, w_init, names, data)
     targets = read_targets(cfg, names)
+    given_init = read_init_loss(Path(cfg.mixing.init_loss), names) if cfg.mixing.init_loss else None
     if rule.needs_targets:
         missing = [n for n, t in zip(names, targets if targets is not None else [np.nan] * k) if not np.isfinite(t)]
         if missing:
@@ -431,10 +436,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         # ---- ℓ_init: from a file, cached in the run dir, or measured now on the val sets
         if init is None:
             measured = run_eval(0, "eval")
-            given = read_init_loss(Path(cfg.mixing.init_loss), names) if cfg.mixing.init_loss else None
-            init = given if given is not None else measured
+            init = given_init if given_init is not None else measured
             sig_last = init.copy()  # train signal: the estimate of a domain not sampled in a window
-            if main and given is None:
+            if main and given_init is None:
                 atomic_write_json(out / "init_loss.json", {
                     "model": cfg.model.path or "fresh", "domains": {
                         n: {"loss": float(l), "tokens": int(t)} for n, l, t in zip(names, init, val.tokens)}})
