@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from velocitune.errors import ConfigError, DataError
+from velocitune.metrics import atomic_write_bytes, atomic_write_text
 
 # ----------------------------------------------------------------------------------------------
 # Embedded corpus
@@ -160,7 +161,7 @@ def build_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool 
                 f"larger scale"
             )
         stats[name] = _write_jsonl(paths[name], docs[name])
-    _atomic_write_text(out / STAMP_NAME, json.dumps({**params, "domains": stats}, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / STAMP_NAME, json.dumps({**params, "domains": stats}, indent=2, sort_keys=True) + "\n")
     return paths
 
 
@@ -207,21 +208,8 @@ def _progress(enabled: bool, total: int, desc: str) -> tqdm:
 def _write_jsonl(path: Path, docs: list[str]) -> dict:
     """Write `{"text": doc}` lines atomically; return the file's size, document count and SHA-256."""
     data = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs).encode("utf-8")
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return {"file": path.name, "documents": len(docs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --- Choosing documents -------------------------------------------------------------------------
@@ -819,7 +807,7 @@ def train_tokenizer(
         clean_up_tokenization_spaces=False,  # would turn "a ." into "a." on decode
     )
     wrapped.save_pretrained(str(out))
-    _atomic_write_text(stamp_path, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(stamp_path, json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return out
 
 

@@ -39,13 +39,13 @@ import numpy as np
 from tqdm import tqdm
 
 from velocitune.errors import ConfigError, DataError
+from velocitune.metrics import atomic_write_json
 from velocitune.shards import (
     DONE_MARKER,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ShardWriter,
     choose_dtype,
-    fsync_dir,
     open_shard,
     read_header,
 )
@@ -869,17 +869,6 @@ def _write_domain(out: Path, name: str, scan: _Scan, lo: int, hi: int, settings:
 # orchestration
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _clear_domain_dir(directory: Path) -> None:
     """Remove what an earlier (maybe interrupted) prepare left for a domain; leave anything else alone."""
     if not directory.is_dir():
@@ -912,7 +901,7 @@ def _reusable_entry(out: Path, name: str, digest: str, part: dict | None) -> dic
 
 
 def _finish_domain(out: Path, entry: dict, part: dict | None) -> None:
-    _atomic_write_json(out / entry["name"] / DONE_MARKER,
+    atomic_write_json(out / entry["name"] / DONE_MARKER,
                        {"inputs_hash": entry["inputs_hash"], "part": part, "entry": entry})
 
 
@@ -995,7 +984,7 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 entries[name] = entry
     manifest = _build_manifest(tok.manifest(), dtype, settings.to_json(), part,
                                [entries[name] for name, *_ in plans])
-    _atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
@@ -1095,7 +1084,7 @@ def merge_prepared(parts: list[str | os.PathLike], out_dir: str | os.PathLike, p
             _finish_domain(out, entry, None)
         entries.append(entry)
     manifest = _build_manifest(first["tokenizer"], dtype, first["settings"], None, entries)
-    _atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -26,6 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 from velocitune.errors import DataError
+from velocitune.metrics import fsync_dir
 
 MAGIC = b"VTUNETOK"
 FORMAT_VERSION = 1
@@ -70,20 +71,6 @@ def _as_token_array(tokens: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if lo < 0 or hi > np.iinfo(dtype).max:
         raise ValueError(f"token ids {lo}..{hi} do not fit in {dtype}")
     return tokens.astype(dtype)
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename inside `directory` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
