@@ -82,11 +82,18 @@ class _ChunkedLinearNLL(torch.autograd.Function):
         for start in range(0, n, chunk_tokens):
             end = min(start + chunk_tokens, n)
             z = _apply_softcap(F.linear(hidden[start:end].to(dtype), w, b).float(), softcap)  # (C, V)
-            lse[start:end] = torch.logsumexp(z, dim=-1)
-            nll[start:end] = lse[start:end] - z.gather(1, safe_labels[start:end, None]).squeeze(1)
+            picked = z.gather(1, safe_labels[start:end, None]).squeeze(1)  # (C,) logit of each label
+            # Log-sum-exp in z's own buffer: torch.logsumexp allocates a second (C, V) temporary, which
+            # on CPU is a fresh mmap page-faulted in on every call (a fifth of an evaluation forward).
+            zmax = z.amax(dim=-1, keepdim=True)  # (C, 1)
+            zmax = torch.where(zmax.abs() == math.inf, torch.zeros_like(zmax), zmax)
+            e = z.sub_(zmax).exp_()  # (C, V) exp(z - max), in place of z
+            sumexp = e.sum(dim=-1)  # (C,)
+            lse[start:end] = sumexp.log().add_(zmax.squeeze(1))
+            nll[start:end] = lse[start:end] - picked
             if n <= chunk_tokens and softcap is None and grad_enabled:
-                probs = z.sub_(lse[:, None]).exp_()  # reuses z: one (N, V) buffer, as backward would allocate
-            del z
+                probs = e.div_(sumexp[:, None])  # the softmax, still in z's buffer: no recompute in backward
+            del z, e
         nll = torch.where(valid, nll, torch.zeros_like(nll))
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse, probs)
         ctx.chunk_tokens = chunk_tokens

@@ -469,6 +469,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                    dynamic_ncols=True)
         throughput = Throughput(flops_tok, peak, env.world_size)
         throughput.start()
+        # Timer totals as the loop starts: the overhead measured at the end covers this loop only.
+        loop_t0, timers_at_loop = time.perf_counter(), timers.seconds()
         last_loss = float("nan")
         net.train()
         step = start_step
@@ -578,6 +580,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                     save_state(ckpt_root, done, cfg, model, optimizer, sampler, rule, init, sig_last, skipped, tokens_done,
                                (sig_sum, sig_cnt, log_sum, log_cnt, loss_acc), timers, t_start, env)
         bar.close()
+        in_loop = {n: timers.total(n) - timers_at_loop.get(n, 0.0) for n in ("reweight", "eval", "checkpoint")}
+        steps_s = time.perf_counter() - loop_t0 - sum(in_loop.values())  # the training steps alone
+        measured_overhead = in_loop["reweight"] / steps_s if adaptive and steps_s > 0 else 0.0
 
         # ---- the end: final validation loss, summary, final/ model
         final = run_eval(steps, "eval")
@@ -586,7 +591,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         final_sd = dist.full_model_state(model, env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if main:
             for log in (metrics_log, eval_log, mix_log):
-                log.sync()
+                log.close()  # syncs; left open, a process running many trainings leaks three files per run
             atomic_write_json(out / "summary.json", {
                 "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
                 "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
@@ -598,6 +603,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 "wall_time_s": wall, "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
                 "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
                 "skipped_steps": skipped, "world_size": env.world_size, "estimated_overhead": overhead,
+                "measured_overhead": measured_overhead,
                 "complete": True,
             })
             if cfg.checkpoint.save_final:
@@ -606,6 +612,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             mean = float(np.mean(final))
             print(f"done: {steps} steps, {steps * tokens_per_step:,} tokens in {wall:.0f}s; "
                   f"mean val loss {mean:.4f}; {format_weights(names, final)} (val loss)")
+            if adaptive:
+                print(f"reweighting overhead: measured {100 * measured_overhead:.1f}% of the training steps' time "
+                      f"(estimated {100 * overhead:.1f}%; signal={cfg.mixing.signal})")
         dist.barrier(env)
         return RunResult(out, steps, dict(zip(names, final.tolist())), dict(zip(names, np.asarray(w_final).tolist())))
 
