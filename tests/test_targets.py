@@ -105,3 +105,22 @@ def test_cli_init_loss_and_targets(make_config, tmp_path, capsys):
                      "--out", str(tmp_path / "tg" / "targets.json")]) == 0
     assert "wrote" in capsys.readouterr().out
     assert cli_main(["targets", str(path), "--points", "2"]) == 2
+
+
+def test_identical_proxy_is_reused_and_a_changed_one_rerun(make_config, tmp_path, monkeypatch):
+    cfg = make_config("reuse", train={"steps": 40}, mixing={"target_values": None})
+    out = tmp_path / "r" / "targets.json"
+    estimate_targets(cfg, 0.5, 5, "chinchilla", out)
+    calls = []
+    import velocitune.train as train_mod
+
+    monkeypatch.setattr(train_mod, "train", lambda pc, resume=False: calls.append(pc))
+    cfg.train.threads = 2  # does not shape the run: the finished proxy is reused
+    estimate_targets(cfg, 0.5, 5, "cpt_law", tmp_path / "r" / "targets_cpt.json")
+    assert calls == []
+    cfg.train.lr = 5e-3  # shapes the run: the proxy must be run again
+    from velocitune.errors import DataError
+
+    with pytest.raises((FileNotFoundError, DataError)):  # the stubbed train writes nothing to read back
+        estimate_targets(cfg, 0.5, 5, "chinchilla", tmp_path / "r" / "targets_lr.json")
+    assert len(calls) == 1 and calls[0].train.lr == 5e-3

@@ -179,7 +179,14 @@ def _proxy_reusable(proxy_dir: Path, pc: Config) -> bool:
     summary, saved = proxy_dir / "summary.json", proxy_dir / "config.yaml"
     if not (summary.is_file() and saved.is_file()):
         return False
-    return yaml.safe_load(saved.read_text()) == to_dict(pc) and json.loads(summary.read_text()).get("complete", False)
+    from velocitune.errors import ConfigError
+    from velocitune.train import check_resume_config
+
+    try:  # the same keys that may change on resume (threads, logging, ...) do not change the proxy either
+        check_resume_config(yaml.safe_load(saved.read_text()), to_dict(pc))
+    except ConfigError:
+        return False
+    return bool(json.loads(summary.read_text()).get("complete", False))
 
 
 def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str, out: Path) -> dict:
