@@ -3,7 +3,6 @@ the mixing state is saved with Trainer checkpoints and restored on resume."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from velocitune.errors import VelocituneError
-from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, SOURCES, build_corpus, train_tokenizer  # noqa: F401
+from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus, train_tokenizer
 
 # Sizes chosen so that `make demo` ends within ~15 minutes on 2 CPU cores (measured: README "Demo").
 SEQ_LEN = 128
