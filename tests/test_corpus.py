@@ -544,3 +544,35 @@ def test_tokenizer_input_errors_name_the_file(tmp_path):
         corpus.train_tokenizer([bad], tmp_path / "tok", vocab_size=100)
     with pytest.raises(ConfigError):
         corpus.train_tokenizer([], tmp_path / "tok")
+
+
+# --- the second domain set (issue 9's study) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alt(tmp_path_factory):
+    return corpus.build_alt_corpus(tmp_path_factory.mktemp("alt"), scale=SCALE, progress=False)
+
+
+def test_alt_set_has_every_domain_from_its_own_sources(alt, tiny):
+    assert list(alt) == list(corpus.ALT_DOMAINS) and set(corpus.ALT_SOURCES) == set(corpus.ALT_DOMAINS)
+    texts = {n: [json.loads(line)["text"] for line in p.read_text().splitlines()] for n, p in alt.items()}
+    assert all(texts[n] for n in corpus.ALT_DOMAINS)
+    # replay is the demo's slice (disjoint from the base model's prose); the rest is new material.
+    assert alt["replay"].read_bytes() == tiny["replay"].read_bytes()
+    demo_docs = {json.loads(line)["text"] for d in corpus.CPT_DOMAINS for line in tiny[d].read_text().splitlines()}
+    assert not demo_docs & {t for n in ("cpp", "markdown", "records") for t in texts[n]}
+    assert all("#include" in t or "#pragma" in t or "namespace" in t for t in texts["cpp"][:20])
+    for doc in texts["records"]:  # every line of a records document is a JSON object
+        assert all(isinstance(json.loads(line), dict) for line in doc.splitlines())
+    assert all(len(t) >= corpus.MIN_MARKDOWN_CHARS for t in texts["markdown"])
+
+
+def test_alt_set_is_deterministic_and_cached(alt, tmp_path):
+    again = corpus.build_alt_corpus(tmp_path, scale=SCALE, progress=False)
+    assert all(again[n].read_bytes() == alt[n].read_bytes() for n in corpus.ALT_DOMAINS)
+    mtime = again["cpp"].stat().st_mtime_ns
+    corpus.build_alt_corpus(tmp_path, scale=SCALE, progress=False)
+    assert again["cpp"].stat().st_mtime_ns == mtime
+    with pytest.raises(ConfigError, match="scale"):
+        corpus.build_alt_corpus(tmp_path, scale=0, progress=False)

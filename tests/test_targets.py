@@ -10,7 +10,7 @@ import pytest
 from velocitune import laws
 from velocitune.cli import main as cli_main
 from velocitune.config import dump_yaml
-from velocitune.errors import FitError
+from velocitune.errors import FitError, VelocituneError
 from velocitune.metrics import read_jsonl
 from velocitune.targets import estimate_targets, fit_domain, proxy_config, proxy_eval_steps
 from velocitune.train import lr_schedule, train
@@ -35,6 +35,16 @@ def test_proxy_config_is_static_w0_on_a_subsample(make_config):
     main, proxy = lr_schedule(cfg, 200), lr_schedule(pc, 20)
     assert proxy.max() == pytest.approx(main.max()) and proxy[-1] == pytest.approx(main[-1])
     assert str(cfg_dir) == pc.run.out_dir
+
+
+def test_constant_proxy_schedule_keeps_the_peak_lr_without_anneal(make_config):
+    cfg = make_config(train={"steps": 200, "warmup_steps": 20})
+    pc = proxy_config(cfg, 0.1, 10, __import__("pathlib").Path("/tmp/x"), 200, schedule="constant")
+    lrs = lr_schedule(pc, 20)
+    assert pc.train.schedule == "constant" and pc.train.warmup_steps == 2
+    assert np.all(lrs[2:] == cfg.train.lr) and lrs[0] < cfg.train.lr
+    with pytest.raises(VelocituneError, match="proxy schedule must be one of"):
+        proxy_config(cfg, 0.1, 10, __import__("pathlib").Path("/tmp/x"), 200, schedule="cosine")
 
 
 def _law_points(E=1.8, B=60.0, beta=0.35, n=8):

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (default 10)")
     p.add_argument("--predictor", choices=["chinchilla", "cpt_law", "auto"], default=None,
                    help="chinchilla: L(D)=E+B/D^beta; cpt_law: LR-aware CPT law; auto: chinchilla, else cpt_law")
+    p.add_argument("--proxy-schedule", choices=["compressed", "constant"], default=None,
+                   help="compressed (default): the main LR schedule squeezed to the proxy's length, anneal "
+                        "included; constant: peak LR without anneal (the paper's proxy)")
     p.set_defaults(handler=_run_targets, takes_overrides=True)
     return parser
 

@@ -26,6 +26,14 @@ from velocitune.metrics import atomic_write_json, read_jsonl
 from velocitune.shards import PreparedData
 
 PREDICTORS = ("chinchilla", "cpt_law", "auto")
+# compressed: the main run's LR schedule squeezed to the proxy's length (warm-up, peak, anneal);
+# constant: warm-up then the peak LR throughout, no anneal (the paper's proxy, DESIGN §8).
+PROXY_SCHEDULES = ("compressed", "constant")
+# `velocitune targets` defaults (issue 9 §2 chose them: docs/study.md, benchmarks/target_study.py).
+DEFAULT_FRACTION = 0.1
+DEFAULT_POINTS = 10
+DEFAULT_PREDICTOR = "chinchilla"
+DEFAULT_SCHEDULE = "compressed"
 
 
 def init_loss_main(cfg: Config, out: Optional[str] = None) -> int:
@@ -66,9 +74,14 @@ def proxy_eval_steps(proxy_steps: int, n_points: int) -> list[int]:
     return [int(p) for p in pts if p >= 1]
 
 
-def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, main_steps: int) -> Config:
+def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, main_steps: int,
+                 schedule: str = "compressed") -> Config:
     """The main run's config turned into its proxy: static w0 on a stratified fraction of every domain."""
+    if schedule not in PROXY_SCHEDULES:
+        raise VelocituneError(f"proxy schedule must be one of {PROXY_SCHEDULES}, got '{schedule}'")
     pc = copy.deepcopy(cfg)
+    if schedule == "constant":
+        pc.train.schedule = "constant"
     proxy_steps = max(n_points, int(round(fraction * main_steps)))
     pc.data.subsample = fraction
     pc.train.steps = proxy_steps
@@ -157,15 +170,15 @@ def fit_domain(
 
 def targets_main(cfg: Config, args) -> int:
     """`velocitune targets`: proxy run, per-domain fits, targets.json and targets.png."""
-    fraction = args.fraction if args.fraction is not None else 0.1
-    n_points = args.points if args.points is not None else 10
-    predictor = args.predictor or "chinchilla"
+    fraction = args.fraction if args.fraction is not None else DEFAULT_FRACTION
+    n_points = args.points if args.points is not None else DEFAULT_POINTS
+    predictor = args.predictor or DEFAULT_PREDICTOR
     if not 0 < fraction <= 1:
         raise VelocituneError(f"--fraction must be in (0, 1], got {fraction}")
     if n_points < 4:
         raise VelocituneError(f"--points must be >= 4 to fit a law, got {n_points}")
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "targets.json"
-    result = estimate_targets(cfg, fraction, n_points, predictor, out)
+    result = estimate_targets(cfg, fraction, n_points, predictor, out, args.proxy_schedule or DEFAULT_SCHEDULE)
     print(f"wrote {out}")
     for n, d in result["domains"].items():
         flag = "  [guarded]" if d["guarded"] else ""
@@ -189,7 +202,8 @@ def _proxy_reusable(proxy_dir: Path, pc: Config) -> bool:
     return bool(json.loads(summary.read_text()).get("complete", False))
 
 
-def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str, out: Path) -> dict:
+def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str, out: Path,
+                     schedule: str = DEFAULT_SCHEDULE) -> dict:
     """Run the proxy, fit each domain, write targets.json (+ targets.png beside it); return the document."""
     from velocitune.train import lr_schedule, resolve_steps, train, warmup_steps
 
@@ -202,7 +216,7 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     budget = main_steps * tokens_per_step
     proxy_dir = out.parent / "proxy"
-    pc = proxy_config(cfg, fraction, n_points, proxy_dir, main_steps)
+    pc = proxy_config(cfg, fraction, n_points, proxy_dir, main_steps, schedule)
     t0 = time.perf_counter()
     if _proxy_reusable(proxy_dir, pc):  # same proxy already run (e.g. refitting with another predictor)
         proxy_wall = float(json.loads((proxy_dir / "summary.json").read_text())["wall_time_s"])
@@ -221,6 +235,7 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
     S1p, S2p = laws.lr_areas(lr_schedule(pc, proxy_steps), warmup_steps(pc, proxy_steps))
     S1m, S2m = laws.lr_areas(lr_schedule(cfg, main_steps), warmup_steps(cfg, main_steps))
     doc = {"version": 1, "predictor": predictor, "budget_tokens": float(budget), "proxy_fraction": fraction,
+           "proxy_schedule": schedule, "proxy_points": int(n_points),
            "proxy_tokens": float(proxy_steps * tokens_per_step), "proxy_steps": int(proxy_steps),
            "main_steps": int(main_steps), "proxy_wall_time_s": proxy_wall,
            "proxy_cost_share": proxy_steps / main_steps, "domains": {}}

@@ -1,0 +1,192 @@
+"""Update study and the bar of issue 9 (§3, §4): Velocitune variants against static and uniform.
+
+Two domain sets share the demo's tokenizer and base model (so `velocitune demo` must have run in --out):
+- `demo`: the demo's replay / code / math / sci;
+- `alt`:  replay / cpp / markdown / records, built from other sources (corpus.build_alt_corpus).
+For each set this prepares the data, measures ℓ_init and predicts targets with the default recipe
+(`velocitune targets` defaults), runs the named arms over seeds as parallel 1-thread processes
+(resumable: finished runs are kept), and writes report.md plus bar.json/bar.md:
+
+    python benchmarks/study.py --out demo_out --set demo --arms static uniform robust --seeds 3
+
+The bar (issue 9 §4), per arm against `static` and `uniform`, seed spread = the larger sample sd of
+the two arms compared:
+  mean      mean per-domain val loss no worse than static's and uniform's (Δ ≤ spread);
+  no_harm   no domain worse than static by more than twice that domain's spread;
+  lagging   worst per-domain improvement over the base model (min_i ℓ_init − ℓ_T) larger than
+            static's by more than the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from velocitune import demo
+from velocitune.config import from_dict
+from velocitune.corpus import ALT_DOMAINS, build_alt_corpus
+from velocitune.sweep import Arm, run_arms
+
+# Arms of the study: overrides on top of the set's config. The velocity arms name every knob they
+# change, so that a later change of a preset's defaults does not silently change an old arm.
+ARMS: dict[str, list[str]] = {
+    "static": ["--mixing.rule=static"],
+    "uniform": ["--mixing.rule=uniform"],
+    "faithful": ["--mixing.rule=velocitune", "--mixing.preset=faithful"],
+    "faithful-train": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.signal=train"],
+    "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust"],
+    "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train"],
+    # one knob at a time from `faithful` (update study, §3)
+    "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
+    "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],
+    "eta0.3": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.eta=0.3"],
+    "relfloor0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.relative_floor=0.5"],
+    "ema0.7": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.ema=0.7"],
+    "m40": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.interval=40"],
+    "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05"],
+}
+
+
+def set_dir(out: Path, name: str) -> Path:
+    return out / "study" / name
+
+
+def prepare_set(out: Path, name: str, parallel: int) -> Path:
+    """Data, ℓ_init and targets of one domain set; return its cpt.yaml (cached stage by stage)."""
+    from velocitune.prepare import prepare_corpus
+    from velocitune.targets import (DEFAULT_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR, DEFAULT_SCHEDULE,
+                                     estimate_targets)
+
+    root = set_dir(out, name)
+    root.mkdir(parents=True, exist_ok=True)
+    if name == "demo":
+        data = out / "data"
+    else:
+        corpus = build_alt_corpus(root / "corpus")
+        data = root / "data"
+        if not (data / "manifest.json").is_file():
+            prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in ALT_DOMAINS}, val_fraction=0.05,
+                           val_tokens=demo.EVAL_TOKENS * 2, workers=parallel)
+    config = demo.cpt_config(out)
+    config["data"]["path"] = str(data)
+    config["mixing"]["targets"] = str(root / "targets" / "targets.json")
+    config["mixing"]["init_loss"] = str(root / "targets" / "init_loss.json")
+    path = root / "cpt.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if not (root / "targets" / "targets.json").is_file():
+        proxy = from_dict({**config, "mixing": {"interval": demo.INTERVAL},
+                           "train": {**config["train"], "threads": parallel}})
+        estimate_targets(proxy, DEFAULT_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR, root / "targets" / "targets.json",
+                         DEFAULT_SCHEDULE)
+    return path
+
+
+def _finals(run_dirs: list[Path]) -> tuple[list[str], np.ndarray]:
+    docs = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in run_dirs]
+    names = list(docs[0])
+    return names, np.array([[doc[n] for n in names] for doc in docs])  # (seeds, k)
+
+
+def bar(root: Path, arms: list[str], seeds: int) -> dict:
+    """The §4 criteria for every arm, from the runs' final losses and ℓ_init."""
+    init_doc = json.loads((root / "targets" / "init_loss.json").read_text())["domains"]
+    loss = {}
+    for a in arms:
+        names, loss[a] = _finals([root / "runs" / a / f"seed{s}" for s in range(seeds)])
+    init = np.array([init_doc[n]["loss"] for n in names])
+
+    def sd(x: np.ndarray) -> np.ndarray:
+        return x.std(0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
+
+    summary: dict = {"domains": names, "seeds": seeds, "arms": {}}
+    for a in arms:
+        L = loss[a]  # (seeds, k)
+        mean_loss = L.mean(1)  # (seeds,)
+        worst_imp = (init[None] - L).min(1)  # (seeds,)
+        summary["arms"][a] = {"mean_loss": float(mean_loss.mean()), "mean_loss_sd": float(sd(mean_loss)),
+                              "domain_loss": dict(zip(names, L.mean(0).tolist())),
+                              "domain_sd": dict(zip(names, sd(L).tolist())),
+                              "worst_improvement": float(worst_imp.mean()), "worst_improvement_sd": float(sd(worst_imp)),
+                              "worst_domain": names[int(np.argmin((init[None] - L).mean(0)))]}
+    if "static" in loss:
+        S = summary["arms"]["static"]
+        for a in arms:
+            r = summary["arms"][a]
+            checks = {}
+            for ref in ("static", "uniform"):
+                if ref in loss:
+                    R = summary["arms"][ref]
+                    spread = max(r["mean_loss_sd"], R["mean_loss_sd"])
+                    checks[f"mean_vs_{ref}"] = {"delta": r["mean_loss"] - R["mean_loss"], "spread": spread,
+                                                "pass": r["mean_loss"] - R["mean_loss"] <= spread}
+            spread_d = np.maximum(sd(loss[a]), sd(loss["static"]))
+            delta_d = loss[a].mean(0) - loss["static"].mean(0)
+            checks["no_harm"] = {"delta": dict(zip(names, delta_d.tolist())), "spread": dict(zip(names, spread_d.tolist())),
+                                 "pass": bool(np.all(delta_d <= 2 * spread_d))}
+            spread = max(r["worst_improvement_sd"], S["worst_improvement_sd"])
+            d = r["worst_improvement"] - S["worst_improvement"]
+            checks["lagging"] = {"delta": d, "spread": spread, "pass": d > spread}
+            r["checks"] = checks
+            r["bar"] = all(c["pass"] for c in checks.values()) if a not in ("static", "uniform") else None
+    return summary
+
+
+def bar_markdown(summary: dict) -> str:
+    lines = ["| arm | mean val loss | Δ vs static | Δ vs uniform | worst improvement (domain) | Δ worst vs static | "
+             "no domain > 2 sd worse | bar |", "|:--|--:|--:|--:|--:|--:|:-:|:-:|"]
+    for a, r in summary["arms"].items():
+        c = r.get("checks", {})
+
+        def cell(key: str) -> str:
+            if key not in c:
+                return "—"
+            return f"{c[key]['delta']:+.4f} (±{c[key]['spread']:.4f}) {'✓' if c[key]['pass'] else '✗'}"
+
+        lines.append(f"| {a} | {r['mean_loss']:.4f} ± {r['mean_loss_sd']:.4f} | {cell('mean_vs_static')} | "
+                     f"{cell('mean_vs_uniform')} | {r['worst_improvement']:+.4f} ± {r['worst_improvement_sd']:.4f} "
+                     f"({r['worst_domain']}) | {cell('lagging')} | "
+                     f"{'✓' if c.get('no_harm', {}).get('pass') else ('—' if not c else '✗')} | "
+                     f"{'—' if r.get('bar') is None else ('**pass**' if r['bar'] else 'fail')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="demo_out", help="a `velocitune demo` output directory")
+    ap.add_argument("--set", choices=["demo", "alt"], default="demo")
+    ap.add_argument("--arms", nargs="+", default=["static", "uniform", "robust", "robust-train"],
+                    help=f"from: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    if not (out / "base" / "final").is_dir() or not (out / "tokenizer").is_dir():
+        raise SystemExit(f"{out} holds no demo base model; run `velocitune demo --out {out}` first")
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    config = prepare_set(out, args.set, args.parallel)
+    root = set_dir(out, args.set)
+    plan = [Arm(f"{a}/seed{s}", ARMS[a] + [f"--train.seed={s}", f"--run.arm={a}"])
+            for s in range(args.seeds) for a in args.arms]
+    dirs = run_arms(config, plan, root / "runs", parallel=args.parallel, threads=1)
+    from velocitune.report import make_report
+
+    make_report(dirs, root, title=f"velocitune study, {args.set} domain set")
+    summary = bar(root, args.arms, args.seeds)
+    (root / "bar.json").write_text(json.dumps(summary, indent=2))
+    md = bar_markdown(summary)
+    (root / "bar.md").write_text(md)
+    print(md)
+    print(f"wrote {root / 'report.md'}, {root / 'bar.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The study's bar (benchmarks/study.py, issue 9 §4) on hand-made run directories with known numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from velocitune.config import from_dict
+
+_spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+INIT = {"a": 3.0, "b": 4.0}
+
+
+def _write(root: Path, arm: str, finals: list[dict]) -> None:
+    for s, f in enumerate(finals):
+        d = root / "runs" / arm / f"seed{s}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"final_val_loss": f, "complete": True}))
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "init_loss.json").write_text(json.dumps({"domains": {k: {"loss": v} for k, v in INIT.items()}}))
+    _write(tmp_path, "static", [{"a": 2.0, "b": 3.9}, {"a": 2.1, "b": 3.92}, {"a": 2.2, "b": 3.94}])
+    _write(tmp_path, "uniform", [{"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}])
+    # helps the lagging domain b a lot, costs a little on a: passes every criterion
+    _write(tmp_path, "good", [{"a": 2.15, "b": 3.6}, {"a": 2.25, "b": 3.62}, {"a": 2.35, "b": 3.64}])
+    # better mean than static, but a is far worse than static
+    _write(tmp_path, "harmful", [{"a": 2.6, "b": 3.0}, {"a": 2.6, "b": 3.0}, {"a": 2.6, "b": 3.0}])
+    return tmp_path
+
+
+def test_bar_numbers_match_a_direct_computation(root):
+    s = study.bar(root, ["static", "uniform", "good", "harmful"], 3)
+    st = s["arms"]["static"]
+    means = [np.mean([2.0, 3.9]), np.mean([2.1, 3.92]), np.mean([2.2, 3.94])]
+    assert st["mean_loss"] == pytest.approx(np.mean(means)) and st["mean_loss_sd"] == pytest.approx(np.std(means, ddof=1))
+    # worst improvement of static: domain b, 4.0 - 3.9/3.92/3.94
+    assert st["worst_improvement"] == pytest.approx(0.08) and st["worst_domain"] == "b"
+    g = s["arms"]["good"]["checks"]
+    assert g["lagging"]["delta"] == pytest.approx((4.0 - 3.62) - 0.08)
+    assert g["no_harm"]["delta"]["a"] == pytest.approx(0.15)
+    assert s["arms"]["good"]["bar"] is True
+    h = s["arms"]["harmful"]
+    assert h["checks"]["mean_vs_static"]["pass"] and h["checks"]["lagging"]["pass"]
+    assert not h["checks"]["no_harm"]["pass"] and h["bar"] is False
+    assert s["arms"]["static"]["bar"] is None  # the references are not judged
+
+
+def test_bar_markdown_has_a_row_per_arm(root):
+    md = study.bar_markdown(study.bar(root, ["static", "uniform", "good", "harmful"], 3))
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    assert [r.split("|")[1].strip() for r in rows] == ["static", "uniform", "good", "harmful"]
+    assert "**pass**" in rows[2] and "fail" in rows[3]
+
+
+def test_every_study_arm_is_a_valid_config(make_config):
+    base = make_config()
+    for name, overrides in study.ARMS.items():
+        d = {}
+        for o in overrides:
+            key, value = o[2:].split("=", 1)
+            d.setdefault(key.split(".")[0], {})[key.split(".")[1]] = value
+        cfg = from_dict({"data": {"path": base.data.path}, "mixing": {k: (float(v) if v[0].isdigit() else v)
+                                                                    for k, v in d["mixing"].items()}})
+        assert cfg.mixing.rule == d["mixing"]["rule"], name
