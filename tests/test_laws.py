@@ -11,6 +11,7 @@ import pytest
 from scipy.optimize import curve_fit, minimize
 
 import velocitune
+from velocitune import laws
 from velocitune.errors import FitError
 from velocitune.laws import (
     DataLawFit,
@@ -606,3 +607,23 @@ def test_loglinear_extrapolate():
     assert loglinear_extrapolate(D, rising, 1e10) == pytest.approx(2.0 + 0.01 * math.log(1e10))
     with pytest.raises(FitError, match="at least 2"):
         loglinear_extrapolate(D[:1], L[:1], 1e10)
+
+
+def test_check_cpt_law_flags_wild_extrapolations_and_passes_sane_ones():
+    # A clean anchored curve fitted on a proxy that fell 1 nat: its own extrapolation is trusted.
+    S1 = np.linspace(0.002, 0.02, 10)
+    S2 = np.zeros(10)
+    true = laws._cpt_law(S1, S2, 5.0, -1.0, 100.0, 0.8, 0.0)
+    fit = laws.fit_cpt_law(S1, S2, true, 5.0)
+    target = float(fit.predict(np.array([0.1]), np.array([0.0]))[0])
+    assert laws.check_cpt_law(fit, true, target) == []
+    moved, last = 5.0 - float(true.min()), float(true[-1])
+    # A target asking for > 3x the proxy's own movement, one that is not positive, and a big rise.
+    w = laws.check_cpt_law(fit, true, last - 3.5 * moved)
+    assert len(w) == 1 and "implausible extrapolation" in w[0] and "below" in w[0]
+    assert any("not positive" in m for m in laws.check_cpt_law(fit, true, -0.1))
+    assert any("above the last proxy loss" in m for m in laws.check_cpt_law(fit, true, last + 3.5 * moved))
+    assert laws.check_cpt_law(fit, true, last - 2.9 * moved) == []
+    # A domain whose loss rose in the proxy (forgetting) may be predicted to recover partly.
+    rising = 5.0 + 0.18 * np.sqrt(np.linspace(0.1, 1, 10))
+    assert laws.check_cpt_law(fit, rising, float(rising[-1]) - 0.1) == []

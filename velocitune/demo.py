@@ -21,6 +21,7 @@ import yaml
 
 from velocitune.errors import VelocituneError
 from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus, train_tokenizer
+from velocitune.targets import DEFAULT_FRACTION
 
 # Sizes chosen so that `make demo` ends within ~15 minutes on 2 CPU cores (measured: README "Demo").
 SEQ_LEN = 128
@@ -31,7 +32,7 @@ CPT_STEPS = 400
 CPT_LR = 1e-3
 INTERVAL = 20  # m: 19 updates over the run
 EVAL_TOKENS = 8192  # per domain per evaluation (64 windows of 128)
-PROXY_FRACTION = 0.1
+PROXY_FRACTION = DEFAULT_FRACTION  # the study's choice (docs/study.md)
 
 
 def _stage(n: int, title: str, why: str) -> None:
@@ -108,7 +109,7 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     from velocitune.prepare import prepare_corpus
     from velocitune.report import make_report
     from velocitune.sweep import Arm, run_arms
-    from velocitune.targets import estimate_targets
+    from velocitune.targets import DEFAULT_POINTS, DEFAULT_PREDICTOR, DEFAULT_SCHEDULE, estimate_targets
     from velocitune.train import train
 
     t0 = time.perf_counter()
@@ -162,8 +163,8 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     config = cpt_config(out, steps)
     config_path = _write_yaml(out / "cpt.yaml", config)
     if not (out / "targets" / "targets.json").is_file():
-        estimate_targets(targets_config(out, steps, parallel), PROXY_FRACTION, 10, "chinchilla",
-                         out / "targets" / "targets.json")
+        estimate_targets(targets_config(out, steps, parallel), PROXY_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR,
+                         out / "targets" / "targets.json", DEFAULT_SCHEDULE)
     doc = json.loads((out / "targets" / "targets.json").read_text())
     for name, d in doc["domains"].items():
         print(f"      {name:>8s}: ℓ_init {d['init']:.3f} → target {d['target']:.3f} ({d['predictor']})"

@@ -901,6 +901,38 @@ class CptLawFit:
         }
 
 
+# A CPT-law target may fall below the last proxy loss by at most this multiple of the drop the proxy
+# itself saw (ℓ_init − last). Measured on the demo: accurate fits need ≤ 0.6×; the wild extrapolations
+# of a too-short proxy (5 % of the run, benchmarks/target_study.py) asked for 4–7×.
+_CPT_MAX_EXTRA_DROP = 3.0
+
+
+def check_cpt_law(fit: "CptLawFit", losses, target: float) -> list[str]:
+    """Warnings (empty when the fit may be trusted) for a target of the anchored CPT law.
+
+    `losses` are the proxy's loss points, in order. 1. `R² > 0.9`; 2. the target is positive;
+    3. the extrapolation stays plausible: the target lies within 3× the proxy's own movement
+    (the range of ℓ_init and its points) of the last proxy loss, in either direction.
+    """
+    losses = _vector("check_cpt_law", "losses", np.asarray(losses, dtype=np.float64).ravel(), sign="> 0")
+    last = float(losses[-1])
+    warnings: list[str] = []
+    if not fit.r2 > _R2_MIN:
+        warnings.append(f"R² = {fit.r2:.4f} is not above {_R2_MIN}: the law does not fit")
+    if not target > 0:
+        warnings.append(f"target {target:.4f} is not positive")
+    moved = float(max(losses.max(), fit.loss_init) - min(losses.min(), fit.loss_init))
+    extra = last - target  # > 0: the target asks for more than the proxy reached
+    if abs(extra) > _CPT_MAX_EXTRA_DROP * moved:
+        where = "below" if extra > 0 else "above"
+        warnings.append(
+            f"implausible extrapolation: the target {target:.4f} is {abs(extra):.3f} nats {where} the last proxy "
+            f"loss, more than {_CPT_MAX_EXTRA_DROP:g}x the {moved:.3f} nats the proxy itself moved; use a longer "
+            f"proxy (--fraction) or another predictor"
+        )
+    return warnings
+
+
 def fit_cpt_law(
     S1,
     S2,

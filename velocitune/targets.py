@@ -30,9 +30,9 @@ PREDICTORS = ("chinchilla", "cpt_law", "auto")
 # constant: warm-up then the peak LR throughout, no anneal (the paper's proxy, DESIGN §8).
 PROXY_SCHEDULES = ("compressed", "constant")
 # `velocitune targets` defaults (issue 9 §2 chose them: docs/study.md, benchmarks/target_study.py).
-DEFAULT_FRACTION = 0.1
-DEFAULT_POINTS = 10
-DEFAULT_PREDICTOR = "chinchilla"
+DEFAULT_FRACTION = 0.2
+DEFAULT_POINTS = 20
+DEFAULT_PREDICTOR = "cpt_law"
 DEFAULT_SCHEDULE = "compressed"
 
 
@@ -82,7 +82,8 @@ def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, mai
     pc = copy.deepcopy(cfg)
     if schedule == "constant":
         pc.train.schedule = "constant"
-    proxy_steps = max(n_points, int(round(fraction * main_steps)))
+    # At least one step per point, but never longer than the main run (tiny test runs).
+    proxy_steps = min(main_steps, max(n_points, int(round(fraction * main_steps))))
     pc.data.subsample = fraction
     pc.train.steps = proxy_steps
     pc.train.tokens = None
@@ -142,16 +143,18 @@ def fit_domain(
         lo, hi = fit.interval(np.array([main_areas[0]]), np.array([main_areas[1]]))
         return {"predictor": "cpt_law", "target": target, "params": fit.params, "r2": fit.r2,
                 "interval": [float(np.ravel(lo)[0]), float(np.ravel(hi)[0])], "holdout_error": fit.holdout_error,
-                "checks": []}
+                "checks": laws.check_cpt_law(fit, losses, target)}
 
     if predictor == "cpt_law":
         result = cpt_law()
+        entry["warnings"] += [f"cpt_law: {c}" for c in result["checks"]]
     else:
         result = chinchilla()
         if predictor == "auto" and result["checks"]:
             entry["warnings"] += [f"chinchilla: {c}" for c in result["checks"]]
             try:
                 result = cpt_law()
+                entry["warnings"] += [f"cpt_law: {c}" for c in result["checks"]]
             except FitError as e:
                 entry["warnings"].append(f"cpt_law failed ({e}); log-linear extrapolation of the last half")
                 result = {"predictor": "loglinear", "target": float(laws.loglinear_extrapolate(tokens, losses, budget_tokens)),
