@@ -5,7 +5,7 @@ Two domain sets share the demo's tokenizer and base model (so `velocitune demo` 
 - `alt`:  replay / cpp / markdown / records, built from other sources (corpus.build_alt_corpus).
 For each set this prepares the data, measures ℓ_init and predicts targets with the default recipe
 (`velocitune targets` defaults), runs the named arms over seeds as parallel 1-thread processes
-(resumable: finished runs are kept), and writes report.md plus bar.json/bar.md:
+(resumable: finished runs are kept), and writes TAG/report.md plus TAG.json/TAG.md (the bar):
 
     python benchmarks/study.py --out demo_out --set demo --arms static uniform robust --seeds 3
 
@@ -50,6 +50,12 @@ ARMS: dict[str, list[str]] = {
     "ema0.7": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.ema=0.7"],
     "m40": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.interval=40"],
     "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05"],
+    "c0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5"],
+    # combinations (second round)
+    "c0.2-rf0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2",
+                   "--mixing.relative_floor=0.5"],
+    "c0.5-rf0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5",
+                   "--mixing.relative_floor=0.5"],
 }
 
 
@@ -87,18 +93,20 @@ def prepare_set(out: Path, name: str, parallel: int) -> Path:
     return path
 
 
-def _finals(run_dirs: list[Path]) -> tuple[list[str], np.ndarray]:
-    docs = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in run_dirs]
-    names = list(docs[0])
-    return names, np.array([[doc[n] for n in names] for doc in docs])  # (seeds, k)
+def _finals(run_dirs: list[Path]) -> tuple[list[str], np.ndarray, float | None]:
+    """Domain names, final val losses (seeds, k), and the mean measured reweighting overhead (None: none)."""
+    docs = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    names = list(docs[0]["final_val_loss"])
+    cost = [d["measured_overhead"] for d in docs if d.get("measured_overhead") is not None]
+    return names, np.array([[d["final_val_loss"][n] for n in names] for d in docs]), (float(np.mean(cost)) if cost else None)
 
 
 def bar(root: Path, arms: list[str], seeds: int) -> dict:
     """The §4 criteria for every arm, from the runs' final losses and ℓ_init."""
     init_doc = json.loads((root / "targets" / "init_loss.json").read_text())["domains"]
-    loss = {}
+    loss, cost = {}, {}
     for a in arms:
-        names, loss[a] = _finals([root / "runs" / a / f"seed{s}" for s in range(seeds)])
+        names, loss[a], cost[a] = _finals([root / "runs" / a / f"seed{s}" for s in range(seeds)])
     init = np.array([init_doc[n]["loss"] for n in names])
 
     def sd(x: np.ndarray) -> np.ndarray:
@@ -113,7 +121,8 @@ def bar(root: Path, arms: list[str], seeds: int) -> dict:
                               "domain_loss": dict(zip(names, L.mean(0).tolist())),
                               "domain_sd": dict(zip(names, sd(L).tolist())),
                               "worst_improvement": float(worst_imp.mean()), "worst_improvement_sd": float(sd(worst_imp)),
-                              "worst_domain": names[int(np.argmin((init[None] - L).mean(0)))]}
+                              "worst_domain": names[int(np.argmin((init[None] - L).mean(0)))],
+                              "reweighting_overhead": cost[a]}
     if "static" in loss:
         S = summary["arms"]["static"]
         for a in arms:
@@ -139,7 +148,7 @@ def bar(root: Path, arms: list[str], seeds: int) -> dict:
 
 def bar_markdown(summary: dict) -> str:
     lines = ["| arm | mean val loss | Δ vs static | Δ vs uniform | worst improvement (domain) | Δ worst vs static | "
-             "no domain > 2 sd worse | bar |", "|:--|--:|--:|--:|--:|--:|:-:|:-:|"]
+             "no domain > 2 sd worse | bar | reweighting cost |", "|:--|--:|--:|--:|--:|--:|:-:|:-:|--:|"]
     for a, r in summary["arms"].items():
         c = r.get("checks", {})
 
@@ -148,11 +157,12 @@ def bar_markdown(summary: dict) -> str:
                 return "—"
             return f"{c[key]['delta']:+.4f} (±{c[key]['spread']:.4f}) {'✓' if c[key]['pass'] else '✗'}"
 
+        cost = "—" if r["reweighting_overhead"] is None else f"{100 * r['reweighting_overhead']:.0f} %"
         lines.append(f"| {a} | {r['mean_loss']:.4f} ± {r['mean_loss_sd']:.4f} | {cell('mean_vs_static')} | "
                      f"{cell('mean_vs_uniform')} | {r['worst_improvement']:+.4f} ± {r['worst_improvement_sd']:.4f} "
                      f"({r['worst_domain']}) | {cell('lagging')} | "
                      f"{'✓' if c.get('no_harm', {}).get('pass') else ('—' if not c else '✗')} | "
-                     f"{'—' if r.get('bar') is None else ('**pass**' if r['bar'] else 'fail')} |")
+                     f"{'—' if r.get('bar') is None else ('**pass**' if r['bar'] else 'fail')} | {cost} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +174,7 @@ def main() -> int:
                     help=f"from: {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--tag", default="bar", help="name of this comparison's outputs: TAG.json, TAG.md, TAG/report.md")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     if not (out / "base" / "final").is_dir() or not (out / "tokenizer").is_dir():
@@ -178,13 +189,13 @@ def main() -> int:
     dirs = run_arms(config, plan, root / "runs", parallel=args.parallel, threads=1)
     from velocitune.report import make_report
 
-    make_report(dirs, root, title=f"velocitune study, {args.set} domain set")
+    make_report(dirs, root / args.tag, title=f"velocitune study, {args.set} domain set: {', '.join(args.arms)}")
     summary = bar(root, args.arms, args.seeds)
-    (root / "bar.json").write_text(json.dumps(summary, indent=2))
+    (root / f"{args.tag}.json").write_text(json.dumps(summary, indent=2))
     md = bar_markdown(summary)
-    (root / "bar.md").write_text(md)
+    (root / f"{args.tag}.md").write_text(md)
     print(md)
-    print(f"wrote {root / 'report.md'}, {root / 'bar.md'}")
+    print(f"wrote {root / args.tag / 'report.md'}, {root / (args.tag + '.md')}")
     return 0
 
 

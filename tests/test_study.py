@@ -18,11 +18,12 @@ _spec.loader.exec_module(study)
 INIT = {"a": 3.0, "b": 4.0}
 
 
-def _write(root: Path, arm: str, finals: list[dict]) -> None:
+def _write(root: Path, arm: str, finals: list[dict], overhead: float | None = None) -> None:
     for s, f in enumerate(finals):
         d = root / "runs" / arm / f"seed{s}"
         d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"final_val_loss": f, "complete": True}))
+        (d / "summary.json").write_text(json.dumps({"final_val_loss": f, "complete": True,
+                                                    "measured_overhead": overhead}))
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def root(tmp_path):
     _write(tmp_path, "static", [{"a": 2.0, "b": 3.9}, {"a": 2.1, "b": 3.92}, {"a": 2.2, "b": 3.94}])
     _write(tmp_path, "uniform", [{"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}])
     # helps the lagging domain b a lot, costs a little on a: passes every criterion
-    _write(tmp_path, "good", [{"a": 2.15, "b": 3.6}, {"a": 2.25, "b": 3.62}, {"a": 2.35, "b": 3.64}])
+    _write(tmp_path, "good", [{"a": 2.15, "b": 3.6}, {"a": 2.25, "b": 3.62}, {"a": 2.35, "b": 3.64}], overhead=0.2)
     # better mean than static, but a is far worse than static
     _write(tmp_path, "harmful", [{"a": 2.6, "b": 3.0}, {"a": 2.6, "b": 3.0}, {"a": 2.6, "b": 3.0}])
     return tmp_path
@@ -60,6 +61,7 @@ def test_bar_markdown_has_a_row_per_arm(root):
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
     assert [r.split("|")[1].strip() for r in rows] == ["static", "uniform", "good", "harmful"]
     assert "**pass**" in rows[2] and "fail" in rows[3]
+    assert rows[2].rstrip(" |").endswith("20 %") and rows[0].rstrip(" |").endswith("—")
 
 
 def test_every_study_arm_is_a_valid_config(make_config):
