@@ -898,7 +898,7 @@ def _reference_update(w: np.ndarray, v: np.ndarray, eta: float, c: float) -> np.
     return w / w.sum()
 
 
-@pytest.mark.parametrize("preset,c", [("faithful", 0.0), ("robust", 1e-4)])
+@pytest.mark.parametrize("preset,c", [("faithful", 0.0), ("robust", mixing.PRESETS["robust"]["smoothing"])])
 def test_starved_domain_recovers_as_the_rule_says(preset, c):
     """Phase 1: domain 0 at its target (V=0), the others far behind (V=1): it is starved. Phase 2: it falls
     behind alone (V=1): its weight climbs back by e^η per update relative to the others, exactly as the
@@ -916,6 +916,8 @@ def test_starved_domain_recovers_as_the_rule_says(preset, c):
         _check_simplex(upd.weights)
     starved = upd.weights[0]
     assert starved < (1e-12 if c == 0 else 2 * c / 4)
+    # Smoothing caps any weight below 1: the fixed point of w -> (1-c)·e·w/(e·w + 1 - w) + c/4 (0.77 at c = 0.2).
+    top = 0.9 if c == 0 else 0.7
     steps_back = 0
     for step in range(41, 200):
         losses = np.array([behind, at_target, at_target, at_target])
@@ -926,9 +928,9 @@ def test_starved_domain_recovers_as_the_rule_says(preset, c):
         if c == 0:  # the ratio to any other domain grows by exactly e^η per update
             np.testing.assert_allclose(upd.weights[0] / upd.weights[1], before[0] / before[1] * math.e, rtol=1e-9)
         steps_back += 1
-        if upd.weights[0] > 0.9:
+        if upd.weights[0] > top:
             break
-    assert upd.weights[0] > 0.9
+    assert upd.weights[0] > top
     # The number of updates to recover follows from the ratio alone: from r0 to r > 0.9/(0.1/3).
     r0 = starved / ((1 - starved) / 3)
     if c == 0:

@@ -221,12 +221,14 @@ def test_velocitune_no_target_uses_zero_targets():
 
 
 def test_presets_and_overrides():
-    assert PRESETS["robust"]["smoothing"] == 1e-4 and PRESETS["faithful"]["smoothing"] == 0.0
+    assert PRESETS["robust"] == {"smoothing": 0.2, "floor": 0.02} and PRESETS["faithful"]["smoothing"] == 0.0
     v = velocity(LOSS, INIT, TARGET)
     robust = _rule("velocitune", preset="robust").update(1, LOSS, INIT, TARGET).weights
-    np.testing.assert_allclose(robust, update_weights(W, v, smoothing=1e-4), atol=1e-15)
-    override = _rule("velocitune", preset="robust", smoothing=0.2, eta=None).update(1, LOSS, INIT, TARGET)
-    np.testing.assert_allclose(override.weights, update_weights(W, v, smoothing=0.2), atol=1e-15)
+    # (1 − c)·normalize(w·e^V) + c/k written out for the worked vector's inputs
+    tilted = np.array(W) * np.exp(v)
+    np.testing.assert_allclose(robust, 0.8 * tilted / tilted.sum() + 0.2 / 3, atol=1e-15)
+    override = _rule("velocitune", preset="robust", smoothing=1e-4, eta=None).update(1, LOSS, INIT, TARGET)
+    np.testing.assert_allclose(override.weights, update_weights(W, v, smoothing=1e-4), atol=1e-15)
     with pytest.raises(ConfigError, match="preset"):
         _rule("velocitune", preset="fast")
 
