@@ -911,7 +911,7 @@ def check_cpt_law(fit: "CptLawFit", losses, target: float) -> list[str]:
     """Warnings (empty when the fit may be trusted) for a target of the anchored CPT law.
 
     `losses` are the proxy's loss points, in order. 1. `R² > 0.9`; 2. the target is positive;
-    3. not near-flat: β ≥ 0.05 unless the gain |B| stays below ℓ_init (DESIGN §8's flat fits); 4. the extrapolation stays plausible: the target lies within 3× the proxy's own movement
+    3. the extrapolation stays plausible: the target lies within 3× the proxy's own movement
     (the range of ℓ_init and its points) of the last proxy loss, in either direction.
     """
     losses = _vector("check_cpt_law", "losses", np.asarray(losses, dtype=np.float64).ravel(), sign="> 0")
@@ -921,12 +921,6 @@ def check_cpt_law(fit: "CptLawFit", losses, target: float) -> list[str]:
         warnings.append(f"R² = {fit.r2:.4f} is not above {_R2_MIN}: the law does not fit")
     if not target > 0:
         warnings.append(f"target {target:.4f} is not positive")
-    if fit.beta < _BETA_LOW and abs(fit.B) > fit.loss_init:
-        # B·(1 − (1 + E·S1)^−β) ≈ B·β·log(1 + E·S1): a straight line in log S1 whose size B is not identified.
-        warnings.append(
-            f"near-flat fit: beta = {fit.beta:.4f} < {_BETA_LOW} with |B| = {abs(fit.B):.3g} > the initial loss "
-            f"{fit.loss_init:.4g} (a log-linear extrapolation; the gain is not identified)"
-        )
     moved = float(max(losses.max(), fit.loss_init) - min(losses.min(), fit.loss_init))
     extra = last - target  # > 0: the target asks for more than the proxy reached
     if abs(extra) > _CPT_MAX_EXTRA_DROP * moved:
