@@ -4,6 +4,7 @@ exact resume after a weight update, gradient accumulation, NaN handling and bad 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ def test_run_directory_contract_and_rule_applied(make_config):
         v = mixing.velocity([rec["losses"][n] for n in NAMES], [rec["init"][n] for n in NAMES],
                             [rec["targets"][n] for n in NAMES], floor=0.02)
         np.testing.assert_allclose([rec["velocity"][n] for n in NAMES], v, atol=1e-12)
-        w = mixing.update_weights(w, v, eta=1.0, smoothing=1e-4)
+        w = mixing.update_weights(w, v, eta=1.0, smoothing=mixing.PRESETS["robust"]["smoothing"])  # the default preset
         np.testing.assert_allclose([rec["weights"][n] for n in NAMES], w, atol=1e-9)
         assert sum(rec["sampling_weights"].values()) == pytest.approx(1.0)
     assert not np.allclose([mix[0]["weights"][n] for n in NAMES], w)
@@ -233,3 +234,29 @@ def test_compiled_decoder_gives_the_same_losses(make_config):
     eager = train(make_config("eager", train={"steps": 4}, mixing={"rule": "static"})).out_dir
     compiled = train(make_config("compiled", train={"steps": 4, "compile": True}, mixing={"rule": "static"})).out_dir
     np.testing.assert_allclose(_losses(compiled), _losses(eager), rtol=1e-4)
+
+
+def test_capped_domains_are_recorded_in_mixture_jsonl_for_static_rules_too(make_config, tiny_prepared):
+    """uniform never updates, but the sampler caps a domain that used its allowance: mixture.jsonl must
+    show the distribution actually sampled (plots and the replay rule's time average read it)."""
+    from velocitune.shards import PreparedData
+
+    data = PreparedData(tiny_prepared)
+    windows = {n: data.train(n).n_windows(32) for n in data.domains}
+    small = min(windows, key=windows.get)
+    # An allowance of ~12 draws for the smallest domain: uniform takes ~8/3 a step, so it runs out at about
+    # step 5 of 8 (max_repetition applies to every domain; the others keep enough for 8 steps).
+    rep = 12.5 / windows[small]
+    cfg = make_config(mixing={"rule": "uniform"}, data={"max_repetition": rep}, train={"steps": 8})
+    train(cfg)
+    recs = read_jsonl(Path(cfg.run.out_dir) / "mixture.jsonl")
+    summary = json.loads((Path(cfg.run.out_dir) / "summary.json").read_text())
+    assert len(recs) >= 2 and recs[0]["step"] == 0
+    assert [r["step"] for r in recs] == sorted(r["step"] for r in recs)
+    last = recs[-1]
+    assert last["sampling_weights"][small] == 0.0 and last["velocity"] is None and last["losses"] is None
+    assert sum(last["sampling_weights"].values()) == pytest.approx(1.0)
+    assert last["weights"] == recs[0]["weights"]  # the rule's state is untouched; only ŵ changed
+    # The domain drew exactly its allowance, and every record's token counts are those before its step.
+    assert summary["tokens_per_domain"][small] == int(rep * windows[small]) * 32
+    assert all(r["tokens_per_domain"][small] <= summary["tokens_per_domain"][small] for r in recs)

@@ -474,6 +474,10 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         last_loss = float("nan")
         net.train()
         step = start_step
+        # ŵ of the newest mixture record (after a resume: as the truncated file holds it), to log changes.
+        logged_w_hat = sampler.plan(start_step).sampling_weights if start_step < steps else None
+        if main and start_step > 0 and (recs := read_jsonl(out / "mixture.jsonl")):
+            logged_w_hat = np.array([recs[-1]["sampling_weights"][n] for n in names], dtype=np.float64)
         for step in range(start_step, steps):
             # 1. learning rate for this step
             lr = lr_at(step, cfg.train.lr, steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio, cfg.train.decay_fraction)
@@ -483,6 +487,14 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             # 2. forward/backward over this rank's micro-batches of the global plan
             with timers("data"):
                 plan = sampler.plan(step)
+                if main and not np.array_equal(plan.sampling_weights, logged_w_hat):
+                    # The sampler capped a domain that used its max_repetition epochs (any rule, static too):
+                    # record the distribution actually sampled from this step on, so that plots and the
+                    # replay rule's time average see it.
+                    logged_w_hat = plan.sampling_weights
+                    mix_log.write(mixture_record(step, step * tokens_per_step, names, None, init, targets, None,
+                                                 rule_weights(rule), logged_w_hat, tokens_done, L, [],
+                                                 cfg.mixing.signal))
                 tokens_done += np.bincount(plan.domains, minlength=k) * L
             step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for j in range(n_micro):
@@ -563,7 +575,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                         sig_sum.zero_(), sig_cnt.zero_()
                     upd = rule.update(done, losses, init, targets, plan.sampling_weights)
                     if not upd.skipped:
-                        w_hat = sampler.set_weights(done, upd.weights)
+                        w_hat = logged_w_hat = sampler.set_weights(done, upd.weights)
                         if cfg.dist.check_weights:
                             check_same_on_all_ranks(upd.weights, env)
                 if main and not upd.skipped:
@@ -587,7 +599,7 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
         # ---- the end: final validation loss, summary, final/ model
         final = run_eval(steps, "eval")
         wall = time.perf_counter() - t_start
-        w_final = rule.state_dict().get("weights", rule.initial_weights())
+        w_final = rule_weights(rule)
         final_sd = dist.full_model_state(model, env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if main:
             for log in (metrics_log, eval_log, mix_log):
@@ -633,6 +645,11 @@ def assemble(domains: dict, names: list[str], dom: np.ndarray, win: np.ndarray, 
     if device.type == "cuda":
         x, dvec = x.pin_memory(), dvec.pin_memory()
     return x.to(device, non_blocking=True), dvec.to(device, non_blocking=True)
+
+
+def rule_weights(rule: mixing.Rule) -> np.ndarray:
+    """The rule's current state weights w (its initial weights for rules without state)."""
+    return np.asarray(rule.state_dict().get("weights", rule.initial_weights()), dtype=np.float64)
 
 
 def mixture_record(step, tokens, names, losses, init, targets, velocity, weights, w_hat, tokens_done, L, guarded, signal) -> dict:
