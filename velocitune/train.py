@@ -453,7 +453,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             print(f"domains: {format_weights(names, w_init)}  (w0 = token shares)" if cfg.mixing.weights is None
                   else f"domains: {format_weights(names, w_init)}")
             print(f"steps {steps} x {B} seq x {L} tok = {steps * tokens_per_step:,} tokens; warm-up {warmup}; "
-                  f"update every {m} steps; {env.world_size} process(es), {n_micro} micro-batch(es) of {micro}")
+                  + (f"update every {m} steps; " if adaptive else f"{cfg.mixing.rule} weights; ")
+                  + f"{env.world_size} process(es), {n_micro} micro-batch(es) of {micro}")
             if adaptive:
                 print(f"estimated reweighting overhead: {100 * overhead:.1f}% "
                       f"(signal={cfg.mixing.signal}; k*val_tokens/(3*m*tokens_per_step))")
