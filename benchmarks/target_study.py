@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from targets import static_finals  # benchmarks/targets.py, beside this script
 from velocitune import demo
 from velocitune.config import dump_yaml
-from velocitune.sweep import Arm, run_arms
 
 FRACTIONS = (0.05, 0.1, 0.2)
 SCHEDULES = ("constant", "compressed")
@@ -68,12 +68,7 @@ def main() -> int:
     out = Path(args.out).resolve()
     if not (out / "cpt.yaml").is_file():
         raise SystemExit(f"{out} holds no demo; run `velocitune demo --full --out {out}` first")
-    statics = run_arms(out / "cpt.yaml", [Arm(f"static/seed{s}", ["--mixing.rule=static", f"--train.seed={s}",
-                                                                   "--run.arm=static"]) for s in range(args.seeds)],
-                       out / "runs", parallel=args.parallel)
-    finals = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in statics]
-    names = list(finals[0])
-    actual = np.array([[f[n] for n in names] for f in finals])  # (seeds, k)
+    names, actual = static_finals(out, args.seeds, args.parallel)  # (seeds, k)
     mean, sd = actual.mean(0), actual.std(0, ddof=1)
 
     root = out / "target_study"

@@ -26,6 +26,16 @@ from velocitune.targets import estimate_targets
 PREDICTORS = ("chinchilla", "cpt_law", "auto")
 
 
+def static_finals(out: Path, seeds: int, parallel: int) -> tuple[list[str], np.ndarray]:
+    """Domain names and the static arm's final val losses (seeds, k) in a demo directory (runs what is missing)."""
+    statics = run_arms(out / "cpt.yaml", [Arm(f"static/seed{s}", ["--mixing.rule=static", f"--train.seed={s}",
+                                                                   "--run.arm=static"]) for s in range(seeds)],
+                       out / "runs", parallel=parallel)
+    finals = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in statics]
+    names = list(finals[0])
+    return names, np.array([[f[n] for n in names] for f in finals])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out")
@@ -37,13 +47,8 @@ def main() -> int:
     if not (out / "cpt.yaml").is_file():
         print(f"{out} has no demo yet: running `velocitune demo` stages first", flush=True)
         demo.run_demo(out, parallel=args.parallel)
-    statics = run_arms(out / "cpt.yaml", [Arm(f"static/seed{s}", ["--mixing.rule=static", f"--train.seed={s}",
-                                                                   "--run.arm=static"]) for s in range(args.seeds)],
-                       out / "runs", parallel=args.parallel)
-    finals = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in statics]
-    names = list(finals[0])
-    actual = np.array([[f[n] for n in names] for f in finals])  # (seeds, k)
-    mean, spread = actual.mean(0), actual.std(0, ddof=1) if len(finals) > 1 else np.zeros(len(names))
+    names, actual = static_finals(out, args.seeds, args.parallel)
+    mean, spread = actual.mean(0), actual.std(0, ddof=1) if args.seeds > 1 else np.zeros(len(names))
     cfg = demo.targets_config(out, threads=args.parallel)
     results = {"fraction": args.fraction, "seeds": args.seeds, "domains": names,
                "static_final_mean": dict(zip(names, mean.tolist())),

@@ -148,21 +148,33 @@ def build_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool 
     with _progress(progress, budgets["replay"] + budgets[PRETRAIN_DOMAIN], "prose") as bar:
         replay, pretrain = _split_prose(_prose_documents(), budgets["replay"], budgets[PRETRAIN_DOMAIN], bar)
     docs = {PRETRAIN_DOMAIN: pretrain, "replay": replay}
-    for name, stream in (("code", _code_documents()), ("math", _math_documents()), ("sci", _sci_documents())):
+    streams = {"code": _code_documents(), "math": _math_documents(), "sci": _sci_documents()}
+    docs.update(_take_streams(streams, budgets, progress))
+    _write_build(out, paths, docs, params, SOURCES, "demo corpus domain")
+    return paths
+
+
+def _take_streams(streams: dict[str, Iterator[str]], budgets: dict[str, int], progress: bool) -> dict[str, list[str]]:
+    """Documents of each stream up to its domain's byte budget, with a progress bar per domain."""
+    docs = {}
+    for name, stream in streams.items():
         with _progress(progress, budgets[name], name) as bar:
             docs[name] = _take(stream, budgets[name], bar)
+    return docs
 
+
+def _write_build(out: Path, paths: dict[str, Path], docs: dict[str, list[str]], params: dict,
+                 sources: dict[str, Source], what: str) -> None:
+    """Write every domain's JSONL, then the stamp that marks the build complete (last, atomically)."""
     stats = {}
-    for name in domains:
+    for name, path in paths.items():
         if not docs[name]:
             raise DataError(
-                f"demo corpus domain {name!r} came out empty: its sources ({SOURCES[name].description}) "
-                f"were not found in this Python installation; reinstall Python/numpy/scipy or pass a "
-                f"larger scale"
+                f"{what} {name!r} came out empty: its sources ({sources[name].description}) were not found "
+                f"in this installation; reinstall with `make setup` or pass a larger scale"
             )
-        stats[name] = _write_jsonl(paths[name], docs[name])
+        stats[name] = _write_jsonl(path, docs[name])
     atomic_write_text(out / STAMP_NAME, json.dumps({**params, "domains": stats}, indent=2, sort_keys=True) + "\n")
-    return paths
 
 
 def _corpus_params(scale: float) -> dict:
@@ -794,19 +806,9 @@ def build_alt_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: b
         # The same split as the demo's, so that `replay` stays disjoint from the base model's prose.
         docs["replay"], _ = _split_prose(_prose_documents(), budgets["replay"],
                                          round(BUDGET_BYTES[PRETRAIN_DOMAIN] * scale), bar)
-    for name, stream in (("cpp", _cpp_documents()), ("markdown", _markdown_documents()),
-                         ("records", _records_documents())):
-        with _progress(progress, budgets[name], name) as bar:
-            docs[name] = _take(stream, budgets[name], bar)
-    stats = {}
-    for name in ALT_DOMAINS:
-        if not docs[name]:
-            raise DataError(
-                f"second-set domain {name!r} came out empty: its sources ({ALT_SOURCES[name].description}) "
-                f"were not found in this environment; reinstall with `make setup` or pass a larger scale"
-            )
-        stats[name] = _write_jsonl(paths[name], docs[name])
-    atomic_write_text(out / STAMP_NAME, json.dumps({**params, "domains": stats}, indent=2, sort_keys=True) + "\n")
+    streams = {"cpp": _cpp_documents(), "markdown": _markdown_documents(), "records": _records_documents()}
+    docs.update(_take_streams(streams, budgets, progress))
+    _write_build(out, paths, docs, params, ALT_SOURCES, "second-set domain")
     return paths
 
 
