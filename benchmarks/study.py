@@ -51,11 +51,6 @@ ARMS: dict[str, list[str]] = {
     "m40": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.interval=40"],
     "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05"],
     "c0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5"],
-    # combinations (second round)
-    "c0.2-rf0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2",
-                   "--mixing.relative_floor=0.5"],
-    "c0.5-rf0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5",
-                   "--mixing.relative_floor=0.5"],
 }
 
 
