@@ -58,7 +58,7 @@ def set_dir(out: Path, name: str) -> Path:
     return out / "study" / name
 
 
-def prepare_set(out: Path, name: str, parallel: int) -> Path:
+def prepare_set(out: Path, name: str, parallel: int, steps: int = demo.CPT_STEPS, scale: float = 1.0) -> Path:
     """Data, ℓ_init and targets of one domain set; return its cpt.yaml (cached stage by stage)."""
     from velocitune.prepare import prepare_corpus
     from velocitune.targets import (DEFAULT_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR, DEFAULT_SCHEDULE,
@@ -69,12 +69,12 @@ def prepare_set(out: Path, name: str, parallel: int) -> Path:
     if name == "demo":
         data = out / "data"
     else:
-        corpus = build_alt_corpus(root / "corpus")
+        corpus = build_alt_corpus(root / "corpus", scale=scale, progress=False)
         data = root / "data"
         if not (data / "manifest.json").is_file():
             prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in ALT_DOMAINS}, val_fraction=0.05,
                            val_tokens=demo.EVAL_TOKENS * 2, workers=parallel)
-    config = demo.cpt_config(out)
+    config = demo.cpt_config(out, steps)
     config["data"]["path"] = str(data)
     config["mixing"]["targets"] = str(root / "targets" / "targets.json")
     config["mixing"]["init_loss"] = str(root / "targets" / "init_loss.json")
@@ -161,7 +161,7 @@ def bar_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="a `velocitune demo` output directory")
     ap.add_argument("--set", choices=["demo", "alt"], default="demo")
@@ -169,15 +169,17 @@ def main() -> int:
                     help=f"from: {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--steps", type=int, default=demo.CPT_STEPS, help="CPT steps per run (default: the demo's)")
+    ap.add_argument("--scale", type=float, default=1.0, help="size of the second set's corpus (default 1.0)")
     ap.add_argument("--tag", default="bar", help="name of this comparison's outputs: TAG.json, TAG.md, TAG/report.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     if not (out / "base" / "final").is_dir() or not (out / "tokenizer").is_dir():
         raise SystemExit(f"{out} holds no demo base model; run `velocitune demo --out {out}` first")
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    config = prepare_set(out, args.set, args.parallel)
+    config = prepare_set(out, args.set, args.parallel, args.steps, args.scale)
     root = set_dir(out, args.set)
     plan = [Arm(f"{a}/seed{s}", ARMS[a] + [f"--train.seed={s}", f"--run.arm={a}"])
             for s in range(args.seeds) for a in args.arms]

@@ -74,3 +74,25 @@ def test_every_study_arm_is_a_valid_config(make_config):
         cfg = from_dict({"data": {"path": base.data.path}, "mixing": {k: (float(v) if v[0].isdigit() else v)
                                                                     for k, v in d["mixing"].items()}})
         assert cfg.mixing.rule == d["mixing"]["rule"], name
+
+
+def test_study_runs_end_to_end_on_a_toy_demo(tmp_path, monkeypatch):
+    """Second domain set at toy size: corpus, prepare, targets, two arms as subprocesses, report and bar."""
+    from velocitune import demo
+
+    monkeypatch.setattr(demo, "SEQ_LEN", 32)
+    monkeypatch.setattr(demo, "BATCH", 8)
+    monkeypatch.setattr(demo, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
+    monkeypatch.setattr(demo, "EVAL_TOKENS", 256)
+    monkeypatch.setattr(demo, "INTERVAL", 4)
+    out = tmp_path / "demo"
+    demo.run_demo(out, steps=12, base_steps=6, scale=0.03, parallel=2)
+    assert study.main(["--out", str(out), "--set", "alt", "--arms", "static", "robust", "--seeds", "1",
+                       "--steps", "12", "--scale", "0.03", "--parallel", "2", "--tag", "toy"]) == 0
+    root = out / "study" / "alt"
+    summary = json.loads((root / "toy.json").read_text())
+    assert summary["domains"] == ["replay", "cpp", "markdown", "records"]
+    run = json.loads((root / "runs" / "robust" / "seed0" / "summary.json").read_text())
+    assert run["preset"] == "robust" and run["steps"] == 12
+    assert summary["arms"]["robust"]["mean_loss"] == pytest.approx(np.mean(list(run["final_val_loss"].values())))
+    assert (root / "toy" / "report.md").is_file() and "| robust |" in (root / "toy.md").read_text()
