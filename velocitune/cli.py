@@ -113,10 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Run a short proxy on a stratified subsample with static w0, fit a scaling law per "
                         "domain and write targets.json (+ targets.png).")
     p.add_argument("--out", help="where to write targets.json (default: RUN.out_dir/targets.json)")
-    p.add_argument("--fraction", type=float, default=None, help="proxy subsample fraction p (default 0.1)")
-    p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (default 10)")
+    p.add_argument("--fraction", type=float, default=None, help="proxy subsample fraction p (default 0.2)")
+    p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (default 20)")
     p.add_argument("--predictor", choices=["chinchilla", "cpt_law", "auto"], default=None,
-                   help="chinchilla: L(D)=E+B/D^beta; cpt_law: LR-aware CPT law; auto: chinchilla, else cpt_law")
+                   help="cpt_law (default): LR-aware CPT law; chinchilla: L(D)=E+B/D^beta (the paper); "
+                        "auto: chinchilla, and cpt_law where its checks fail")
     p.add_argument("--proxy-schedule", choices=["compressed", "constant"], default=None,
                    help="compressed (default): the main LR schedule squeezed to the proxy's length, anneal "
                         "included; constant: peak LR without anneal (the paper's proxy)")
