@@ -105,3 +105,16 @@ def make_config(tiny_prepared, tmp_path):
         return tiny_config(tiny_prepared, tmp_path / name, **sections)
 
     return factory
+
+
+@pytest.fixture
+def toy_demo(monkeypatch):
+    """The demo module shrunk to toy sizes (sequence, batch, model, eval tokens, interval) for end-to-end tests."""
+    from velocitune import demo
+
+    monkeypatch.setattr(demo, "SEQ_LEN", 32)
+    monkeypatch.setattr(demo, "BATCH", 8)
+    monkeypatch.setattr(demo, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
+    monkeypatch.setattr(demo, "EVAL_TOKENS", 256)
+    monkeypatch.setattr(demo, "INTERVAL", 4)
+    return demo

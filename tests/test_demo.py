@@ -7,12 +7,7 @@ import json
 from velocitune import demo
 
 
-def test_demo_pipeline_at_toy_size(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "SEQ_LEN", 32)
-    monkeypatch.setattr(demo, "BATCH", 8)
-    monkeypatch.setattr(demo, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
-    monkeypatch.setattr(demo, "EVAL_TOKENS", 256)
-    monkeypatch.setattr(demo, "INTERVAL", 4)
+def test_demo_pipeline_at_toy_size(tmp_path, toy_demo):
     out = tmp_path / "demo"
     report = demo.run_demo(out, steps=16, base_steps=8, scale=0.03, parallel=2)
     assert report == out / "report.md"

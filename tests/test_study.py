@@ -76,17 +76,10 @@ def test_every_study_arm_is_a_valid_config(make_config):
         assert cfg.mixing.rule == d["mixing"]["rule"], name
 
 
-def test_study_runs_end_to_end_on_a_toy_demo(tmp_path, monkeypatch):
+def test_study_runs_end_to_end_on_a_toy_demo(tmp_path, toy_demo):
     """Second domain set at toy size: corpus, prepare, targets, two arms as subprocesses, report and bar."""
-    from velocitune import demo
-
-    monkeypatch.setattr(demo, "SEQ_LEN", 32)
-    monkeypatch.setattr(demo, "BATCH", 8)
-    monkeypatch.setattr(demo, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
-    monkeypatch.setattr(demo, "EVAL_TOKENS", 256)
-    monkeypatch.setattr(demo, "INTERVAL", 4)
     out = tmp_path / "demo"
-    demo.run_demo(out, steps=12, base_steps=6, scale=0.03, parallel=2)
+    toy_demo.run_demo(out, steps=12, base_steps=6, scale=0.03, parallel=2)
     assert study.main(["--out", str(out), "--set", "alt", "--arms", "static", "robust", "--seeds", "1",
                        "--steps", "12", "--scale", "0.03", "--parallel", "2", "--tag", "toy"]) == 0
     root = out / "study" / "alt"

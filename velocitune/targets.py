@@ -75,7 +75,7 @@ def proxy_eval_steps(proxy_steps: int, n_points: int) -> list[int]:
 
 
 def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, main_steps: int,
-                 schedule: str = "compressed") -> Config:
+                 schedule: str = DEFAULT_SCHEDULE) -> Config:
     """The main run's config turned into its proxy: static w0 on a stratified fraction of every domain."""
     if schedule not in PROXY_SCHEDULES:
         raise VelocituneError(f"proxy schedule must be one of {PROXY_SCHEDULES}, got '{schedule}'")
