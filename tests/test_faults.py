@@ -461,10 +461,13 @@ def _report(title: str, attempts: list[Attempt]) -> tuple[int, int]:
 
 # Targeted kills, one process each, in order; call numbers count from each process's start (resumed
 # processes start at their checkpoint). With the tiny config (24 steps, warm-up 2, eval signal, update every
-# 4 steps at 2, 6, 10, ...; checkpoint every 3 steps, keep 2) they fall as the comments say.
+# 4 steps at 2, 6, 10, ...; checkpoint every 3 steps, keep 2) they fall as the comments say. Every eval-signal
+# process first runs train.probe_overhead: PROBE_STEP_FORWARDS training-module forwards and one evaluation
+# (3 forwards, one per domain) after the ℓ_init one, so those kills count past them.
+PROBE_STEP_FORWARDS = 5  # warm-up, 3 timed micro-batches, a forward-only warm-up (eval signal only)
 TARGETED = [
-    {"point": "step.forward", "call": 2},  # step 1, no checkpoint yet: resume starts over
-    {"point": "eval.forward", "call": 5},  # inside the evaluation for the update at step 2
+    {"point": "step.forward", "call": PROBE_STEP_FORWARDS + 2},  # step 1, no checkpoint yet: resume starts over
+    {"point": "eval.forward", "call": 8},  # 1-3 ℓ_init, 4-6 the probe, 8: mid-evaluation for the update at step 2
     {"point": "checkpoint.part", "call": 4},  # inside the first checkpoint (step 3): a partial temp dir
     {"point": "log.torn", "call": 5, "file": "metrics.jsonl"},  # half of step 5's record; ckpt 3 exists
     {"point": "update.rule", "call": 2},  # from 3: the update at step 10 computed, not applied
@@ -546,7 +549,7 @@ def test_corrupted_newest_checkpoint_falls_back_and_still_matches(harness):
     base = harness.root / "corrupt-base"
     cfg = harness.config(base, **ref.config)
     first = _attempt(harness.server, ["train", cfg], harness.root / "corrupt-base.log",
-                     fault={"point": "step.forward", "call": 23})  # dies in step 22: checkpoints 18 and 21
+                     fault={"point": "step.forward", "call": PROBE_STEP_FORWARDS + 23})  # dies in step 22: ckpts 18, 21
     assert first.killed
     assert sorted(p.name for p in (base / "checkpoints").iterdir()) == ["step_00000018", "step_00000021"]
     cases = [("model.pt", _corrupt_truncate, "truncated or overwritten"),

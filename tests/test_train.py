@@ -4,6 +4,7 @@ exact resume after a weight update, gradient accumulation, NaN handling and bad 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ def test_run_directory_contract_and_rule_applied(make_config):
         assert (out / f).is_file(), f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["steps"] == 24 and summary["domains"] == NAMES
+    # docs/contracts.md lists exactly the keys summary.json has.
+    contract = (Path(__file__).parents[1] / "docs" / "contracts.md").read_text()
+    block = contract.split("- `summary.json`, written at the end:", 1)[1].split("}`", 1)[0]
+    assert set(re.findall(r'"(\w+)"', block)) == set(summary)
     assert sum(summary["tokens_per_domain"].values()) == 24 * 8 * 32
 
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -260,3 +265,64 @@ def test_capped_domains_are_recorded_in_mixture_jsonl_for_static_rules_too(make_
     # The domain drew exactly its allowance, and every record's token counts are those before its step.
     assert summary["tokens_per_domain"][small] == int(rep * windows[small]) * 32
     assert all(r["tokens_per_domain"][small] <= summary["tokens_per_domain"][small] for r in recs)
+
+
+def test_overhead_probe_leaves_no_trace(make_config):
+    """probe_overhead times a training micro-batch and an evaluation; parameters, gradients, the RNG stream
+    and the train/eval mode come out as they went in, even for a model whose dropout draws random numbers."""
+    import contextlib
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from velocitune.dist import DistEnv
+    from velocitune.evaluate import ValSet
+    from velocitune.train import probe_overhead
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, attention_dropout=0.5)).train()
+    rng = np.random.default_rng(0)
+    val = ValSet(names=["a", "b"], windows=[rng.integers(0, 64, size=(3, 17)), rng.integers(0, 64, size=(2, 17))])
+    x = torch.from_numpy(val.windows[0][:, :-1])
+
+    # Control: a training forward of this model does draw from the RNG, so the check below can fail.
+    before = torch.get_rng_state()
+    model(input_ids=x)
+    assert not torch.equal(before, torch.get_rng_state())
+
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = torch.get_rng_state()
+    probe = probe_overhead(model, val, DistEnv(), make_config(), contextlib.nullcontext, micro=4, n_micro=2)
+    assert torch.equal(before, torch.get_rng_state())
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert probe.eval_s > 0 and probe.step_s > 0
+
+
+@pytest.mark.parametrize("signal", ["eval", "train"])
+def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, signal):
+    """The estimate is the probe's evaluation time over m steps' time; the FLOPs formula is kept beside it."""
+    import velocitune.train as T
+
+    calls = []
+
+    def fake_probe(*args, **kwargs):
+        calls.append(args)
+        return T.OverheadProbe(eval_s=0.6, step_s=0.1)
+
+    monkeypatch.setattr(T, "probe_overhead", fake_probe)
+    out = train(make_config(mixing={"signal": signal})).out_dir
+    summary = json.loads((out / "summary.json").read_text())
+    printed = capsys.readouterr().out
+    if signal == "eval":
+        # m = 4: 0.6 s / (4 x 0.1 s); by FLOPs: 3 domains x 256 val tokens / (3 x 4 x 8 x 32 tokens per step).
+        assert len(calls) == 1
+        assert summary["estimated_overhead"] == pytest.approx(1.5)
+        assert summary["estimated_overhead_flops"] == pytest.approx(0.25)
+        assert "estimated reweighting overhead: 150.0%" in printed and "= 25.0%" in printed
+        assert summary["measured_overhead"] > 0
+    else:
+        assert calls == []  # the train signal needs no probe: its losses come with the training steps
+        assert summary["estimated_overhead"] == summary["estimated_overhead_flops"] == 0.0
+        assert "estimated reweighting overhead: 0.0% (signal=train" in printed
