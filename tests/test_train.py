@@ -39,8 +39,13 @@ def test_run_directory_contract_and_rule_applied(make_config):
 
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [4, 8, 12, 16, 20, 24]
-    for key in ("tokens", "loss", "lr", "tok_per_s", "domain_loss"):
-        assert key in metrics[0]
+    block = contract.split("- `metrics.jsonl`: one object per logged step:", 1)[1].split("}`", 1)[0]
+    listed = set(re.findall(r'"(\w+)"', block))
+    assert all(set(r) == listed - {"mfu", "peak_flops"} for r in metrics)  # CPU: no named peak, no MFU
+    for r in metrics:
+        for n in ("data", "eval", "update"):
+            assert r[f"share_{n}"] == pytest.approx(r[f"time_{n}_s"] / r["elapsed_s"])
+        assert 0 < r["share_update"] < 1 and r["share_data"] + r["share_eval"] + r["share_update"] < 1
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
     # Updates at 2 (end of warm-up) + 4j; every record's weights equal the rule recomputed from its inputs.

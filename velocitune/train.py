@@ -551,10 +551,13 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                 stats = throughput.log_point()
                 tps = stats.tok_per_s
                 if main:
+                    elapsed = time.perf_counter() - t_start
+                    spent = {"data": timers.total("data"), "eval": timers.total("eval"),
+                             "update": timers.total("reweight")}
                     rec = {"step": done, "tokens": done * tokens_per_step, "loss": last_loss, "lr": lr,
                            "tok_per_s": tps, "tok_per_s_per_rank": tps / env.world_size, "grad_norm": float(gnorm),
-                           "elapsed_s": time.perf_counter() - t_start, "time_data_s": timers.total("data"),
-                           "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
+                           "elapsed_s": elapsed, **{f"time_{n}_s": t for n, t in spent.items()},
+                           **{f"share_{n}": t / elapsed for n, t in spent.items()},  # of the run's wall time so far
                            "skipped_steps": skipped, "domain_loss": dict(zip(names, dom.tolist()))}
                     if stats.mfu is not None:
                         rec["mfu"] = stats.mfu
@@ -632,6 +635,9 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
             mean = float(np.mean(final))
             print(f"done: {steps} steps, {steps * tokens_per_step:,} tokens in {wall:.0f}s; "
                   f"mean val loss {mean:.4f}; {format_weights(names, final)} (val loss)")
+            spent = {"evaluation": "eval", "reweighting": "reweight", "data loading": "data", "checkpoints": "checkpoint"}
+            print("time: " + ", ".join(f"{label} {100 * timers.total(t) / wall:.1f}%" for label, t in spent.items())
+                  + f" of {wall:.0f}s")
             if adaptive:
                 print(f"reweighting overhead: measured {100 * measured_overhead:.1f}% of the training steps' time "
                       f"(estimated {100 * overhead:.1f}%; signal={cfg.mixing.signal})")
