@@ -30,7 +30,7 @@ GPU mode (`--gpu`) runs the variants one after another (plain, static, train, ev
 do not share one GPU well, nor does torch.compile share threads), on CUDA with bf16 autocast and
 torch.compile (train.compile=true for velocitune, which compiles the decoder in place and runs the chunked
 head eagerly; torch.compile(model) for the plain loop), on a
-~110M-parameter Llama (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, seq 1024, batch 16). Block
+124M-parameter Llama (hidden 768, 12 layers, 12 heads, MLP 2560, vocab 32000, seq 1024, batch 16). Block
 times come from metrics.jsonl `elapsed_s` (train.py reads the device at every log record) and from clocks
 read after torch.cuda.synchronize() in the plain loop. Prints tokens/s and MFU against the GPU's named dense
 bf16 peak (velocitune.model.peak_flops). Data: the demo corpus at scale 1.0 (about a minute of CPU). Needs
@@ -101,7 +101,7 @@ def cpu_setup(args: argparse.Namespace) -> Setup:
 
 def gpu_setup(args: argparse.Namespace) -> Setup:
     # skip=2: the first block holds compilation; the second the eval signal's first (no-grad) pass.
-    return Setup(mode="gpu", device="cuda", hidden=768, layers=12, heads=12, intermediate=2048,
+    return Setup(mode="gpu", device="cuda", hidden=768, layers=12, heads=12, intermediate=2560,
                  vocab=args.vocab or 32000, seq_len=1024, batch=16, steps=args.steps or 100, m=10, skip=2,
                  eval_tokens=16384, compile=True, scale=1.0, val_fraction=0.1, val_tokens=32768)
 
@@ -478,7 +478,7 @@ def print_table(res: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast, torch.compile, ~110M-parameter Llama")
+    p.add_argument("--gpu", action="store_true", help="CUDA, bf16 autocast, torch.compile, 124M-parameter Llama")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (CPU 40, GPU 100)")
     p.add_argument("--repeats", type=int, default=None, help="repeats of all four variants (CPU 2, GPU 3)")
     p.add_argument("--vocab", type=int, default=None, help="model vocabulary (CPU: the tokenizer's; GPU: 32000)")
