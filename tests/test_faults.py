@@ -464,7 +464,7 @@ def _report(title: str, attempts: list[Attempt]) -> tuple[int, int]:
 # 4 steps at 2, 6, 10, ...; checkpoint every 3 steps, keep 2) they fall as the comments say. Every eval-signal
 # process first runs train.probe_overhead: PROBE_STEP_FORWARDS training-module forwards and one evaluation
 # (3 forwards, one per domain) after the ℓ_init one, so those kills count past them.
-PROBE_STEP_FORWARDS = 5  # warm-up, 3 timed micro-batches, a forward-only warm-up (eval signal only)
+PROBE_STEP_FORWARDS = 7  # warm-up, 5 timed micro-batches, a forward-only warm-up (eval signal only)
 TARGETED = [
     {"point": "step.forward", "call": PROBE_STEP_FORWARDS + 2},  # step 1, no checkpoint yet: resume starts over
     {"point": "eval.forward", "call": 8},  # 1-3 ℓ_init, 4-6 the probe, 8: mid-evaluation for the update at step 2
