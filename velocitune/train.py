@@ -464,7 +464,8 @@ def _train(cfg: Config, env: dist.DistEnv, resume: bool) -> RunResult:
                       f"by FLOPs k*val_tokens/(3*m*tokens_per_step) = {100 * overhead_flops:.1f}%)")
             elif adaptive:
                 print(f"estimated reweighting overhead: 0.0% (signal={cfg.mixing.signal}: the training losses "
-                      f"already computed, one all-reduce of {2 * k} numbers per update)")
+                      f"already computed" + (f"; one all-reduce of {2 * k} numbers per update)" if env.distributed
+                                             else ")"))
             if targets is not None:
                 for n, li, lt in zip(names, init, targets):
                     if np.isfinite(lt) and li <= lt:
