@@ -671,16 +671,20 @@ def _check_nothing_half_written(out: Path) -> None:
             PreparedData(out)
 
 
-def test_prepare_killed_mid_domain_reruns_byte_identical(server, tiny_tokenizer, tmp_path):
+def _prepare_reference(server, tokenizer, tmp_path: Path) -> tuple[Path, float, Path, list[str]]:
+    """An uninterrupted prepare into tmp_path/ref: (its output, its seconds, tmp_path/killed, the argv into it)."""
     corpus = _prepare_corpus(tmp_path)
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    first = _attempt(server, _prepare_argv(tiny_tokenizer, corpus, ref_out), tmp_path / "ref.log")
+    first = _attempt(server, _prepare_argv(tokenizer, corpus, ref_out), tmp_path / "ref.log")
     assert first.rc == 0, first.log[-3000:]
-    seconds = first.seconds
+    return ref_out, first.seconds, out, _prepare_argv(tokenizer, corpus, out)
+
+
+def test_prepare_killed_mid_domain_reruns_byte_identical(server, tiny_tokenizer, tmp_path):
+    ref_out, seconds, out, argv = _prepare_reference(server, tiny_tokenizer, tmp_path)
     reference = _files(ref_out)
     assert sum(n.endswith(".bin") for n in reference) >= 9, "several shards per domain"
 
-    argv = _prepare_argv(tiny_tokenizer, corpus, out)
     rng = random.Random(99)
     plan = [
         dict(fault={"point": "prepare.shard", "call": 2}),  # prose: 2 shards complete, more to come
@@ -749,13 +753,8 @@ def test_python_m_subprocess_random_kills_slow(harness):
 
 @pytest.mark.slow
 def test_prepare_many_random_kills_slow(server, tiny_tokenizer, tmp_path):
-    corpus = _prepare_corpus(tmp_path)
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    first = _attempt(server, _prepare_argv(tiny_tokenizer, corpus, ref_out), tmp_path / "ref.log")
-    assert first.rc == 0, first.log[-3000:]
-    seconds = first.seconds
+    ref_out, seconds, out, argv = _prepare_reference(server, tiny_tokenizer, tmp_path)
     rng = random.Random(2024)
-    argv = _prepare_argv(tiny_tokenizer, corpus, out)
     kills = 0
     for i in range(15):
         a = _attempt(server, argv, tmp_path / f"k{i}.log", delay=rng.uniform(0.0, seconds))
