@@ -9,7 +9,7 @@ EXTRAS := formats,tensorboard,accelerate,test
 
 help:
 	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~9 min on 2 CPU cores incl. setup)"
-	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (much longer)"
+	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (~51 min on 2 CPU cores)"
 	@echo "make test       set up .venv if needed, then run the default test suite (CPU, < 10 min)"
 	@echo "make test-slow  tests marked slow (longer training, SmolLM2 if installed)"
 	@echo "make test-dist  multi-process distributed tests marked dist (gloo on CPU)"
