@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def test_proxy_eval_steps_cover_a_tenth_to_the_end():
 
 def test_proxy_config_is_static_w0_on_a_subsample(make_config):
     cfg = make_config(train={"steps": 200, "warmup_steps": 20}, mixing={"weights": {"prose": 0.2, "code": 0.3, "math": 0.5}})
-    pc = proxy_config(cfg, 0.1, 10, cfg_dir := __import__("pathlib").Path("/tmp/x"), 200)
+    pc = proxy_config(cfg, 0.1, 10, cfg_dir := Path("/tmp/x"), 200)
     assert pc.mixing.rule == "static" and pc.mixing.weights is None and pc.mixing.targets is None
     assert pc.data.subsample == 0.1 and pc.train.steps == 20 and pc.train.warmup_steps == 2
     assert pc.train.lr == cfg.train.lr and pc.train.batch_size == cfg.train.batch_size
@@ -39,12 +40,12 @@ def test_proxy_config_is_static_w0_on_a_subsample(make_config):
 
 def test_constant_proxy_schedule_keeps_the_peak_lr_without_anneal(make_config):
     cfg = make_config(train={"steps": 200, "warmup_steps": 20})
-    pc = proxy_config(cfg, 0.1, 10, __import__("pathlib").Path("/tmp/x"), 200, schedule="constant")
+    pc = proxy_config(cfg, 0.1, 10, Path("/tmp/x"), 200, schedule="constant")
     lrs = lr_schedule(pc, 20)
     assert pc.train.schedule == "constant" and pc.train.warmup_steps == 2
     assert np.all(lrs[2:] == cfg.train.lr) and lrs[0] < cfg.train.lr
     with pytest.raises(VelocituneError, match="proxy schedule must be one of"):
-        proxy_config(cfg, 0.1, 10, __import__("pathlib").Path("/tmp/x"), 200, schedule="cosine")
+        proxy_config(cfg, 0.1, 10, Path("/tmp/x"), 200, schedule="cosine")
 
 
 def _law_points(E=1.8, B=60.0, beta=0.35, n=8):
