@@ -15,9 +15,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ from velocitune import mixing
 from velocitune.cli import main
 from velocitune.config import Config, dump_yaml, from_dict, load_config, valid_keys
 from velocitune.errors import ConfigError, DataExhausted, VelocituneError
-from velocitune.metrics import read_jsonl
+from velocitune.fileio import read_jsonl
 from velocitune.sampler import MixtureSampler
 
 NAMES = ["prose", "code", "math"]
@@ -145,7 +145,7 @@ def _dangling_symlink(c: Ctx):
 def _missing_tokenizer(c: Ctx):
     argv = c.prepare(f"math={c.corpus['math']}")
     argv[argv.index("--tokenizer") + 1] = c.tmp / "tok"
-    return argv, f"error: tokenizer directory {c.tmp / 'tok'} does not exist; pass --tokenizer a local Hugging Face"
+    return argv, f"error: tokenizer directory '{c.tmp / 'tok'}' does not exist; pass --tokenizer a local Hugging Face"
 
 
 def _bad_domain_name(c: Ctx):
@@ -251,7 +251,7 @@ def _section_not_mapping(c: Ctx):
 def _missing_prepared(c: Ctx):
     p = c.tmp / "prepared"
     return ["train", c.config(), f"--data.path={p}"], (
-        f"error: prepared data directory {p} does not exist; run `velocitune prepare --tokenizer DIR --out {p} "
+        f"error: prepared data directory (data.path) '{p}' does not exist; run `velocitune prepare --tokenizer DIR --out {p} "
         "--domain NAME=PATH ...` first")
 
 
@@ -579,12 +579,12 @@ def test_tokenizer_path_missing(ctx, capsys):
 
 
 def test_disk_full_during_a_log_write(ctx, capsys, monkeypatch):
-    from velocitune import metrics
+    from velocitune import fileio
 
     def full(self, record):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(metrics.JsonlWriter, "write", full)
+    monkeypatch.setattr(fileio.JsonlWriter, "write", full)
     expect_error(["train", ctx.config()], capsys, "error: the disk is full ([Errno 28] No space left on device: ")
 
 
@@ -640,7 +640,7 @@ def test_disk_full_during_a_checkpoint(ctx, capsys, monkeypatch):
 
     def fills_up(path, obj):
         calls["n"] += 1
-        if calls["n"] == 20:  # a part of the second checkpoint (the first has fewer than 20 parts)
+        if calls["n"] == 9:  # the third part of the second checkpoint (each has six: model ... config)
             with open(path, "wb") as f:
                 f.write(b"\0" * 64)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -652,7 +652,7 @@ def test_disk_full_during_a_checkpoint(ctx, capsys, monkeypatch):
     ckpts = ctx.run() / "checkpoints"
     err = expect_error(["train", cfg], capsys,
                        f"error: the disk is full: could not write checkpoint step_00000004 under {ckpts} "
-                       f"([Errno 28] No space left on device: '{ckpts}/.tmp-step_00000004-{os.getpid()}/sampler.pt')")
+                       f"([Errno 28] No space left on device: '{ckpts}/.tmp-step_00000004-{os.getpid()}/state.json')")
     assert (f"The partial write was removed; the previous checkpoint at step 2 ({ckpts / 'step_00000002'}) is "
             "intact. Free some disk space (or keep fewer checkpoints) and resume.") in err
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]
@@ -891,7 +891,7 @@ def test_every_rule_gives_valid_weights_or_a_velocitune_error(data, k, name):
 
 
 def _reference_update(w: np.ndarray, v: np.ndarray, eta: float, c: float) -> np.ndarray:
-    """DESIGN §3 written out independently: normalize(w·exp(ηV)), then (1 − c)·w + c/k."""
+    """docs/design.md §3 written out independently: normalize(w·exp(ηV)), then (1 − c)·w + c/k."""
     w = w * np.exp(eta * v)
     w = w / w.sum()
     w = (1 - c) * w + c / len(w)
@@ -1026,3 +1026,60 @@ def test_long_random_loss_sequences_keep_weights_valid_until_data_runs_out(seed)
                 break
     else:
         raise AssertionError("the data never ran out")
+
+
+# ---------------------------------------------------------------- paths of the wrong kind, every command
+
+_FILE, _DIR = "<file>", "<dir>"
+WRONG_KIND = [
+    ("train config", ["train", _DIR], "config file '<dir>' is a directory, not a YAML file"),
+    ("data.path", ["train", "--data.path=<file>"], "prepared data directory (data.path) '<file>' is a file"),
+    ("model.path", ["train", "CFG", "--model.path=<file>"], "model path '<file>' is a file"),
+    ("model.tokenizer", ["train", "CFG", "--model.tokenizer=<file>"], "tokenizer path '<file>' is a file"),
+    ("mixing.targets", ["train", "CFG", "--mixing.rule=dbl", "--mixing.interval=1", "--mixing.targets=<dir>"],
+     "targets file '<dir>' is a directory; point at the JSON file"),
+    ("mixing.init_loss", ["train", "CFG", "--mixing.init_loss=<dir>"],
+     "initial-loss file '<dir>' is a directory; point at the JSON file"),
+    ("mixing.replay_from", ["train", "CFG", "--mixing.rule=replay", "--mixing.replay_from=<file>"],
+     "mixing.replay_from '<file>' is a file, but a directory is needed here"),
+    ("run.out_dir", ["train", "CFG", "--run.out_dir=<file>"], "run.out_dir '<file>' cannot be created: '<file>' is a file"),
+    ("init-loss --out", ["init-loss", "CFG", "--out=<dir>"], "the initial-loss file (--out) '<dir>' is a directory"),
+    ("targets --out", ["targets", "CFG", "--out=<dir>"], "the targets file (--out) '<dir>' is a directory"),
+    ("prepare --tokenizer", ["prepare", "--tokenizer=<file>", "--out=<tmp>/o", "--domain", "a=<file>"],
+     "tokenizer directory '<file>' is a file, but a directory is needed here"),
+    ("prepare --out", ["prepare", "--tokenizer=<tok>", "--out=<file>", "--domain", "a=<file>"],
+     "the output directory (--out / data.path) '<file>' cannot be created: '<file>' is a file"),
+    ("prepare --merge", ["prepare", "--merge", "<file>", "--out=<tmp>/m"], "part directory '<file>' is a file"),
+    ("report RUN_DIR", ["report", "<file>"], "run directory '<file>' is a file, but a directory is needed here"),
+    ("report --out", ["report", "<run>", "--out", "<file>"], "the report folder (--out) '<file>' cannot be created"),
+    ("sweep config", ["sweep", "<dir>", "--seeds", "1"], "sweep config '<dir>' is a directory, but a file is needed"),
+    ("sweep --out", ["sweep", "CFG", "--out", "<file>", "--seeds", "1"], "the sweep root (--out) '<file>' cannot be created"),
+    ("demo --out", ["demo", "--out", "<file>"], "the demo directory (--out) '<file>' cannot be created"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_static_run(tmp_path_factory, tiny_prepared):
+    from velocitune.train import train
+
+    out = tmp_path_factory.mktemp("kinds") / "run"
+    train(tiny_config(tiny_prepared, out, train={"steps": 2}, mixing={"rule": "static"},
+                      checkpoint={"interval": 0, "save_final": False}))
+    return out
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in WRONG_KIND], ids=[c[0] for c in WRONG_KIND])
+def test_a_path_of_the_wrong_kind_is_one_clear_error(ctx, capsys, argv, message, finished_static_run):
+    """Every path a command takes: a file where a directory belongs, or the reverse, is named as such."""
+    f, d = ctx.tmp / "afile", ctx.tmp / "adir"
+    f.write_text("x")
+    d.mkdir()
+    subst = {"<file>": str(f), "<dir>": str(d), "<tmp>": str(ctx.tmp), "<tok>": str(ctx.tokenizer),
+             "<run>": str(finished_static_run), "CFG": str(ctx.config())}
+
+    def fill(text: str) -> str:
+        for key, value in subst.items():
+            text = text.replace(key, value)
+        return text
+
+    expect_error([fill(a) for a in argv], capsys, fill(message))

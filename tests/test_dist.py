@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from velocitune import dist
 from velocitune.config import dump_yaml
 from velocitune.errors import CheckpointError, ConfigError, TrainingError
-from velocitune.metrics import read_jsonl
+from velocitune.fileio import read_jsonl
 from velocitune.sampler import MixtureSampler, rank_slice
 from velocitune.train import train
 

@@ -30,9 +30,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 if __name__ != "__main__":  # the fork server needs none of the test-side imports
     import pytest
@@ -48,16 +48,16 @@ FAULT_POINTS: dict[str, tuple[str, str, str]] = {
     "eval.forward": ("velocitune.evaluate", "forward_losses", "before"),  # mid-evaluation
     "update.rule": ("velocitune.mixing", "update_weights", "after"),  # new weights computed, not applied
     "update.sampler": ("velocitune.sampler", "MixtureSampler.set_weights", "after"),  # applied, not logged
-    "log.record": ("velocitune.metrics", "JsonlWriter.write", "after"),  # a record written (needs "file")
-    "log.torn": ("velocitune.metrics", "JsonlWriter.write", "torn"),  # half a record written (needs "file")
+    "log.record": ("velocitune.fileio", "JsonlWriter.write", "after"),  # a record written (needs "file")
+    "log.torn": ("velocitune.fileio", "JsonlWriter.write", "torn"),  # half a record written (needs "file")
     "checkpoint.part": ("velocitune.checkpoint", "_write_part", "after"),  # mid checkpoint write
-    "checkpoint.rename": ("velocitune.checkpoint", "_install", "before"),  # complete temp dir, not renamed
+    "checkpoint.rename": ("velocitune.fileio", "install_dir", "before"),  # complete temp dir, not renamed
     "checkpoint.prune": ("velocitune.checkpoint", "_prune", "before"),  # installed, older not pruned
     "final.save": ("velocitune.train", "save_final", "before"),  # summary written, final/ not
     "final.saved": ("velocitune.train", "save_final", "after"),  # final/ written, process not finished
     "prepare.shard": ("velocitune.shards", "ShardWriter.close", "after"),  # a shard complete, domain not
-    "prepare.done": ("velocitune.prepare", "_finish_domain", "before"),  # all shards, no .done marker
-    "prepare.manifest": ("velocitune.prepare", "_build_manifest", "after"),  # every domain done, no manifest
+    "prepare.done": ("velocitune.prepare.pipeline", "_finish_domain", "before"),  # all shards, no .done marker
+    "prepare.manifest": ("velocitune.prepare.pipeline", "_build_manifest", "after"),  # every domain done, no manifest
 }
 
 
@@ -89,7 +89,7 @@ def _arm(fault: dict) -> None:
         if when == "before":
             _die(fault["point"], calls)
         if when == "torn":
-            from velocitune.metrics import json_default
+            from velocitune.fileio import json_default
 
             writer, record = args
             line = json.dumps(record, default=json_default) + "\n"
@@ -231,15 +231,15 @@ class Attempt:
         return self.rc == KILLED
 
     @property
-    def resumed_from(self) -> Optional[int]:
+    def resumed_from(self) -> int | None:
         for line in self.log.splitlines():
             if line.startswith("resumed from step "):
                 return int(line.split()[-1])
         return 0 if "starting from step 0" in self.log else None
 
 
-def _attempt(server: ForkServer, argv: list, log: Path, *, fault: Optional[dict] = None,
-             delay: Optional[float] = None, watch: Optional[tuple[str, Callable[[], bool]]] = None,
+def _attempt(server: ForkServer, argv: list, log: Path, *, fault: dict | None = None,
+             delay: float | None = None, watch: tuple[str, Callable[[], bool]] | None = None,
              expect: tuple[int, ...] = (0, KILLED)) -> Attempt:
     log.unlink(missing_ok=True)
     pid = server.spawn(argv, log, (fault,) if fault else ())
@@ -362,7 +362,7 @@ def harness(server, tiny_prepared, tmp_path_factory):
     return Harness(server, tiny_prepared, tmp_path_factory.mktemp("faults"))
 
 
-def _lock_holder(run: Path) -> Optional[int]:
+def _lock_holder(run: Path) -> int | None:
     """The pid in the run directory's lock file (written by the process that holds it), if any."""
     try:
         return int((run / ".lock").read_text().strip())
@@ -395,7 +395,7 @@ def _grows(path: Path) -> Callable[[], bool]:
 
 
 def _chain(h: Harness, ref: Reference, name: str,
-           next_kill: Callable[[list[Attempt]], Optional[dict]]) -> list[Attempt]:
+           next_kill: Callable[[list[Attempt]], dict | None]) -> list[Attempt]:
     """One run of `ref`'s config: while `next_kill(attempts so far)` gives an entry ({"fault": ..} |
     {"delay": s} | {"watch": name}), start a process (with --resume after the first) and kill it as the
     entry says; then finish the run with --resume and compare it with the reference. Returns every
@@ -420,7 +420,7 @@ def _chain(h: Harness, ref: Reference, name: str,
     return attempts
 
 
-def _plan(entries: list[dict]) -> Callable[[list[Attempt]], Optional[dict]]:
+def _plan(entries: list[dict]) -> Callable[[list[Attempt]], dict | None]:
     """A fixed kill plan: one process per entry."""
     return lambda done: entries[len(done)] if len(done) < len(entries) else None
 
@@ -434,7 +434,7 @@ def _random_kills(h: Harness, ref: Reference, name: str, n_kills: int, rng: rand
     its next kill is compared with the reference and a fresh run starts, so kills spread over all phases."""
     total: list[Attempt] = []
 
-    def next_kill(done: list[Attempt]) -> Optional[dict]:
+    def next_kill(done: list[Attempt]) -> dict | None:
         if (done and done[-1].rc == 0) or sum(a.killed for a in total + done) >= n_kills:
             return None
         i = len(total) + len(done) + 1
@@ -742,7 +742,7 @@ def test_python_m_subprocess_random_kills_slow(harness):
             proc = subprocess.Popen([sys.executable, "-m", "velocitune", *argv], stdout=out, stderr=subprocess.STDOUT,
                                     env=_env(), cwd=REPO)
         # Wait for the imports (the lock file holds its pid), then kill at a random point of the work.
-        assert _wait_for(lambda: _lock_holder(run) == proc.pid, proc.pid)
+        assert _wait_for(lambda proc=proc: _lock_holder(run) == proc.pid, proc.pid)
         time.sleep(rng.uniform(0.0, 0.9 * ref.seconds))
         proc.kill()
         kills += proc.wait() == KILLED

@@ -1,4 +1,4 @@
-"""Tests for velocitune.mixing: worked vectors from DESIGN §3, independent references, invariants."""
+"""Tests for velocitune.mixing: worked vectors from docs/design.md §3, independent references, invariants."""
 
 import json
 import math
@@ -55,7 +55,7 @@ def test_worked_vector_velocitune():
 
 
 def test_worked_vector_dbl():
-    # DESIGN's dbl vector [0.435400, 0.213885, 0.350715] is the value before smoothing: with
+    # docs/design.md's dbl vector [0.435400, 0.213885, 0.350715] is the value before smoothing: with
     # c = 1e-4 every entry moves by ~1e-5, beyond the 1e-6 check. So check it at c = 0, and the
     # default c = 1e-4 as exactly (1 - c)·v + c/k of it.
     expected = np.array([0.435400, 0.213885, 0.350715])

@@ -176,7 +176,7 @@ def test_mixed_dtypes_refused(tmp_path):
         DomainTokens([a, b])
 
 
-# -- PreparedData on a directory written by hand (independent of prepare.py) -------------------------
+# -- PreparedData on a directory written by hand (independent of velocitune.prepare) -----------------
 
 
 def _make_prepared(root: Path, spec: dict[str, tuple[list[int], int]], vocab: int = 300) -> dict:

@@ -12,9 +12,10 @@ from velocitune import laws
 from velocitune.cli import main as cli_main
 from velocitune.config import dump_yaml
 from velocitune.errors import FitError, VelocituneError
-from velocitune.metrics import read_jsonl
+from velocitune.fileio import read_jsonl
+from velocitune.schedule import lr_schedule
 from velocitune.targets import estimate_targets, fit_domain, proxy_config, proxy_eval_steps
-from velocitune.train import lr_schedule, train
+from velocitune.train import train
 
 NAMES = ["prose", "code", "math"]
 
@@ -27,7 +28,8 @@ def test_proxy_eval_steps_cover_a_tenth_to_the_end():
 
 def test_proxy_config_is_static_w0_on_a_subsample(make_config):
     cfg = make_config(train={"steps": 200, "warmup_steps": 20}, mixing={"weights": {"prose": 0.2, "code": 0.3, "math": 0.5}})
-    pc = proxy_config(cfg, 0.1, 10, cfg_dir := Path("/tmp/x"), 200)
+    cfg.targets.fraction, cfg.targets.points = 0.1, 10
+    pc = proxy_config(cfg, cfg_dir := Path("/tmp/x"), 200)
     assert pc.mixing.rule == "static" and pc.mixing.weights is None and pc.mixing.targets is None
     assert pc.data.subsample == 0.1 and pc.train.steps == 20 and pc.train.warmup_steps == 2
     assert pc.train.lr == cfg.train.lr and pc.train.batch_size == cfg.train.batch_size
@@ -40,12 +42,13 @@ def test_proxy_config_is_static_w0_on_a_subsample(make_config):
 
 def test_constant_proxy_schedule_keeps_the_peak_lr_without_anneal(make_config):
     cfg = make_config(train={"steps": 200, "warmup_steps": 20})
-    pc = proxy_config(cfg, 0.1, 10, Path("/tmp/x"), 200, schedule="constant")
+    cfg.targets.fraction, cfg.targets.points, cfg.targets.proxy_schedule = 0.1, 10, "constant"
+    pc = proxy_config(cfg, Path("/tmp/x"), 200)
     lrs = lr_schedule(pc, 20)
     assert pc.train.schedule == "constant" and pc.train.warmup_steps == 2
     assert np.all(lrs[2:] == cfg.train.lr) and lrs[0] < cfg.train.lr
-    with pytest.raises(VelocituneError, match="proxy schedule must be one of"):
-        proxy_config(cfg, 0.1, 10, Path("/tmp/x"), 200, schedule="cosine")
+    with pytest.raises(VelocituneError, match="targets.proxy_schedule' is 'cosine'; allowed: compressed, constant"):
+        make_config(targets={"proxy_schedule": "cosine"})
 
 
 def _law_points(E=1.8, B=60.0, beta=0.35, n=8):
@@ -56,7 +59,7 @@ def _law_points(E=1.8, B=60.0, beta=0.35, n=8):
 def test_fit_domain_chinchilla_extrapolates_the_law():
     tokens, losses = _law_points()
     S = (np.linspace(0.1, 1, 8), np.zeros(8))
-    d = fit_domain("code", tokens, losses, 3.5, 2e7, "chinchilla", S, (10.0, 0.0))
+    d, _ = fit_domain("code", tokens, losses, 3.5, 2e7, "chinchilla", S, (10.0, 0.0))
     assert d["predictor"] == "chinchilla" and not d["guarded"]
     assert d["target"] == pytest.approx(1.8 + 60.0 / 2e7**0.35, abs=1e-3)
     assert d["interval"][0] <= d["target"] <= d["interval"][1]
@@ -67,7 +70,7 @@ def test_fit_domain_auto_falls_back_on_a_flat_curve_and_flags_degrading_domains(
     tokens = np.geomspace(2e5, 2e6, 8)
     flat = 2.5 - 0.001 * np.log(tokens / 2e5)  # barely moving: the chinchilla checks must fail
     S1 = np.linspace(0.01, 0.1, 8)
-    d = fit_domain("replay", tokens, flat, 2.45, 2e7, "auto", (S1, np.zeros(8)), (1.0, 0.0))
+    d, _ = fit_domain("replay", tokens, flat, 2.45, 2e7, "auto", (S1, np.zeros(8)), (1.0, 0.0))
     assert d["warnings"], "a near-flat curve must be flagged"
     assert d["predictor"] in ("cpt_law", "loglinear")
     assert d["guarded"] and any("predicted to get worse" in w for w in d["warnings"])
@@ -80,10 +83,19 @@ def test_fit_domain_needs_four_finite_points():
         fit_domain("math", tokens, losses, 3.0, 2e7, "chinchilla", (np.ones(5), np.zeros(5)), (1.0, 0.0))
 
 
+def _recipe(cfg, fraction, points, predictor):
+    """cfg with its targets section set to the proxy recipe (a copy, so one test can vary it)."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.targets.fraction, c.targets.points, c.targets.predictor = fraction, points, predictor
+    return c
+
+
 def test_estimate_targets_end_to_end_and_train_reads_them(make_config, tmp_path):
     cfg = make_config("main", train={"steps": 40}, mixing={"target_values": None})
     out = tmp_path / "t" / "targets.json"
-    doc = estimate_targets(cfg, 0.5, 5, "chinchilla", out)
+    doc = estimate_targets(_recipe(cfg, 0.5, 5, "chinchilla"), out)
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 10_000
     assert doc["main_steps"] == 40 and doc["proxy_steps"] == 20
     assert doc["budget_tokens"] == 40 * 8 * 32
@@ -121,17 +133,51 @@ def test_cli_init_loss_and_targets(make_config, tmp_path, capsys):
 def test_identical_proxy_is_reused_and_a_changed_one_rerun(make_config, tmp_path, monkeypatch):
     cfg = make_config("reuse", train={"steps": 40}, mixing={"target_values": None})
     out = tmp_path / "r" / "targets.json"
-    estimate_targets(cfg, 0.5, 5, "chinchilla", out)
+    estimate_targets(_recipe(cfg, 0.5, 5, "chinchilla"), out)
     calls = []
     import velocitune.train as train_mod
 
     monkeypatch.setattr(train_mod, "train", lambda pc, resume=False: calls.append(pc))
     cfg.train.threads = 2  # does not shape the run: the finished proxy is reused
-    estimate_targets(cfg, 0.5, 5, "cpt_law", tmp_path / "r" / "targets_cpt.json")
+    estimate_targets(_recipe(cfg, 0.5, 5, "cpt_law"), tmp_path / "r" / "targets_cpt.json")
     assert calls == []
     cfg.train.lr = 5e-3  # shapes the run: the proxy must be run again
     from velocitune.errors import DataError
 
     with pytest.raises((FileNotFoundError, DataError)):  # the stubbed train writes nothing to read back
-        estimate_targets(cfg, 0.5, 5, "chinchilla", tmp_path / "r" / "targets_lr.json")
+        estimate_targets(_recipe(cfg, 0.5, 5, "chinchilla"), tmp_path / "r" / "targets_lr.json")
     assert len(calls) == 1 and calls[0].train.lr == 5e-3
+
+
+def test_targets_go_where_train_reads_them_even_inside_the_run_directory(make_config, tmp_path):
+    """The SmolLM2 recipe's layout: targets.json and init_loss.json inside the run's own out_dir, named by
+    mixing.targets / mixing.init_loss. `targets` writes them there (its proxy must not need init_loss.json,
+    which does not exist yet), and `train` uses them without copying targets.json onto itself."""
+    run = tmp_path / "run"
+    cfg = make_config("run", train={"steps": 40},
+                      mixing={"target_values": None, "targets": str(run / "targets.json"),
+                              "init_loss": str(run / "init_loss.json")},
+                      targets={"fraction": 0.5, "points": 5, "predictor": "chinchilla"})
+    doc = estimate_targets(cfg)
+    assert (run / "targets.json").is_file() and (run / "init_loss.json").is_file()
+    res = train(cfg)
+    summary = json.loads((res.out_dir / "summary.json").read_text())
+    assert summary["targets"] == {n: doc["domains"][n]["target"] for n in NAMES}
+    init = json.loads((run / "init_loss.json").read_text())["domains"]
+    assert summary["init_loss"] == {n: init[n]["loss"] for n in NAMES}
+
+
+def test_targets_json_holds_each_fit_drawn_with_its_own_law(make_config, tmp_path):
+    """fit_curve follows the fitted law over the proxy, prediction_curve over the main run to the target."""
+    cfg = make_config("curves", train={"steps": 40}, mixing={"target_values": None},
+                      targets={"fraction": 0.5, "points": 6, "predictor": "cpt_law"})
+    doc = estimate_targets(cfg, tmp_path / "c" / "targets.json")
+    for n in NAMES:
+        d = doc["domains"][n]
+        fit, pred = np.array(d["fit_curve"]), np.array(d["prediction_curve"])
+        assert fit[0, 0] == d["points"][0][0] and fit[-1, 0] == d["points"][-1][0]  # over the proxy's points
+        assert pred[-1, 0] == doc["budget_tokens"] and pred[-1, 1] == pytest.approx(d["target"], rel=1e-12)
+        # The fitted curve passes near the points it was fitted to (R² > 0.9 is one of the checks).
+        at = {t: l for t, l in fit}
+        close = [abs(at[t] - l) for t, l in d["points"] if t in at]
+        assert close and np.mean(close) < 0.1

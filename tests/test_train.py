@@ -13,8 +13,8 @@ import torch
 
 from velocitune import mixing
 from velocitune.errors import ConfigError, TrainingError
-from velocitune.metrics import read_jsonl
-from velocitune.train import lr_at, train
+from velocitune.fileio import read_jsonl
+from velocitune.train import train
 
 NAMES = ["prose", "code", "math"]
 
@@ -81,17 +81,17 @@ def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch):
     cfg = make_config("crash", **sections)
     import velocitune.train as T
 
-    real = T.lr_at
+    real = T.step_lr
 
-    def crash(step, *a, **k):
+    def crash(cfg, step, steps):
         if step == 13:  # after the checkpoint at 8 and the updates at 10 and 12 (pending for 12)
             raise KeyboardInterrupt("simulated kill")
-        return real(step, *a, **k)
+        return real(cfg, step, steps)
 
-    monkeypatch.setattr(T, "lr_at", crash)
+    monkeypatch.setattr(T, "step_lr", crash)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    monkeypatch.setattr(T, "lr_at", real)
+    monkeypatch.setattr(T, "step_lr", real)
     assert [r["step"] for r in read_jsonl(cfg_out(cfg) / "mixture.jsonl")][-1] == 10
     train(cfg, resume=True)
     out = cfg_out(cfg)
@@ -199,19 +199,6 @@ def test_vocab_mismatch_is_refused(make_config, tmp_path):
     small.save_pretrained(tmp_path / "small")
     with pytest.raises(TrainingError):
         train(make_config("vocab", model={"path": str(tmp_path / "small")}))
-
-
-def test_lr_schedules():
-    peak, steps, warm = 1e-3, 100, 10
-    assert lr_at(0, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-4)
-    assert lr_at(9, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-3)
-    assert lr_at(99, peak, steps, warm, "cosine", 0.1, 0.2) == pytest.approx(1e-4)
-    mid = lr_at(54, peak, steps, warm, "cosine", 0.1, 0.2)
-    assert mid == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 45 / 90)))
-    assert lr_at(79, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-3)
-    assert lr_at(99, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-4)
-    assert lr_at(89, peak, steps, warm, "wsd", 0.1, 0.2) == pytest.approx(1e-3 - 0.9e-3 * 10 / 20)
-    assert lr_at(99, peak, steps, warm, "constant", 0.1, 0.2) == pytest.approx(1e-3)
 
 
 def test_model_with_another_tokenizer_is_refused(make_config, tmp_path, tiny_tokenizer):

@@ -1,6 +1,6 @@
 """velocitune: continual pre-training on a mixture of domains, re-weighted by learning velocity.
 
-The public maths API (DESIGN §5) is importable from here; it pulls in numpy/scipy only, never torch.
+The public maths API (docs/design.md §5) is importable from here; it pulls in numpy/scipy only, never torch.
 """
 
 from velocitune.errors import (

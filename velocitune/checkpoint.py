@@ -1,18 +1,21 @@
-"""Save and restore everything that shapes a run, atomically and verifiably (DESIGN §6 rule 10).
+"""Save and restore everything that shapes a run, atomically, verifiably and as data, never code.
 
-A checkpoint is a directory `ckpt_root/step_00000100/` holding one `torch.save` file per top-level key
-of the state (`model.pt`, `optimizer.pt`, `sampler.pt`, `rng.pt`, ...), then `meta.json` and, written
-last, `checksums.json` (sha256 and size of every other file). It is written under a hidden temporary
-name and renamed into place, so a crash leaves either the whole checkpoint or none of it; a checkpoint
-damaged afterwards (truncated, bit-flipped) fails its checksums and `load_latest` falls back to the
-previous one. `RunLock` keeps a second process out of a run directory.
+A checkpoint is a directory `ckpt_root/step_00000100/` holding one file per top-level key of the state,
+then `meta.json` and, written last, `checksums.json` (sha256 and size of every other file). A part made of
+plain values (dicts, lists, strings, numbers, booleans, None: the sampler schedule, the mixing state,
+counters, the config) is written as JSON (`state.json`); a part holding tensors (`model.pt`,
+`optimizer.pt`, `rng.pt`) with `torch.save`, and is loaded with `torch.load(weights_only=True)` only.
+Nothing in a checkpoint can run code when loaded: a part that needs the full unpickler (a crafted pickle,
+or a numpy array from a format-1 checkpoint) is refused with a CheckpointError. The directory is written
+under a hidden temporary name and renamed into place, so a crash leaves either the whole checkpoint or
+none of it; a checkpoint damaged afterwards (truncated, bit-flipped) fails its checksums and
+`load_latest` falls back to the previous one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -29,12 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import __version__
+from velocitune import __version__, fileio
 from velocitune.errors import CheckpointError, ConfigError
-from velocitune.metrics import fsync_dir, json_default
+from velocitune.fileio import json_default, write_synced
 
 FORMAT = "velocitune-checkpoint"
-FORMAT_VERSION = 1
+# 2: plain-value parts as JSON, every .pt part loadable with weights_only=True (1 pickled numpy arrays).
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
 CHECKSUMS_FILE = "checksums.json"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
@@ -73,7 +77,10 @@ def save_checkpoint(
     keep: int = 3,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `state` (name → object torch.save can pickle) as `ckpt_root/step_%08d`, atomically.
+    """Write `state` (name → plain values or tensors) as `ckpt_root/step_%08d`, atomically.
+
+    A part made only of plain values is written as `<name>.json`; any other part with torch.save as
+    `<name>.pt`, and it must then load with weights_only=True (tensors, plain values and containers).
 
     Every file is fsynced before the directory is renamed into place, and the rename itself is made
     durable. Only then are older checkpoints pruned to the newest `keep` valid ones, and leftovers of
@@ -91,7 +98,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)  # our own earlier attempt at this step, interrupted by an exception
     try:
         tmp.mkdir()
-        parts = {key: f"{key}.pt" for key in state}
+        parts = {key: f"{key}.json" if _is_plain(state[key]) else f"{key}.pt" for key in state}
         for key, filename in parts.items():
             _write_part(tmp / filename, state[key])
         meta_doc = {
@@ -105,14 +112,12 @@ def save_checkpoint(
             "parts": parts,
             **(meta or {}),
         }
-        _write_synced(tmp / META_FILE, (json.dumps(meta_doc, indent=2, default=json_default) + "\n").encode())
+        write_synced(tmp / META_FILE, (json.dumps(meta_doc, indent=2, default=json_default) + "\n").encode())
         # checksums.json goes last and covers meta.json, so every other file in the directory is verified.
         files = {name: _file_digest(tmp / name) for name in [*parts.values(), META_FILE]}
         checksums = {"algorithm": "sha256", "files": files}
-        _write_synced(tmp / CHECKSUMS_FILE, (json.dumps(checksums, indent=2) + "\n").encode())
-        fsync_dir(tmp)
-        _install(tmp, final)
-        fsync_dir(root)
+        write_synced(tmp / CHECKSUMS_FILE, (json.dumps(checksums, indent=2) + "\n").encode())
+        fileio.install_dir(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         disk_full = _disk_full_error(exc)
@@ -142,17 +147,27 @@ def _check_save_args(step: int, state: Mapping[str, Any], keep: int, meta: Mappi
         raise ValueError(f"meta keys {sorted(clash)} are reserved for the checkpoint's own metadata")
 
 
+def _is_plain(obj: Any) -> bool:
+    """True for JSON's own values: dicts with string keys, lists/tuples, strings, numbers, booleans, None."""
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_is_plain(v) for v in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in obj.items())
+    return False
+
+
 def _write_part(path: Path, obj: Any) -> None:
-    """torch.save one part, flushed and fsynced so the data is on disk before the directory rename."""
+    """One part, flushed and fsynced so the data is on disk before the directory rename.
+
+    JSON keeps every float exactly (Python writes the shortest repr that reads back to the same double).
+    """
+    if path.suffix == ".json":
+        write_synced(path, (json.dumps(obj) + "\n").encode())
+        return
     with open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -177,20 +192,6 @@ def _config_hash(config: Any) -> str | None:
         config = dataclasses.asdict(config)
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the finished temp dir to its final name; an existing checkpoint of the same step is
-    swapped out first (rename cannot replace a non-empty directory) and then deleted."""
-    if not final.exists():
-        os.rename(tmp, final)
-        return
-    # A crash between the two renames loses this step's checkpoint (the old one sits under a .tmp-
-    # name, removed at the next save); earlier steps are untouched.
-    aside = final.with_name(f"{_TMP_PREFIX}replaced-{final.name}-{os.getpid()}")
-    os.rename(final, aside)
-    os.rename(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _disk_full_error(exc: BaseException) -> OSError | None:
@@ -337,24 +338,35 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {file}: {exc}") from exc
 
 
-def _load_part(file: Path, map_location: Any) -> Any:
-    """torch.load one part: weights_only=True first (tensors, numbers, strings, containers), then the
-    full unpickler for parts holding other objects (numpy arrays, custom sampler state).
+def _load_part(file: Path, map_location: Any, version: Any) -> Any:
+    """One part: JSON as JSON; a .pt part with torch.load(weights_only=True) only (tensors, plain values).
 
-    weights_only=False runs arbitrary pickle code, so it is used only here: on files this module wrote,
-    whose sha256 was just checked against checksums.json. Never point load_checkpoint at a directory you
-    did not create (a checkpoint directory is trusted exactly like the code that runs it).
+    The full unpickler would run whatever code a crafted file names, so a part it would need is refused:
+    a checkpoint, shared or downloaded, is data and never code.
     """
+    if file.suffix == ".json":
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"cannot load {file}: not valid JSON ({exc})") from None
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # holds objects outside the safe set: load it with the full unpickler below
+    except pickle.UnpicklingError as exc:
+        old = (" It was written by velocitune 0.1 (checkpoint format 1), which pickled numpy arrays: finish that "
+               "run with velocitune 0.1, or start it over." if version == 1 else "")
+        raise CheckpointError(
+            f"refused to load {file}: it holds Python objects other than tensors and plain values, which only "
+            f"the full unpickler can rebuild, and that would run code named in the file. velocitune never "
+            f"writes such a part; the file was crafted or written by another program.{old}{_unsafe_global(exc)}"
+        ) from None
     except Exception as exc:
         raise CheckpointError(f"cannot load {file} ({type(exc).__name__}: {exc})") from exc
-    try:
-        return torch.load(file, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot load {file} ({type(exc).__name__}: {exc})") from exc
+
+
+def _unsafe_global(exc: Exception) -> str:
+    """The global torch's safe unpickler refused (e.g. "GLOBAL pathlib.Path.write_text"), to name it."""
+    found = re.search(r"Unsupported global: (GLOBAL [\w.]+)", str(exc))
+    return f" (it names {found.group(1)})" if found else ""
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[int, dict[str, Any]]:
@@ -365,7 +377,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> tuple
     path = Path(path)
     verify_checkpoint(path)
     meta = read_meta(path)
-    state = {key: _load_part(path / filename, map_location) for key, filename in meta["parts"].items()}
+    version = meta.get("version")
+    state = {key: _load_part(path / filename, map_location, version) for key, filename in meta["parts"].items()}
     return int(meta["step"]), state
 
 
@@ -399,60 +412,6 @@ def load_latest(ckpt_root: str | os.PathLike, map_location: Any = "cpu") -> tupl
             "Restore one from a backup, or delete the directory to start the run over."
         )
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Run lock
-
-
-class RunLock:
-    """Lock a run directory against a second concurrent velocitune process.
-
-    `fcntl.flock` on `run_dir/.lock`, non-blocking; the kernel drops the lock when the holder's file is
-    closed or the process dies, so a crash never leaves a stale lock. The holder's pid is written into
-    the file for the error message. Child processes forked while the lock is held share it.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this RunLock")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(
-                f"another velocitune process (pid {holder}) is using {self.run_dir}: wait for it to finish, "
-                "stop it, or use a different run directory"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            # The file stays: deleting it would let a waiter lock an unlinked inode while a third
-            # process creates and locks a new one.
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------------------------------

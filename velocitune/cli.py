@@ -1,4 +1,4 @@
-"""The `velocitune` command line: one subcommand per pipeline stage (DESIGN §2, §5).
+"""The `velocitune` command line: one subcommand per pipeline stage (docs/design.md §2, §5).
 
 Training-style commands take a YAML config plus dotted overrides (`--train.steps=200`). Errors the user
 can fix (VelocituneError) print one clear message and exit with status 2, without a traceback.
@@ -9,43 +9,50 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from velocitune import __version__
 from velocitune.errors import VelocituneError
 
 CONFIG_HELP = (
-    "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist) followed by "
+    "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist, prepare, targets: "
+    "one file for the whole pipeline, only the keys you change) followed by "
     "dotted overrides such as --train.steps=200 --mixing.rule=dbl. `velocitune train --help-config` "
     "lists every key with its default."
 )
 
 
-def _config_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description + "\n\n" + CONFIG_HELP,
+def _config_command(sub, name: str, help: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description + "\n\n" + CONFIG_HELP, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (optional: defaults + overrides also work)")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
     return p
 
 
-def _split_config(args: argparse.Namespace, extra: list[str]):
-    """Parse the config of a training-style command from its file and dotted overrides."""
-    from velocitune.config import help_text, load_config
+def _config_args(args: argparse.Namespace, extra: list[str]) -> tuple[str | None, list[str]]:
+    """(config file, dotted overrides) of a config command; --help-config prints every key and exits."""
+    from velocitune.config import help_text
 
     if getattr(args, "help_config", False):
         print(help_text())
         sys.exit(0)
+    config = args.config
+    if config is not None and config.startswith("--"):  # no file: what argparse took for it is an override
+        extra, config = [config] + extra, None
     bad = [e for e in extra if not (e.startswith("--") and "=" in e and "." in e.split("=", 1)[0])]
     if bad:
         raise VelocituneError(
             f"unrecognised argument(s) {' '.join(bad)}; config overrides look like --section.key=value"
         )
-    config = args.config
-    if config is not None and config.startswith("--"):
-        extra = [config] + extra
-        config = None
-    return load_config(config, extra)
+    return config, extra
+
+
+def _split_config(args: argparse.Namespace, extra: list[str]):
+    """The config of a command from its file and dotted overrides."""
+    from velocitune.config import load_config
+
+    return load_config(*_config_args(args, extra))
 
 
 def _run_train(args, extra) -> int:
@@ -56,16 +63,29 @@ def _run_train(args, extra) -> int:
     return 0
 
 
+def _run_prepare(args, extra) -> int:
+    from velocitune.prepare.command import main
+
+    args.config, overrides = _config_args(args, extra)
+    return main(args, overrides)
+
+
 def _run_init_loss(args, extra) -> int:
     from velocitune.targets import init_loss_main
 
     return init_loss_main(_split_config(args, extra), out=args.out)
 
 
+# `velocitune targets` flags and the config keys they set (a flag wins over the file and the overrides).
+_TARGET_FLAGS = {"fraction": "targets.fraction", "points": "targets.points", "predictor": "targets.predictor",
+                 "proxy_schedule": "targets.proxy_schedule"}
+
+
 def _run_targets(args, extra) -> int:
     from velocitune.targets import targets_main
 
-    return targets_main(_split_config(args, extra), args)
+    flags = [f"--{key}={getattr(args, name)}" for name, key in _TARGET_FLAGS.items() if getattr(args, name) is not None]
+    return targets_main(_split_config(args, extra + flags), out=args.out)
 
 
 def _delegate(module: str) -> tuple[Callable, Callable]:
@@ -85,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     for name, module, help in [
-        ("prepare", "prepare", "tokenize corpora into token shards with fixed validation sets"),
         ("report", "report", "tables and plots comparing run directories"),
         ("demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU"),
         ("sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes"),
@@ -99,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(p)
         p.set_defaults(handler=lambda a, extra, main=main: main(a))
 
+    from velocitune.prepare import command as prepare_command
+
+    p = _config_command(sub, "prepare", "tokenize corpora into token shards with fixed validation sets",
+                        prepare_command.DESCRIPTION.rstrip(), prepare_command.EPILOG)
+    prepare_command.add_arguments(p)
+    p.set_defaults(handler=_run_prepare, takes_overrides=True)
+
     p = _config_command(sub, "train", "continual pre-training with a mixing rule",
                         "Continue pre-training a model on prepared domains, re-weighting them while it trains.")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
@@ -106,15 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _config_command(sub, "init-loss", "the base model's per-domain validation loss (l_init)",
                         "Measure the base model's per-domain validation loss and write init_loss.json.")
-    p.add_argument("--out", help="where to write init_loss.json (default: RUN.out_dir/init_loss.json)")
+    p.add_argument("--out", help="where to write init_loss.json (default: mixing.init_loss, else RUN.out_dir/init_loss.json)")
     p.set_defaults(handler=_run_init_loss, takes_overrides=True)
 
     p = _config_command(sub, "targets", "predict per-domain target losses from a proxy run",
                         "Run a short proxy on a stratified subsample with static w0, fit a scaling law per "
                         "domain and write targets.json (+ targets.png).")
-    p.add_argument("--out", help="where to write targets.json (default: RUN.out_dir/targets.json)")
-    p.add_argument("--fraction", type=float, default=None, help="proxy subsample fraction p (default 0.2)")
-    p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (default 20)")
+    p.add_argument("--out", help="where to write targets.json (default: mixing.targets, else RUN.out_dir/targets.json); "
+                                 "init_loss.json goes to mixing.init_loss, else beside it")
+    p.add_argument("--fraction", type=float, default=None, help="proxy subsample fraction p (targets.fraction, default 0.2)")
+    p.add_argument("--points", type=int, default=None, help="evaluation points n_ckpt (targets.points, default 20)")
     p.add_argument("--predictor", choices=["chinchilla", "cpt_law", "auto"], default=None,
                    help="cpt_law (default): LR-aware CPT law; chinchilla: L(D)=E+B/D^beta (the paper); "
                         "auto: chinchilla, and cpt_law where its checks fail")
@@ -132,7 +159,7 @@ def _not_built(name: str):
     return handler
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -35,7 +35,7 @@ RULES = (
 @dataclass
 class RunConfig:
     out_dir: str = "runs/run"  # the run directory (config.yaml, metrics.jsonl, checkpoints/, final/ ...)
-    arm: Optional[str] = None  # label grouping seeds in reports; default: rule (+ "-train" for the train signal)
+    arm: str | None = None  # label grouping seeds in reports; default: rule (+ "-train" for the train signal)
 
 
 @dataclass
@@ -48,23 +48,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # local Hugging Face causal LM directory; None builds a fresh Llama
-    tokenizer: Optional[str] = None  # saved into final/; default: the model directory's tokenizer
+    path: str | None = None  # local Hugging Face causal LM directory; None builds a fresh Llama
+    tokenizer: str | None = None  # saved into final/; default: the model directory's tokenizer
     # Sizes of a fresh Llama-style model (used when `path` is None, e.g. the demo's base model).
     hidden_size: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None
-    intermediate_size: Optional[int] = None
+    n_kv_heads: int | None = None
+    intermediate_size: int | None = None
     tie_embeddings: bool = True
 
 
 @dataclass
 class TrainConfig:
-    steps: Optional[int] = None  # optimizer steps; default from `tokens`, else one epoch of the corpus
-    tokens: Optional[int] = None  # token budget (alternative to steps)
+    steps: int | None = None  # optimizer steps; default from `tokens`, else one epoch of the corpus
+    tokens: int | None = None  # token budget (alternative to steps)
     batch_size: int = 16  # global batch, in sequences, per optimizer step
-    micro_batch_size: Optional[int] = None  # per rank per forward; default: the whole rank share
+    micro_batch_size: int | None = None  # per rank per forward; default: the whole rank share
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final LR = min_lr_ratio * lr (cosine and WSD)
     warmup_steps: float = 0.05  # < 1: fraction of the run; >= 1: steps
@@ -80,7 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
     loss_chunk_tokens: int = 2048  # tokens per chunk of the memory-light cross-entropy
-    threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
 
 
 @dataclass
@@ -88,21 +88,21 @@ class MixingConfig:
     rule: str = "velocitune"  # one of RULES
     preset: str = "robust"  # velocitune: faithful (paper: c=0) | robust
     signal: str = "eval"  # eval (faithful: val sets) | train (per-domain training loss, no extra cost)
-    interval: Optional[int] = None  # m, optimizer steps between updates; default max(1, steps // 100)
-    eta: Optional[float] = None  # step size; None: the rule's/preset's default
-    smoothing: Optional[float] = None  # c: mix with uniform after each update
-    floor: Optional[float] = None  # δ_min on the velocity denominator (nats)
-    relative_floor: Optional[float] = None  # δ floor relative to the median gap l_init - l_target
-    min_weight: Optional[float] = None  # lower bound on every w_i after an update
-    ema: Optional[float] = None  # EMA of V across updates
+    interval: int | None = None  # m, optimizer steps between updates; default max(1, steps // 100)
+    eta: float | None = None  # step size; None: the rule's/preset's default
+    smoothing: float | None = None  # c: mix with uniform after each update
+    floor: float | None = None  # δ_min on the velocity denominator (nats)
+    relative_floor: float | None = None  # δ floor relative to the median gap l_init - l_target
+    min_weight: float | None = None  # lower bound on every w_i after an update
+    ema: float | None = None  # EMA of V across updates
     temperature: float = 2.0  # temperature rule: w ∝ n_i^(1/τ)
-    alpha: Optional[float] = None  # odm: EMA of the importance-weighted reward
+    alpha: float | None = None  # odm: EMA of the importance-weighted reward
     sampling_floor: float = 0.0  # minimum sampling weight of any non-exhausted domain
-    weights: Optional[dict[str, float]] = None  # initial weights; default w0 (token shares)
-    targets: Optional[str] = None  # targets.json from `velocitune targets`
-    target_values: Optional[dict[str, float]] = None  # explicit targets per domain (override the file)
-    init_loss: Optional[str] = None  # init_loss.json; default: measured at step 0 and cached
-    replay_from: Optional[str] = None  # replay rule: a previous run directory (its mixture.jsonl)
+    weights: dict[str, float] | None = None  # initial weights; default w0 (token shares)
+    targets: str | None = None  # targets.json from `velocitune targets`
+    target_values: dict[str, float] | None = None  # explicit targets per domain (override the file)
+    init_loss: str | None = None  # init_loss.json; default: measured at step 0 and cached
+    replay_from: str | None = None  # replay rule: a previous run directory (its mixture.jsonl)
     replay_mode: str = "average"  # replay: average | final
 
 
@@ -110,8 +110,8 @@ class MixingConfig:
 class EvalConfig:
     max_tokens: int = 32768  # validation tokens per domain per evaluation (whole windows)
     batch_size: int = 16  # sequences per forward in evaluation
-    interval: Optional[int] = None  # steps between validation evals for curves; default: mixing interval (eval signal) or steps // 10
-    points: Optional[list[int]] = None  # explicit eval steps (proxy runs), replaces interval
+    interval: int | None = None  # steps between validation evals for curves; default: mixing interval (eval signal) or steps // 10
+    points: list[int] | None = None  # explicit eval steps (proxy runs), replaces interval
 
 
 @dataclass
@@ -123,7 +123,7 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: Optional[int] = None  # steps between checkpoints; default steps // 5; 0 disables
+    interval: int | None = None  # steps between checkpoints; default steps // 5; 0 disables
     keep: int = 2  # keep the newest K valid checkpoints
     save_final: bool = True  # write final/ (save_pretrained model + tokenizer)
 
@@ -133,6 +133,35 @@ class DistConfig:
     strategy: str = "ddp"  # ddp | fsdp2 (used only under torchrun)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     check_weights: bool = False  # debug: assert identical mixture weights on every rank
+
+
+@dataclass
+class PrepareConfig:
+    """`velocitune prepare`: corpora -> token shards in data.path (flags such as --domain set these keys)."""
+
+    tokenizer: str | None = None  # local HF tokenizer directory; default: model.tokenizer, else model.path
+    # Each domain's inputs: files, directories (read recursively) or glob patterns; one path or a list.
+    domains: dict[str, list[str] | str] = field(default_factory=dict)
+    val_fraction: float = 0.01  # share of documents eligible for the validation split
+    val_tokens: int = 1_000_000  # cap on validation tokens per domain
+    workers: int | None = None  # tokenizer processes; default: number of CPUs; 1 = in this process
+    text_field: str = "text"  # JSON field / Parquet column holding the text
+    extensions: list[str] = field(default_factory=list)  # extra extensions read as plain text, e.g. [.c, .h]
+    strict: bool = False  # fail on a file that is not UTF-8 instead of skipping it with a warning
+    shard_tokens: int = 100_000_000  # tokens per output shard file
+    num_shards: int = 1  # split the work over N machines: this run writes part shard_index
+    shard_index: int = 0
+    merge: list[str] | None = None  # part directories of a sharded prepare to merge into data.path
+
+
+@dataclass
+class TargetsConfig:
+    """`velocitune targets`: the proxy run and the law that predict each domain's target loss."""
+
+    fraction: float = 0.2  # proxy subsample p (docs/study.md chose 0.2 over the paper's 0.1)
+    points: int = 20  # evaluation points over [0.1, 1] of the proxy
+    predictor: str = "cpt_law"  # cpt_law (LR-aware CPT law) | chinchilla (the paper) | auto
+    proxy_schedule: str = "compressed"  # compressed: the main schedule squeezed | constant: peak LR, no anneal
 
 
 @dataclass
@@ -146,6 +175,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+
+
+# A config file may say which format it is written in; files without the key are version 1.
+CONFIG_VERSION = 1
 
 
 CHOICES = {
@@ -158,6 +193,8 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
     "dist.strategy": ("ddp", "fsdp2"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "targets.predictor": ("cpt_law", "chinchilla", "auto"),
+    "targets.proxy_schedule": ("compressed", "constant"),
 }
 
 
@@ -177,7 +214,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _dataclass_type(cls: type, name: str) -> Optional[type]:
+def _dataclass_type(cls: type, name: str) -> type | None:
     t = _hints(cls)[name]
     return t if dataclasses.is_dataclass(t) else None
 
@@ -266,7 +303,15 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data or {})
+    """A validated Config from a nested mapping (a YAML file's content); `version` may say its format."""
+    data = dict(data or {})
+    version = data.pop("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(
+            f"config 'version' is {version!r}, but this velocitune reads config version {CONFIG_VERSION}; "
+            "drop the key or write the config for this version"
+        )
+    cfg = _build(Config, data)
     validate(cfg)
     return cfg
 
@@ -302,7 +347,7 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- dotted overrides, type-checked and validated."""
     data: dict = {}
     if path is not None:
@@ -312,7 +357,12 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = _load_yaml_unique(p) or {}
+        except _DuplicateKey as e:
+            raise ConfigError(
+                f"config file '{p}', line {e.line}: the key {e.key!r} is given twice (YAML would silently keep "
+                f"the last one); give each key once (a domain's inputs as a list: `{e.key}: [path1, path2]`)"
+            ) from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file '{p}' is not UTF-8 text ({e}); save it as UTF-8") from None
         except OSError as e:
@@ -327,8 +377,35 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
     return from_dict(data)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _load_yaml_unique(path: Path) -> Any:
+    """Parse YAML, refusing a mapping key given twice (PyYAML would silently keep the last)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=Loader)
+
+
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The resolved config as YAML, loadable with `load_config` (it starts with its format version)."""
+    return yaml.safe_dump({"version": CONFIG_VERSION, **to_dict(cfg)}, sort_keys=False, default_flow_style=None)
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -392,6 +469,44 @@ def validate(cfg: Config) -> None:
     _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
     _check(cfg.checkpoint.interval is None or cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    # prepare.* is checked by `velocitune.prepare` itself (the library call checks the same values).
+    tc = cfg.targets
+    _check(0 < tc.fraction <= 1, "targets.fraction", f"must be in (0, 1], got {tc.fraction}")
+    _check(tc.points >= 4, "targets.points", f"must be >= 4 to fit a law, got {tc.points}")
+
+
+# Config keys a resumed run may change; any other difference is refused with the difference shown.
+RESUMABLE_CHANGES = (
+    "log.",
+    "checkpoint.",
+    "train.device",
+    "train.threads",
+    "train.micro_batch_size",
+    "train.compile",
+    "eval.batch_size",
+    "dist.",
+    "run.out_dir",
+    "prepare.",  # the stages before training do not shape a run that is already going
+    "targets.",
+)
+
+
+def check_resume_config(saved: dict, now: dict) -> None:
+    """ConfigError listing every key that differs between a checkpoint's config and this one and shapes the run."""
+    diffs = []
+    for sec in now:
+        for key, val in now[sec].items():
+            dotted = f"{sec}.{key}"
+            old = saved.get(sec, {}).get(key)
+            if old != val and not any(dotted.startswith(p) for p in RESUMABLE_CHANGES):
+                diffs.append(f"  {dotted}: {old!r} -> {val!r}")
+    if diffs:
+        allowed = ", ".join(p + ("*" if p.endswith(".") else "") for p in RESUMABLE_CHANGES)
+        raise ConfigError(
+            "cannot resume: the config differs from the checkpoint's in keys that shape the run:\n"
+            + "\n".join(diffs)
+            + f"\nRevert them, or start a new run.out_dir. Keys that may change on resume: {allowed}"
+        )
 
 
 def help_text() -> str:

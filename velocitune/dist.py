@@ -1,7 +1,7 @@
 """Process-group plumbing: single process by default, data-parallel (DDP or FSDP2) when a launcher asks.
 
 torchrun (or `accelerate launch`) sets RANK/WORLD_SIZE/LOCAL_RANK; the same command then runs
-data-parallel (DESIGN §6 rule 3). Only rank 0 writes files. Per-domain loss sums cross ranks in one small
+data-parallel (docs/design.md §6 rule 3). Only rank 0 writes files. Per-domain loss sums cross ranks in one small
 all_reduce per log/update point. Checkpoint states come in two forms:
 
 - *full*: the unsharded model and optimizer state, gathered for rank 0 to write (`full_state`), keyed by
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as tdist
 
 from velocitune.errors import CheckpointError, ConfigError
+from velocitune.fileio import install_dir
+from velocitune.model import unwrap_model
 
 SHARDED_DIR = "sharded"  # under the checkpoint root: sharded/step_XXXXXXXX/ beside checkpoints' step_XXXXXXXX/
 _DCP_METADATA = ".metadata"  # DCP's index file, written last by its coordinator
@@ -145,17 +147,6 @@ def _restore_fsdp_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying Hugging Face model (through DDP and torch.compile wrappers)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 # --------------------------------------------------------------------------- full (gathered) states
 
 
@@ -185,7 +176,7 @@ def full_model_state(model: torch.nn.Module, env: DistEnv, strategy: str) -> dic
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_full_options())
-    return unwrap(model).state_dict()
+    return unwrap_model(model).state_dict()
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
@@ -212,7 +203,7 @@ def optim_state_by_name(optim_sd: dict, model: torch.nn.Module, optimizer: torch
     ids = [i for g in groups for i in g["params"]]
     if not ids or not all(isinstance(i, int) for i in ids):
         return optim_sd
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     if len(order) != len(ids):
         raise CheckpointError(
@@ -254,7 +245,7 @@ def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: tor
     ref: dict[str, Any] = {}
     if env.is_main:
         ref = _describe_dcp(tmp)
-        _install_dir(tmp, final)
+        install_dir(tmp, final)
     barrier(env)
     return broadcast_object(ref, env)
 
@@ -349,28 +340,6 @@ def _verify_dcp(path: Path, expect: dict[str, Any] | None) -> None:
             raise CheckpointError(f"{f} is {f.stat().st_size} bytes, expected {size} (truncated or overwritten); {hint}")
     if hashlib.sha256((path / _DCP_METADATA).read_bytes()).hexdigest() != expect["metadata_sha256"]:
         raise CheckpointError(f"{path / _DCP_METADATA} does not match its checksum (corrupted); {hint}")
-
-
-def _install_dir(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`, replacing an older `final` (a re-save of the same step after a resume)."""
-    _fsync_path(tmp)  # DCP's writer fsyncs its files (sync_files=True); this makes their names durable
-    if final.exists():
-        aside = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(final, aside)
-        os.rename(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(final.parent)
-
-
-def _fsync_path(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def shutdown(env: DistEnv) -> None:

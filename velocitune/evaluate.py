@@ -1,7 +1,7 @@
 """Per-domain validation loss on the fixed held-out sets: forward-only and token-weighted.
 
 The same val windows are used everywhere (ℓ_init, proxy checkpoints, the eval signal, final losses), so
-their sampling bias cancels inside the velocity (DESIGN §3). Under torchrun each rank evaluates a strided
+their sampling bias cancels inside the velocity (docs/design.md §3). Under torchrun each rank evaluates a strided
 slice of every domain's windows and the (sum, count) pairs are all-reduced once.
 """
 

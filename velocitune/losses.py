@@ -1,18 +1,22 @@
 """Per-token and per-domain next-token loss, computed without materialising full fp32 logits.
 
 The training loop needs, for every micro-batch, (a) the token-mean loss to backpropagate and
-(b) each domain's NLL sum and token count for the mixing signal (DESIGN §3 "train" signal). The
+(b) each domain's NLL sum and token count for the mixing signal (docs/design.md §3 "train" signal). The
 output head of a language model turns `N` hidden states into `N × V` logits; for `N = 8k` tokens and
 `V = 50k` that is 1.6 GB in fp32 *per copy*, and autograd keeps several copies. Here the head runs
 chunk by chunk, and backward recomputes each chunk's logits from the saved hidden states, so peak
-memory scales with `chunk_tokens × V` instead of `N × V` (DESIGN §6 rule 6). Per-domain sums stay on
+memory scales with `chunk_tokens × V` instead of `N × V` (docs/design.md §6 rule 6). Per-domain sums stay on
 the device (`index_add_` into float64 accumulators); nothing here calls `.item()` or otherwise
 waits for the device.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import warnings
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from velocitune.errors import TrainingError
+from velocitune.model import _unwrap_chain, unwrap_model
 
 IGNORE_INDEX = -100
 
@@ -234,13 +239,10 @@ def domain_sums(
 def token_nll(model: nn.Module, input_ids: Tensor, labels: Tensor, chunk_tokens: int = 2048) -> Tensor:
     """Per-token NLL (B·T,) float32 of a causal LM on (B, T) inputs and already-shifted labels.
 
-    The final hidden states come from the model's decoder (see `velocitune.model.loss_path`) and
+    The final hidden states come from the model's decoder (see `loss_path` below) and
     go through the output head chunk by chunk; a model with no decoder or head to find falls back,
     with a one-time warning, to its full logits.
     """
-    # Imported here: model.py pulls in transformers, which users of the pure functions above skip.
-    from velocitune.model import final_hidden_states, loss_path
-
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids and labels must both be (B, T); got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
@@ -294,8 +296,6 @@ def check_loss_path(model: nn.Module, input_ids: Tensor, atol: float | None = No
     defaults to 1e-3 nats for fp32 heads and 0.05 for lower precision, where the two paths' matmuls
     round differently. It host-syncs and runs the full logits: call it at setup, not per step.
     """
-    from velocitune.model import unwrap_model
-
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if atol is None:
@@ -317,3 +317,104 @@ def check_loss_path(model: nn.Module, input_ids: Tensor, atol: float | None = No
             "Train a model whose head is a plain linear map (optionally soft-capped), or report the model class."
         )
     return diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the decoder and head of a (wrapped) Hugging Face model, for the chunked loss
+
+# Config attributes of head transforms the chunked loss does not reproduce (Cohere's logit_scale,
+# Granite's logits_scaling): such models use the full-logits fallback.
+_UNSUPPORTED_HEAD_TRANSFORMS = ("logit_scale", "logits_scaling")
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class LossPath:
+    """How to get a model's final hidden states and which head turns them into logits.
+
+    decoder: the module returning the final (normed) hidden states as its first output, or None;
+    head: the output projection, or None when the loss must fall back to the model's full logits;
+    softcap: final logit soft-capping (Gemma-2/3), or None;
+    call_target: a wrapper (DDP, FSDP) whose forward must run so that its gradient sync or
+    unsharding happens; the decoder's output is then captured with a forward hook;
+    keep_kwargs: forward arguments asking that call for one position of logits instead of T
+    (`logits_to_keep=1`), when the model supports it.
+    """
+
+    decoder: nn.Module | None
+    head: nn.Module | None
+    softcap: float | None
+    call_target: nn.Module | None
+    keep_kwargs: dict
+
+
+@functools.cache
+def _logits_to_keep_kwargs(model_type: type) -> tuple[tuple[str, int], ...]:
+    # Ask the model for 1 position of logits instead of T, when its forward supports it.
+    params = inspect.signature(model_type.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return ((name, 1),)
+    return ()
+
+
+def loss_path(model: nn.Module) -> LossPath:
+    """Find the decoder and output head of a (possibly wrapped) Hugging Face causal LM.
+
+    The decoder is the model's `base_model` (`model.model` for Llama/Qwen2/Mistral/Gemma,
+    `model.transformer` for GPT-2); the head is `get_output_embeddings()`. A torch.compile wrapper
+    around the whole model is bypassed (the decoder then runs eagerly; compile the decoder in place
+    instead, e.g. `model.model.compile()`). When no decoder or head is found, or the head applies
+    a transform the chunked loss does not reproduce, `head` is None and a warning says, once, that
+    full logits are used.
+    """
+    inner, call_target, compiled = _unwrap_chain(model)
+    name = type(inner).__name__
+    if compiled:
+        _warn_once(
+            f"compiled:{name}",
+            f"forward_losses bypasses the torch.compile wrapper around {name} and runs its decoder eagerly; "
+            "to compile, compile the decoder in place (e.g. model.model.compile()) instead of the whole model.",
+        )
+    config = getattr(inner, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    base = getattr(inner, "base_model", inner)
+    decoder = base if base is not inner else None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    unsupported = [a for a in _UNSUPPORTED_HEAD_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    if decoder is None or head is None or unsupported:
+        reason = f"its head applies {unsupported[0]}" if unsupported else "no decoder/output head was found"
+        _warn_once(
+            f"fallback:{name}",
+            f"forward_losses computes the full (B, T, V) logits of {name} ({reason}); memory grows with "
+            "the vocabulary size.",
+        )
+        return LossPath(None, None, None, call_target, {})
+    softcap = getattr(config, "final_logit_softcapping", None)
+    keep = dict(_logits_to_keep_kwargs(type(inner))) if call_target is not None else {}
+    return LossPath(decoder, head, float(softcap) if softcap else None, call_target, keep)
+
+
+def final_hidden_states(path: LossPath, input_ids: Tensor) -> Tensor:
+    """The decoder's final hidden states (B, T, H) for input_ids (B, T), without the head's logits."""
+    if path.decoder is None:
+        raise ValueError("this LossPath has no decoder: use the model's logits")
+    if path.call_target is None:
+        return path.decoder(input_ids=input_ids, use_cache=False)[0]
+    # Through the wrapper, so DDP prepares its gradient reduction and FSDP unshards; the hook takes
+    # the decoder's output and the head computes logits for one position only (when supported).
+    captured: list[Tensor] = []
+    handle = path.decoder.register_forward_hook(lambda _m, _args, out: captured.append(out[0]))
+    try:
+        path.call_target(input_ids=input_ids, use_cache=False, **path.keep_kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]

@@ -1,6 +1,6 @@
 """The mixing rules: given per-domain losses, decide the next domain weights (pure numpy, no I/O).
 
-Everything here is float64 and renormalised after every operation (DESIGN §3). Warnings are
+Everything here is float64 and renormalised after every operation (docs/design.md §3). Warnings are
 returned as data (`Update.warnings`), never logged, so the trainer decides where they go.
 
 Errors, decided once for the whole module:
@@ -174,8 +174,8 @@ def velocity(
     """V = clip((l_now - l_target) / den, 0, 1), den = max(l_init - l_target, floor, rel·median|gap|).
 
     V = 1: no progress from the initial loss yet; V = 0: at or below the target. The floor (δ_min)
-    is the guard for domains with l_init <= l_target (DESIGN §3); `relative_floor` scales with the
-    median gap so that a tiny gap cannot make V a hair trigger (DESIGN §8). Shapes: (k,) -> (k,).
+    is the guard for domains with l_init <= l_target (docs/design.md §3); `relative_floor` scales with the
+    median gap so that a tiny gap cannot make V a hair trigger (docs/design.md §8). Shapes: (k,) -> (k,).
     """
     init = _check_losses(loss_init, "loss_init", None, None, ConfigError, "check the initial losses")
     k = init.size
@@ -310,7 +310,7 @@ class Rule:
             sw = _check_weights(sampling_weights, "sampling_weights", k, error=ValueError)
             sampling_weights = sw / sw.sum()
         if step == 0:
-            # DESIGN §3: nothing has been trained at t = 0 (V ≡ 1 would change nothing).
+            # docs/design.md §3: nothing has been trained at t = 0 (V ≡ 1 would change nothing).
             return self._preview(losses, init, targets)
         update = self._step(losses, init, targets, sampling_weights)
         self._w = update.weights

@@ -1,7 +1,7 @@
 """The mixture sampler: which domain and which training window fills every slot of every global batch.
 
 `MixtureSampler.plan(t)` is a pure function of (seed, weight schedule, t) and the constructor arguments
-(DESIGN §6 rule 5), so a resumed or re-sharded run sees exactly the token stream of an uninterrupted one.
+(docs/design.md §6 rule 5), so a resumed or re-sharded run sees exactly the token stream of an uninterrupted one.
 Numpy only, no torch, no file I/O.
 
 How one global step `t` of B sequences is planned:

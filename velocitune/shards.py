@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 from velocitune.errors import DataError
-from velocitune.metrics import fsync_dir
+from velocitune.fileio import fsync_dir, require_dir
 
 MAGIC = b"VTUNETOK"
 FORMAT_VERSION = 1
@@ -308,8 +308,7 @@ class PreparedData:
         prepare_cmd = (
             f"run `velocitune prepare --tokenizer DIR --out {self.root} --domain NAME=PATH ...` first"
         )
-        if not self.root.is_dir():
-            raise DataError(f"prepared data directory {self.root} does not exist; {prepare_cmd}")
+        require_dir(self.root, "prepared data directory (data.path)", prepare_cmd)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(

@@ -1,6 +1,6 @@
 """`velocitune sweep`: run a grid of training arms over seeds as parallel processes, resumably.
 
-On a small CPU machine several one-thread processes beat one multi-thread process (DESIGN §8), so each arm
+On a small CPU machine several one-thread processes beat one multi-thread process (docs/design.md §8), so each arm
 is a `velocitune train` subprocess pinned to `--threads` threads, `--parallel` at a time. An arm whose
 run directory already holds a complete summary is skipped; one with checkpoints is resumed; so an
 interrupted sweep continues where it stopped. The run directories feed `velocitune report`.
@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from velocitune.errors import ConfigError, VelocituneError
+from velocitune.fileio import output_dir, require_file
+from velocitune.runfiles import run_is_complete
 
 
 @dataclass
@@ -63,20 +64,15 @@ def expand(grid: dict[str, list[str]], seeds: Sequence[int], fixed: Sequence[str
 
 def arm_status(run_dir: Path) -> str:
     """'done' (complete summary), 'partial' (checkpoints to resume from) or 'new'."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            if json.loads(summary.read_text()).get("complete"):
-                return "done"
-        except json.JSONDecodeError:
-            pass
+    if run_is_complete(run_dir):
+        return "done"
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*")):
         return "partial"
     return "new"
 
 
 def run_arms(
-    config: Optional[str | Path],
+    config: str | Path | None,
     arms: Sequence[Arm],
     root: str | Path,
     parallel: int = 2,
@@ -84,8 +80,9 @@ def run_arms(
     progress: bool = True,
 ) -> list[Path]:
     """Run every arm (skipping finished ones) as subprocesses; return their run directories in order."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        require_file(config, "sweep config")
+    root = output_dir(root, "the sweep root (--out)")
     dirs = [root / a.name for a in arms]
     todo = [(a, d) for a, d in zip(arms, dirs) if arm_status(d) != "done"]
     if not todo:

@@ -1,48 +1,52 @@
-"""Stages A and B of DESIGN §3: the base model's initial loss, and target losses from a proxy run.
+"""Stages A and B of docs/design.md §3: the base model's initial loss, and target losses from a proxy run.
 
 `init-loss` evaluates the base model on the fixed val sets. `targets` runs the same training loop on a
 stratified subsample (fraction p) with static w0, the main run's batch size and peak LR and its LR schedule
 compressed to the proxy's length, evaluates at n points over [0.1, 1] of the proxy, fits a law per domain
-and extrapolates to the main run's budget. The maths lives in laws.py; this module only orchestrates.
+and extrapolates to the main run's budget. The maths lives in `velocitune.laws`; the recipe in the config's
+`targets` section; this module only orchestrates.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from velocitune import dist, laws
-import yaml
-
-from velocitune.config import Config, to_dict
-from velocitune.errors import FitError, VelocituneError
-from velocitune.metrics import atomic_write_json, read_jsonl
+from velocitune import dist, laws, runfiles
+from velocitune.config import Config, check_resume_config, to_dict
+from velocitune.errors import ConfigError, DataError, FitError
+from velocitune.fileio import output_file
+from velocitune.schedule import lr_schedule, resolve_steps, warmup_steps
 from velocitune.shards import PreparedData
 
-PREDICTORS = ("chinchilla", "cpt_law", "auto")
-# compressed: the main run's LR schedule squeezed to the proxy's length (warm-up, peak, anneal);
-# constant: warm-up then the peak LR throughout, no anneal (the paper's proxy, DESIGN §8).
-PROXY_SCHEDULES = ("compressed", "constant")
-# `velocitune targets` defaults (issue 9 §2 chose them: docs/study.md, benchmarks/target_study.py).
-DEFAULT_FRACTION = 0.2
-DEFAULT_POINTS = 20
-DEFAULT_PREDICTOR = "cpt_law"
-DEFAULT_SCHEDULE = "compressed"
+# Points on each domain's drawn curves (targets.json "fit_curve" and "prediction_curve").
+CURVE_POINTS = 64
 
 
-def init_loss_main(cfg: Config, out: Optional[str] = None) -> int:
+def targets_path(cfg: Config) -> Path:
+    """Where `velocitune targets` writes targets.json: mixing.targets (where `train` reads it), else the run dir."""
+    return Path(cfg.mixing.targets) if cfg.mixing.targets else Path(cfg.run.out_dir) / runfiles.TARGETS_FILE
+
+
+def init_loss_path(cfg: Config, beside: Path | None = None) -> Path:
+    """Where ℓ_init goes: mixing.init_loss (where `train` reads it), else beside `beside` or in the run dir."""
+    if cfg.mixing.init_loss:
+        return Path(cfg.mixing.init_loss)
+    return (beside.parent if beside is not None else Path(cfg.run.out_dir)) / runfiles.INIT_LOSS_FILE
+
+
+def init_loss_main(cfg: Config, out: str | None = None) -> int:
     """`velocitune init-loss`: write init_loss.json with the base model's per-domain val loss."""
     import torch
 
     from velocitune.evaluate import evaluate, load_val_set
-    from velocitune.train import make_model
+    from velocitune.model import make_model
 
+    path = output_file(Path(out) if out else init_loss_path(cfg), "the initial-loss file (--out)")
     env = dist.init(cfg.train.device, cfg.dist.backend)
     try:
         data = PreparedData(cfg.data.path)
@@ -52,14 +56,9 @@ def init_loss_main(cfg: Config, out: Optional[str] = None) -> int:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
         t0 = time.perf_counter()
         losses = evaluate(model, val, env, cfg.eval.batch_size, cfg.train.loss_chunk_tokens, ctx)
-        path = Path(out) if out else Path(cfg.run.out_dir) / "init_loss.json"
         if env.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, {
-                "model": cfg.model.path or "fresh",
-                "domains": {n: {"loss": float(l), "tokens": int(t)} for n, l, t in zip(val.names, losses, val.tokens)},
-                "seconds": time.perf_counter() - t0,
-            })
+            runfiles.write_init_loss(path, cfg.model.path or "fresh", val.names, losses, val.tokens,
+                                     seconds=time.perf_counter() - t0)
             for n, l in zip(val.names, losses):
                 print(f"{n:>20s}  {l:.4f} nats")
             print(f"wrote {path}")
@@ -74,17 +73,19 @@ def proxy_eval_steps(proxy_steps: int, n_points: int) -> list[int]:
     return [int(p) for p in pts if p >= 1]
 
 
-def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, main_steps: int,
-                 schedule: str = DEFAULT_SCHEDULE) -> Config:
-    """The main run's config turned into its proxy: static w0 on a stratified fraction of every domain."""
-    if schedule not in PROXY_SCHEDULES:
-        raise VelocituneError(f"proxy schedule must be one of {PROXY_SCHEDULES}, got '{schedule}'")
+def proxy_config(cfg: Config, out_dir: Path, main_steps: int) -> Config:
+    """The main run's config turned into its proxy: static w0 on a stratified fraction of every domain.
+
+    The recipe comes from cfg.targets: `fraction` of the data, `points` evaluations, and the LR schedule
+    either compressed from the main run's (warm-up, peak, anneal) or constant at the peak (the paper's).
+    """
+    tc = cfg.targets
     pc = copy.deepcopy(cfg)
-    if schedule == "constant":
+    if tc.proxy_schedule == "constant":
         pc.train.schedule = "constant"
     # At least one step per point, but never longer than the main run (tiny test runs).
-    proxy_steps = min(main_steps, max(n_points, int(round(fraction * main_steps))))
-    pc.data.subsample = fraction
+    proxy_steps = min(main_steps, max(tc.points, int(round(tc.fraction * main_steps))))
+    pc.data.subsample = tc.fraction
     pc.train.steps = proxy_steps
     pc.train.tokens = None
     if cfg.train.warmup_steps >= 1:  # absolute warm-up: compress it with the schedule
@@ -93,7 +94,8 @@ def proxy_config(cfg: Config, fraction: float, n_points: int, out_dir: Path, mai
     pc.mixing.weights = None
     pc.mixing.targets = None
     pc.mixing.target_values = None
-    pc.eval.points = proxy_eval_steps(proxy_steps, n_points)
+    pc.mixing.init_loss = None  # the proxy measures ℓ_init at its step 0: the base model on the same val sets
+    pc.eval.points = proxy_eval_steps(proxy_steps, tc.points)
     pc.eval.interval = None
     pc.checkpoint.interval = 0
     pc.checkpoint.save_final = False
@@ -111,8 +113,12 @@ def fit_domain(
     predictor: str,
     proxy_areas: tuple[np.ndarray, np.ndarray],
     main_areas: tuple[float, float],
-) -> dict:
-    """Fit one domain's points and extrapolate to the main budget; record what was used and why."""
+) -> tuple[dict, object]:
+    """Fit one domain's points and extrapolate to the main budget; (the targets.json entry, the fitted law).
+
+    The entry records what was used and why (warnings); the fit (a DataLawFit, a CptLawFit, or None for the
+    log-linear fallback) lets the caller draw the curve of the law that made the prediction.
+    """
     entry: dict = {"init": float(init), "points": [[float(t), float(l)] for t, l in zip(tokens, losses)], "warnings": []}
     ok = np.isfinite(losses)
     if not ok.all():
@@ -121,8 +127,8 @@ def fit_domain(
     S1, S2 = proxy_areas[0][ok], proxy_areas[1][ok]
     if len(losses) < 4:
         raise FitError(
-            f"domain '{name}': only {len(losses)} usable proxy points (need >= 4); raise --points or the proxy "
-            f"--fraction so that the proxy has more steps"
+            f"domain '{name}': only {len(losses)} usable proxy points (need >= 4); raise targets.points or the "
+            f"proxy's targets.fraction so that the proxy has more steps"
         )
     if losses[-1] >= losses[0]:
         entry["warnings"].append(
@@ -135,7 +141,7 @@ def fit_domain(
         lo, hi = fit.interval(budget_tokens)
         return {"predictor": "chinchilla", "target": target, "params": {"E": fit.E, "B": fit.B, "beta": fit.beta},
                 "r2": fit.r2, "interval": [float(lo), float(hi)], "holdout_error": fit.holdout_error,
-                "checks": laws.check_data_law(fit, float(losses[-1]), budget_tokens)}
+                "checks": laws.check_data_law(fit, float(losses[-1]), budget_tokens), "fit": fit}
 
     def cpt_law() -> dict:
         fit = laws.fit_cpt_law(S1, S2, losses, init)
@@ -143,7 +149,7 @@ def fit_domain(
         lo, hi = fit.interval(np.array([main_areas[0]]), np.array([main_areas[1]]))
         return {"predictor": "cpt_law", "target": target, "params": fit.params, "r2": fit.r2,
                 "interval": [float(np.ravel(lo)[0]), float(np.ravel(hi)[0])], "holdout_error": fit.holdout_error,
-                "checks": laws.check_cpt_law(fit, losses, target)}
+                "checks": laws.check_cpt_law(fit, losses, target), "fit": fit}
 
     if predictor == "cpt_law":
         result = cpt_law()
@@ -158,31 +164,46 @@ def fit_domain(
             except FitError as e:
                 entry["warnings"].append(f"cpt_law failed ({e}); log-linear extrapolation of the last half")
                 result = {"predictor": "loglinear", "target": float(laws.loglinear_extrapolate(tokens, losses, budget_tokens)),
-                          "params": {}, "r2": None, "interval": None, "holdout_error": None, "checks": []}
+                          "params": {}, "r2": None, "interval": None, "holdout_error": None, "checks": [], "fit": None}
         else:
             entry["warnings"] += result["checks"]
-    entry.update({k: v for k, v in result.items() if k != "checks"})
+    entry.update({k: v for k, v in result.items() if k not in ("checks", "fit")})
     entry["guarded"] = bool(entry["target"] >= init)
     if entry["guarded"]:
         entry["warnings"].append(
             f"target {entry['target']:.4f} >= initial loss {init:.4f}: predicted to get worse; training applies "
             f"the δ_min guard to this domain"
         )
-    return entry
+    return entry, result["fit"]
 
 
-def targets_main(cfg: Config, args) -> int:
+def law_curves(fit, proxy: tuple[np.ndarray, np.ndarray, np.ndarray], main: tuple[np.ndarray, np.ndarray, np.ndarray],
+               first_point: float) -> dict[str, list[list[float]]]:
+    """Each fit drawn with its own law: the fitted curve over the proxy, the prediction over the main run.
+
+    proxy, main: (tokens, S1, S2) at every step of that run, (steps,) each. A CPT-law fit depends on the LR
+    schedule, so its fitted curve follows the proxy's areas and its prediction the main run's; a data-law fit
+    is one curve in tokens. Both start at the first proxy point, where the fit starts. Empty for the
+    log-linear fallback (it has no curve to draw).
+    """
+    if fit is None:
+        return {}
+
+    def sample(tokens, S1, S2):
+        keep = tokens >= first_point
+        idx = np.unique(np.linspace(0, keep.sum() - 1, CURVE_POINTS).round().astype(int))
+        t, s1, s2 = tokens[keep][idx], S1[keep][idx], S2[keep][idx]
+        y = fit.predict(s1, s2) if isinstance(fit, laws.CptLawFit) else fit.predict(t)
+        return [[float(a), float(b)] for a, b in zip(t, np.atleast_1d(y))]
+
+    return {"fit_curve": sample(*proxy), "prediction_curve": sample(*main)}
+
+
+def targets_main(cfg: Config, out: str | None = None) -> int:
     """`velocitune targets`: proxy run, per-domain fits, targets.json and targets.png."""
-    fraction = args.fraction if args.fraction is not None else DEFAULT_FRACTION
-    n_points = args.points if args.points is not None else DEFAULT_POINTS
-    predictor = args.predictor or DEFAULT_PREDICTOR
-    if not 0 < fraction <= 1:
-        raise VelocituneError(f"--fraction must be in (0, 1], got {fraction}")
-    if n_points < 4:
-        raise VelocituneError(f"--points must be >= 4 to fit a law, got {n_points}")
-    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "targets.json"
-    result = estimate_targets(cfg, fraction, n_points, predictor, out, args.proxy_schedule or DEFAULT_SCHEDULE)
-    print(f"wrote {out}")
+    path = output_file(Path(out) if out else targets_path(cfg), "the targets file (--out)")
+    result = estimate_targets(cfg, path)
+    print(f"wrote {path} (and {path.with_suffix('.png').name}, {init_loss_path(cfg, path)})")
     for n, d in result["domains"].items():
         flag = "  [guarded]" if d["guarded"] else ""
         print(f"{n:>20s}  init {d['init']:.4f}  target {d['target']:.4f}  ({d['predictor']}){flag}")
@@ -192,26 +213,26 @@ def targets_main(cfg: Config, args) -> int:
 
 
 def _proxy_reusable(proxy_dir: Path, pc: Config) -> bool:
-    summary, saved = proxy_dir / "summary.json", proxy_dir / "config.yaml"
-    if not (summary.is_file() and saved.is_file()):
+    """A finished proxy with the same config (up to keys that do not change it) can be fitted again."""
+    if not runfiles.run_is_complete(proxy_dir):
         return False
-    from velocitune.errors import ConfigError
-    from velocitune.train import check_resume_config
-
     try:  # the same keys that may change on resume (threads, logging, ...) do not change the proxy either
-        check_resume_config(yaml.safe_load(saved.read_text()), to_dict(pc))
-    except ConfigError:
+        check_resume_config(to_dict(runfiles.read_config(proxy_dir / runfiles.CONFIG_FILE)), to_dict(pc))
+    except (ConfigError, DataError):
         return False
-    return bool(json.loads(summary.read_text()).get("complete", False))
+    return True
 
 
-def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str, out: Path,
-                     schedule: str = DEFAULT_SCHEDULE) -> dict:
-    """Run the proxy, fit each domain, write targets.json (+ targets.png beside it); return the document."""
-    from velocitune.train import lr_schedule, resolve_steps, train, warmup_steps
+def estimate_targets(cfg: Config, out: Path | None = None) -> dict:
+    """Run the proxy, fit each domain, write targets.json (+ targets.png beside it); return the document.
 
-    if predictor not in PREDICTORS:
-        raise VelocituneError(f"predictor must be one of {PREDICTORS}, got '{predictor}'")
+    `out` defaults to `targets_path(cfg)`; the proxy's run directory is `proxy/` beside it and ℓ_init (the
+    proxy's step-0 evaluation) goes to `init_loss_path(cfg, out)`.
+    """
+    from velocitune.train import train
+
+    out = output_file(Path(out) if out is not None else targets_path(cfg), "the targets file")
+    tc = cfg.targets
     data = PreparedData(cfg.data.path)
     names = data.domains
     windows = [data.train(n).n_windows(cfg.data.seq_len) for n in names]
@@ -219,15 +240,15 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     budget = main_steps * tokens_per_step
     proxy_dir = out.parent / "proxy"
-    pc = proxy_config(cfg, fraction, n_points, proxy_dir, main_steps, schedule)
+    pc = proxy_config(cfg, proxy_dir, main_steps)
     t0 = time.perf_counter()
     if _proxy_reusable(proxy_dir, pc):  # same proxy already run (e.g. refitting with another predictor)
-        proxy_wall = float(json.loads((proxy_dir / "summary.json").read_text())["wall_time_s"])
+        proxy_wall = float(runfiles.read_summary(proxy_dir / runfiles.SUMMARY_FILE)["wall_time_s"])
     else:
         shutil.rmtree(proxy_dir, ignore_errors=True)
         train(pc, resume=False)
         proxy_wall = time.perf_counter() - t0
-    records = read_jsonl(proxy_dir / "eval.jsonl")
+    records = runfiles.read_log(proxy_dir / runfiles.EVAL_FILE, runfiles.EVAL, names)
     init_rec = next(r for r in records if r["step"] == 0)
     pts = [r for r in records if r["step"] in set(pc.eval.points)]
     steps_at = np.array([r["step"] for r in pts], dtype=np.int64)
@@ -237,24 +258,25 @@ def estimate_targets(cfg: Config, fraction: float, n_points: int, predictor: str
     proxy_steps = pc.train.steps
     S1p, S2p = laws.lr_areas(lr_schedule(pc, proxy_steps), warmup_steps(pc, proxy_steps))
     S1m, S2m = laws.lr_areas(lr_schedule(cfg, main_steps), warmup_steps(cfg, main_steps))
-    doc = {"version": 1, "predictor": predictor, "budget_tokens": float(budget), "proxy_fraction": fraction,
-           "proxy_schedule": schedule, "proxy_points": int(n_points),
+    proxy_run = (np.arange(1, proxy_steps + 1) * float(tokens_per_step), S1p, S2p)
+    main_run = (np.arange(1, main_steps + 1) * float(tokens_per_step), S1m, S2m)
+    doc = {"predictor": tc.predictor, "budget_tokens": float(budget), "proxy_fraction": tc.fraction,
+           "proxy_schedule": tc.proxy_schedule, "proxy_points": int(tc.points),
            "proxy_tokens": float(proxy_steps * tokens_per_step), "proxy_steps": int(proxy_steps),
            "main_steps": int(main_steps), "proxy_wall_time_s": proxy_wall,
            "proxy_cost_share": proxy_steps / main_steps, "domains": {}}
     for n in names:
         losses = np.array([r["losses"][n] for r in pts], dtype=np.float64)
-        doc["domains"][n] = fit_domain(
-            n, tokens, losses, float(init_rec["losses"][n]), budget, predictor,
+        entry, fit = fit_domain(
+            n, tokens, losses, float(init_rec["losses"][n]), budget, tc.predictor,
             (S1p[steps_at - 1], S2p[steps_at - 1]), (float(S1m[-1]), float(S2m[-1])),
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, doc)
-    atomic_write_json(out.parent / "init_loss.json", {
-        "model": cfg.model.path or "fresh",
-        "domains": {n: {"loss": float(init_rec["losses"][n]), "tokens": int(init_rec["tokens_evaluated"][n])} for n in names},
-    })
+        doc["domains"][n] = {**entry, **law_curves(fit, proxy_run, main_run, float(tokens[0]))}
+    runfiles.write_targets(out, doc)
+    runfiles.write_init_loss(init_loss_path(cfg, out), cfg.model.path or "fresh", names,
+                             [init_rec["losses"][n] for n in names], [init_rec["tokens_evaluated"][n] for n in names])
     from velocitune.report import domain_colours, plot_targets
 
-    plot_targets(doc, names, [], domain_colours(names), None, out.with_suffix(".png"))
+    plot_targets(runfiles.read_targets(out), names, [], domain_colours(names), None, out.with_suffix(".png"))
     return doc
+

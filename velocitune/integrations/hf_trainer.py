@@ -1,36 +1,52 @@
 """Velocity-based mixing inside a `transformers.Trainer`: a mixture dataset plus a callback.
 
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from velocitune.integrations.hf_trainer import MixtureDataset, VelocituneCallback, trainer_args_for
+    model = AutoModelForCausalLM.from_pretrained("models/base", local_files_only=True)
     data = MixtureDataset("prepared/", seq_len=512, global_batch=64, steps=2000)
     args = TrainingArguments(output_dir="out", **trainer_args_for(data, per_device_batch=8, grad_accum=8))
-    cb = VelocituneCallback(data, targets="targets.json", interval=20)
+    cb = VelocituneCallback(data, targets="targets.json")
     Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
 
 The dataset is map-style: item i is sequence i % B of global step i // B of the sampler's plan, so with
 the Trainer's sequential sampling every optimizer step consumes exactly one planned global batch, on any
-number of ranks. The callback evaluates the fixed per-domain val sets every `interval` steps, applies the
-mixing rule, and appends the new weights to the sampler's schedule from step t + 1 (the Trainer's data
-loader has already fetched step t's first micro-batch). Its state is saved in each Trainer checkpoint
-(`velocitune_state.pt`) and restored on resume.
+number of ranks. The callback drives the same `MixingController` as `velocitune train`, with the same
+defaults (the `mixing` section of the config: rule `velocitune`, preset `robust`, interval steps // 100,
+first update at the end of the Trainer's warm-up): at each update it evaluates the fixed per-domain val
+sets (the `eval` signal), applies the rule, and appends the new weights to the sampler's schedule from
+step t + 1 (the Trainer's data loader has already fetched step t's first micro-batch). Its state is saved
+as JSON in each Trainer checkpoint (`velocitune_state.json`) and restored on resume; the mixture log is
+cut back to the checkpoint, so a resumed run's log has no duplicate lines.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from velocitune import dist, mixing
+from velocitune import dist, runfiles
+from velocitune.config import from_dict
+from velocitune.controller import (
+    MixingController,
+    check_targets_cover,
+    make_rule,
+    read_given_init,
+    read_targets,
+)
 from velocitune.errors import ConfigError
 from velocitune.evaluate import evaluate, load_val_set
+from velocitune.fileio import atomic_write_json, read_json, truncate_after
 from velocitune.sampler import MixtureSampler
+from velocitune.schedule import default_interval
 from velocitune.shards import PreparedData
 
-STATE_FILE = "velocitune_state.pt"
+STATE_FILE = "velocitune_state.json"
+# The weights chosen after step t reach the data from step t + 1: the loader has prefetched step t's batch.
+LAG = 1
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -45,9 +61,9 @@ class MixtureDataset(torch.utils.data.Dataset):
         data_path: str | Path,
         seq_len: int,
         global_batch: int,
-        steps: Optional[int] = None,
+        steps: int | None = None,
         seed: int = 0,
-        weights: Optional[dict[str, float]] = None,
+        weights: dict[str, float] | None = None,
         max_repetition: float = 1.0,
     ):
         self.data = PreparedData(data_path)
@@ -59,7 +75,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         w0 = self.data.w0 if weights is None else np.array([weights[n] for n in self.names], dtype=np.float64)
         self.w0 = w0 / w0.sum()
         self.sampler = MixtureSampler(seed, global_batch, windows, self.w0, max_repetition=max_repetition,
-                                      names=self.names)
+                                      names=self.names, tokens_per_window=seq_len)
         self.steps = steps if steps is not None else max(1, sum(windows) // global_batch)
 
     def __len__(self) -> int:
@@ -96,36 +112,60 @@ def trainer_args_for(data: MixtureDataset, per_device_batch: int, grad_accum: in
 
 
 class VelocituneCallback(TrainerCallback):
-    """Re-weights a MixtureDataset every `interval` steps by a mixing rule (default: Velocitune)."""
+    """Re-weights a MixtureDataset while a `transformers.Trainer` trains, with `velocitune train`'s controller.
+
+    dataset: the MixtureDataset the Trainer reads. targets: a targets.json path or {domain: loss}.
+    init_loss: an init_loss.json path or {domain: loss}; default: measured when training begins.
+    interval: steps between updates (default: steps // 100); warmup_steps: the first update's step
+    (default: the Trainer's own warm-up). log_file: where to write the mixture records (mixture.jsonl
+    format). Any other keyword is a `mixing` config key (rule, preset, eta, smoothing, floor, ...), with
+    the same defaults and checks as in a config file.
+    """
 
     def __init__(
         self,
         dataset: MixtureDataset,
-        rule: str = "velocitune",
         targets: str | Path | dict[str, float] | None = None,
-        interval: int = 10,
-        warmup_steps: int = 0,
-        init_loss: Optional[dict[str, float]] = None,
+        init_loss: str | Path | dict[str, float] | None = None,
+        interval: int | None = None,
+        warmup_steps: int | None = None,
         eval_tokens: int = 32768,
         eval_batch_size: int = 8,
-        log_file: Optional[str | Path] = None,
-        **rule_params: Any,
+        log_file: str | Path | None = None,
+        **mixing: Any,
     ):
         self.dataset = dataset
         names = dataset.names
-        self.rule = mixing.make_rule(rule, dataset.w0, names, **rule_params)
+        keys = {**mixing, "interval": interval}
         if isinstance(targets, (str, Path)):
-            doc = json.loads(Path(targets).read_text())["domains"]
-            targets = {n: doc[n]["target"] for n in doc}
-        self.targets = None if targets is None else np.array([targets[n] for n in names], dtype=np.float64)
-        if self.rule.needs_targets and self.targets is None:
-            raise ConfigError(f"rule '{rule}' needs targets: pass targets='targets.json' or a dict")
-        self.init = None if init_loss is None else np.array([init_loss[n] for n in names], dtype=np.float64)
+            keys["targets"] = str(targets)
+        elif targets is not None:
+            keys["target_values"] = dict(targets)
+        if isinstance(init_loss, (str, Path)):
+            keys["init_loss"] = str(init_loss)
+        mc = from_dict({"mixing": keys}).mixing  # typed, range-checked, did-you-mean on a typo
+        if mc.signal != "eval":
+            raise ConfigError("VelocituneCallback re-weights from evaluations (mixing.signal=eval): the Trainer "
+                              "does not expose per-domain training losses; use `velocitune train` for the train signal")
+        self.mixing_config = mc
+        self.rule = make_rule(mc, dataset.w0, names, np.array(
+            [dataset.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64))
+        self.targets = read_targets(mc, names)
+        check_targets_cover(self.rule, self.targets, names)
+        given = read_given_init(mc, names)
+        if isinstance(init_loss, dict):
+            given = np.array([init_loss[n] for n in names], dtype=np.float64)
+        self.given_init = given
         self.interval, self.warmup = interval, warmup_steps
         self.val = load_val_set(dataset.data, dataset.seq_len, eval_tokens)
         self.eval_batch_size = eval_batch_size
-        self.history: list[dict] = []
         self.log_file = Path(log_file) if log_file else None
+        self.history: list[dict] = []  # every mixture record of this process, step 0 included
+        self.controller: MixingController | None = None
+
+    @property
+    def init(self) -> np.ndarray | None:
+        return None if self.controller is None else self.controller.init
 
     def _env(self, model) -> dist.DistEnv:
         device = next(model.parameters()).device
@@ -139,40 +179,62 @@ class VelocituneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.dataloader_num_workers:
             raise ConfigError("VelocituneCallback needs dataloader_num_workers=0 (see trainer_args_for)")
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if state.global_step > 0 and ckpt.is_file():
-            saved = torch.load(ckpt, weights_only=False)
-            self.dataset.sampler.load_state_dict(saved["sampler"])
-            self.rule.load_state_dict(saved["rule"])
-            self.init, self.history = saved["init"], saved["history"]
-        elif self.init is None:
-            self.init = self._losses(model)
+        steps = self.dataset.steps
+        warmup = self.warmup if self.warmup is not None else args.get_warmup_steps(steps)
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        resuming = state.global_step > 0 and saved.is_file()
+        if self.log_file is not None and state.is_world_process_zero:
+            if resuming:
+                truncate_after(self.log_file, state.global_step + LAG)  # later records are written again
+            else:
+                self.log_file.unlink(missing_ok=True)
+        c = self.controller = MixingController(
+            self.rule, self.dataset.sampler, steps=steps, warmup=warmup, interval=default_interval(self.interval, steps),
+            signal="eval", targets=self.targets, seq_len=self.dataset.seq_len, device=torch.device("cpu"),
+            log=_History(self.history, self.log_file, self.dataset.names, state.is_world_process_zero))
+        if resuming:
+            doc = read_json(saved, fix="delete that checkpoint, or resume from an earlier one")
+            c.load_state_dict({**doc, "sig_sum": torch.tensor(doc["sig_sum"], dtype=torch.float64),
+                               "sig_cnt": torch.tensor(doc["sig_cnt"], dtype=torch.float64)})
+            self.history[:] = list(doc["history"])
+        else:
+            c.start(self.given_init if self.given_init is not None else self._losses(model))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         t = state.global_step
-        if not (t > 0 and t >= self.warmup and (t - self.warmup) % self.interval == 0 and t + 1 < self.dataset.steps):
+        if self.controller is None or not self.controller.due(t, lag=LAG):
             return
         losses = self._losses(model)
-        upd = self.rule.update(t, losses, self.init, self.targets)
-        if upd.skipped:
-            return
-        w_hat = self.dataset.sampler.set_weights(t + 1, upd.weights)
-        names = self.dataset.names
-        rec = {"step": t + 1, "losses": dict(zip(names, losses.tolist())),
-               "velocity": None if upd.velocity is None else dict(zip(names, np.asarray(upd.velocity).tolist())),
-               "weights": dict(zip(names, upd.weights.tolist())), "sampling_weights": dict(zip(names, w_hat.tolist())),
-               "guarded": upd.guarded}
-        self.history.append(rec)
-        if self.log_file is not None and state.is_world_process_zero:
-            with open(self.log_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        # ŵ of the step just trained (t - 1): the ODM rule's importance weights.
+        self.controller.update(t, losses, self.dataset.sampler.plan(t - 1).sampling_weights, lag=LAG)
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or self.controller is None:
             return
         out = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (STATE_FILE + ".tmp")
-        torch.save({"sampler": self.dataset.sampler.state_dict(), "rule": self.rule.state_dict(),
-                    "init": self.init, "history": self.history}, tmp)
-        tmp.replace(out / STATE_FILE)
+        doc = self.controller.state_dict()
+        doc["sig_sum"], doc["sig_cnt"] = doc["sig_sum"].tolist(), doc["sig_cnt"].tolist()
+        atomic_write_json(out / STATE_FILE, {**doc, "history": self.history})
+
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.controller is not None and self.controller.log is not None:
+            self.controller.log.close()
+
+
+class _History:
+    """The controller's record sink for the callback: kept in memory, and appended to `log_file` on rank 0."""
+
+    def __init__(self, history: list[dict], log_file: Path | None, names: list[str], main: bool):
+        self.history = history
+        self.log = runfiles.RunLog(log_file, runfiles.MIXTURE, names) if (log_file and main) else None
+
+    def write(self, record: dict) -> None:
+        self.history.append(dict(record))
+        if self.log is not None:
+            self.log.write(record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()

@@ -1,0 +1,275 @@
+"""The mixing controller: how the mixture changes while a model trains (docs/design.md §3, Stage C).
+
+One object owns everything between the maths of `mixing.py` and the token stream of `sampler.py`: when an
+update is due (every m optimizer steps from the end of warm-up, never at step 0), the `train` signal's
+per-domain loss sums over the window since the last update (on the device, read once per update), the
+rule's update, the sampler's weight schedule (new weights take effect from a later step), and the records
+of `mixture.jsonl`. `velocitune train` and the `transformers.Trainer` callback both drive it, so the two
+agree on the schedule, the defaults and the records. Its `state_dict()` is everything a resumed run needs
+to continue the same mixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from velocitune import dist, mixing, runfiles
+from velocitune.config import MixingConfig
+from velocitune.errors import ConfigError, TrainingError
+from velocitune.fileio import require_dir
+from velocitune.sampler import MixtureSampler, Plan
+from velocitune.schedule import ADAPTIVE_RULES, is_update_step
+
+# Receives (tag, {domain: value}, step) for TensorBoard-style scalars; the trainer passes its logger's.
+ScalarSink = Callable[[str, Mapping[str, float], int], None]
+
+
+# ---------------------------------------------------------------------------------- inputs from the config
+
+
+def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray) -> np.ndarray:
+    """mixing.weights over exactly the prepared domains, or w0 (the corpus's token shares). Shape (k,)."""
+    if mc.weights is None:
+        return np.asarray(w0, dtype=np.float64).copy()
+    unknown = sorted(set(mc.weights) - set(names))
+    missing = [n for n in names if n not in mc.weights]
+    if unknown or missing:
+        raise ConfigError(f"mixing.weights must name exactly the domains {list(names)}; unknown {unknown}, missing {missing}")
+    return np.array([mc.weights[n] for n in names], dtype=np.float64)
+
+
+def read_targets(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
+    """Targets from mixing.targets (targets.json) and/or mixing.target_values; NaN for domains without one."""
+    values: dict[str, float] = {}
+    if mc.targets and not Path(mc.targets).exists():
+        raise ConfigError(f"mixing.targets: '{mc.targets}' does not exist; run `velocitune targets` first")
+    if mc.targets:
+        values.update(runfiles.target_values(runfiles.read_targets(mc.targets)))
+    values.update(mc.target_values or {})
+    if not values:
+        return None
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"targets given for unknown domain(s) {unknown}; the prepared data has {list(names)}")
+    return np.array([values.get(n, np.nan) for n in names], dtype=np.float64)
+
+
+def read_given_init(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
+    """ℓ_init from mixing.init_loss (init_loss.json), or None: the run then measures it at step 0."""
+    if not mc.init_loss:
+        return None
+    if not Path(mc.init_loss).exists():
+        raise ConfigError(
+            f"mixing.init_loss: '{mc.init_loss}' does not exist; run `velocitune init-loss` first, or drop the key "
+            f"to measure it at step 0"
+        )
+    found = runfiles.read_init_loss(mc.init_loss, names)
+    return np.array([found[n] for n in names], dtype=np.float64)
+
+
+def make_rule(mc: MixingConfig, w0: np.ndarray, names: Sequence[str], token_counts: np.ndarray) -> mixing.Rule:
+    """The config's mixing rule, starting from `w0`; `token_counts` (k,) feed the temperature rule."""
+    params = {
+        key: getattr(mc, key)
+        for key in ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema", "alpha")
+        if getattr(mc, key) is not None
+    }
+    if mc.rule in ("velocitune", "velocitune-no-target"):
+        params["preset"] = mc.preset
+    if mc.rule == "temperature":
+        params = {"temperature": mc.temperature, "token_counts": np.asarray(token_counts, dtype=np.float64)}
+    if mc.rule == "replay":
+        require_dir(mc.replay_from, "mixing.replay_from", "point it at a finished run directory")
+        src = Path(mc.replay_from) / runfiles.MIXTURE_FILE
+        if not src.is_file():
+            raise ConfigError(f"mixing.replay_from: '{src}' does not exist; point it at a finished run directory")
+        records = runfiles.read_log(src, runfiles.MIXTURE, names)
+        params = {"replay_weights": mixing.replay_weights_from_records(records, names, mode=mc.replay_mode)}
+    if mc.rule in ("static", "uniform"):
+        params = {}
+    return mixing.make_rule(mc.rule, w0, names, **params)
+
+
+def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Sequence[str]) -> None:
+    """A rule that needs targets needs one for every domain."""
+    if not rule.needs_targets:
+        return
+    have = targets if targets is not None else np.full(len(names), np.nan)
+    missing = [n for n, t in zip(names, have) if not np.isfinite(t)]
+    if missing:
+        raise ConfigError(
+            f"rule '{rule.name}' needs a target loss for every domain; missing for {missing}. "
+            f"Run `velocitune targets` and set mixing.targets=PATH, or give mixing.target_values"
+        )
+
+
+# --------------------------------------------------------------------------------------------- controller
+
+
+class MixingController:
+    """Owns the mixture of one run: the rule, the sampler's schedule, the train-signal window, the records.
+
+    rule: the mixing rule (its state is the weights w). sampler: the token stream, whose schedule holds
+    every w with the step it takes effect. steps/warmup/interval: the run's length, warm-up and m.
+    signal: "eval" (the caller evaluates the val sets at update points) or "train" (the per-domain losses
+    of the training batches since the last update, accumulated here with `observe`). targets: ℓ_target,
+    (k,) or None. seq_len: tokens per sequence (for tokens per domain). log: the mixture.jsonl writer
+    (None on ranks that write no files). scalars: where weights and velocities go as scalars.
+    """
+
+    def __init__(self, rule: mixing.Rule, sampler: MixtureSampler, *, steps: int, warmup: int, interval: int,
+                 signal: str, targets: np.ndarray | None, seq_len: int, device: torch.device,
+                 log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None):
+        self.rule, self.sampler = rule, sampler
+        self.names = list(sampler.names)
+        self.steps, self.warmup, self.interval, self.signal = steps, warmup, interval, signal
+        self.targets, self.seq_len = targets, seq_len
+        self.adaptive = rule.name in ADAPTIVE_RULES
+        self.log, self.scalars = log, scalars
+        k = len(self.names)
+        self.init: np.ndarray | None = None  # ℓ_init (k,), set by `start`
+        # Train-signal window: per-domain NLL sums and token counts on the device, float64 (k,).
+        self.sig_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.sig_cnt = torch.zeros_like(self.sig_sum)
+        self.sig_last: np.ndarray | None = None  # the last estimate, kept for a domain absent from a window
+        self._logged_w_hat: np.ndarray | None = None  # ŵ of the newest record, to record cap changes
+
+    # ------------------------------------------------------------------------------------ the schedule
+
+    def due(self, done: int, lag: int = 0) -> bool:
+        """Is an update due after `done` optimizer steps, with weights effective `lag` steps later?"""
+        return self.adaptive and is_update_step(done, self.warmup, self.interval) and done + lag < self.steps
+
+    def start(self, init: np.ndarray) -> list[str]:
+        """Begin a fresh run from ℓ_init: record step 0's weights; return the rule's warnings for the user."""
+        self.init = np.asarray(init, dtype=np.float64)
+        self.sig_last = self.init.copy()  # train signal: the estimate of a domain not sampled in a window
+        preview = self.rule.update(0, self.init, self.init, self.targets) if self.rule.needs_init else None
+        warnings = list(preview.warnings) if preview is not None else []
+        w_hat = self.sampler.plan(0).sampling_weights
+        self._write(0, 0, None, None, self.rule.initial_weights(), w_hat, [], warnings)
+        return warnings
+
+    def plan(self, step: int) -> Plan:
+        """The global batch of `step`; records the sampling distribution when a cap changed it (any rule)."""
+        plan = self.sampler.plan(step)
+        if self._logged_w_hat is None:
+            self._logged_w_hat = plan.sampling_weights
+        elif not np.array_equal(plan.sampling_weights, self._logged_w_hat):
+            # The sampler capped a domain that used its max_repetition epochs (static too): record the
+            # distribution actually sampled from this step on, so that plots and the replay rule see it.
+            self._write(step, step, None, None, self.weights(), plan.sampling_weights, [], [])
+        return plan
+
+    def tokens_per_domain(self, steps: int) -> np.ndarray:
+        """Tokens trained per domain in the first `steps` optimizer steps, int64 (k,) (from the plans)."""
+        return self.sampler.consumed(steps) * self.seq_len
+
+    def weights(self) -> np.ndarray:
+        """The rule's current state weights w (its initial weights for rules without state), (k,)."""
+        return np.asarray(self.rule.state_dict().get("weights", self.rule.initial_weights()), dtype=np.float64)
+
+    # ------------------------------------------------------------------------------------- the signal
+
+    def observe(self, nll_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Add one micro-batch's per-domain NLL sums and token counts (device, (k,)) to the train-signal window."""
+        self.sig_sum += nll_sum
+        self.sig_cnt += count
+
+    def drop_window(self) -> None:
+        """Forget the window (a skipped non-finite step must not feed the signal)."""
+        self.sig_sum.zero_()
+        self.sig_cnt.zero_()
+
+    def window_losses(self, env: dist.DistEnv) -> np.ndarray:
+        """The train signal: token-weighted loss per domain over the window, summed over ranks; then reset.
+
+        A domain with no tokens in this window (weight ~0) keeps its last estimate. Float64 (k,).
+        """
+        k = len(self.names)
+        packed = dist.all_reduce_sum(torch.cat([self.sig_sum, self.sig_cnt]), env).cpu().numpy()
+        losses = np.where(packed[k:] > 0, packed[:k] / np.maximum(packed[k:], 1.0), self.sig_last)
+        self.sig_last = losses
+        self.drop_window()
+        return losses
+
+    # ------------------------------------------------------------------------------------- the update
+
+    def update(self, done: int, losses: np.ndarray, sampling_weights: np.ndarray | None,
+               lag: int = 0, check: Callable[[np.ndarray], None] | None = None) -> mixing.Update:
+        """Apply the rule to `losses` after `done` steps; the new weights take effect at step done + lag.
+
+        sampling_weights: ŵ of the window just trained on (ODM's importance weights). check: called with
+        the new weights before they are used (the trainer's cross-rank consistency check).
+        """
+        upd = self.rule.update(done, losses, self.init, self.targets, sampling_weights)
+        if upd.skipped:
+            return upd
+        if check is not None:
+            check(upd.weights)
+        w_hat = self.sampler.set_weights(done + lag, upd.weights)
+        self._write(done + lag, done, losses, upd.velocity, upd.weights, w_hat, upd.guarded, upd.warnings)
+        return upd
+
+    # ------------------------------------------------------------------------------------- the records
+
+    def _write(self, step: int, trained: int, losses, velocity, weights, w_hat, guarded, warnings) -> None:
+        """One mixture.jsonl record: weights effective from `step`, after `trained` optimizer steps."""
+        self._logged_w_hat = w_hat
+        if self.log is None:
+            return
+        named = lambda v: runfiles.per_domain(self.names, v)  # noqa: E731 (a local shorthand)
+        record = {"step": step, "tokens": step * self.seq_len * self.sampler.global_batch, "signal": self.signal,
+                  "losses": named(losses), "init": named(self.init), "targets": named(self.targets),
+                  "velocity": named(velocity), "weights": named(weights), "sampling_weights": named(w_hat),
+                  "tokens_per_domain": dict(zip(self.names, self.tokens_per_domain(trained).tolist())),
+                  "guarded": list(guarded)}
+        if warnings:
+            record["warnings"] = list(warnings)
+        self.log.write(record)
+        if self.scalars is not None and losses is not None:
+            self.scalars("weight", named(w_hat), step)
+            if velocity is not None:
+                self.scalars("velocity", named(velocity), step)
+
+    def resume_log(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """After a resume: the newest record's ŵ is what the file says (records of later steps were dropped)."""
+        if records:
+            self._logged_w_hat = np.array([records[-1]["sampling_weights"][n] for n in self.names], dtype=np.float64)
+
+    # ------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values (JSON) plus the window's two device tensors, moved to the CPU."""
+        return {
+            "rule": self.rule.state_dict(), "sampler": self.sampler.state_dict(),
+            "init": None if self.init is None else self.init.tolist(),
+            "sig_last": None if self.sig_last is None else self.sig_last.tolist(),
+            "sig_sum": self.sig_sum.cpu(), "sig_cnt": self.sig_cnt.cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.init = None if state["init"] is None else np.array(state["init"], dtype=np.float64)
+        self.sig_last = None if state["sig_last"] is None else np.array(state["sig_last"], dtype=np.float64)
+        self.sig_sum.copy_(state["sig_sum"].to(self.sig_sum.device))
+        self.sig_cnt.copy_(state["sig_cnt"].to(self.sig_cnt.device))
+
+
+def check_same_on_all_ranks(w: np.ndarray, env: dist.DistEnv) -> None:
+    """Debug (dist.check_weights): every rank must compute bit-identical float64 weights."""
+    if not env.distributed:
+        return
+    import torch.distributed as tdist
+
+    mine = torch.tensor(w, dtype=torch.float64)
+    ref = mine.clone()
+    tdist.broadcast(ref, src=0)
+    if not torch.equal(mine, ref):
+        raise TrainingError(f"rank {env.rank} computed weights {w.tolist()} != rank 0's {ref.tolist()}")
