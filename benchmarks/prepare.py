@@ -95,7 +95,7 @@ def _count(texts: list[str]) -> int:
 
 def batches(texts: list[str]) -> list[list[str]]:
     """Documents grouped into the same unit of work prepare uses."""
-    from velocitune.prepare import _BATCH_CHARS
+    from velocitune.prepare.split import _BATCH_CHARS
 
     out, cur, chars = [], [], 0
     for t in texts:
