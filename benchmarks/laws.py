@@ -28,7 +28,7 @@ TARGET_S = 2.0
 
 
 def data_points(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """DESIGN §4.1 curve: L = 1.6 + 120/D^0.3, 10 points over 2–20 % of 2e9, 0.2 % noise."""
+    """docs/design.md §4.1 curve: L = 1.6 + 120/D^0.3, 10 points over 2–20 % of 2e9, 0.2 % noise."""
     rng = np.random.default_rng(seed)
     D = np.linspace(0.02, 0.2, 10) * 2e9
     return D, (1.6 + 120.0 / D**0.3) * (1 + 2e-3 * rng.standard_normal(10))
@@ -54,7 +54,7 @@ def chinchilla_points(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def literal_grid_lbfgsb(D: np.ndarray, L: np.ndarray, delta: float = 1e-3) -> float:
-    """Σ Huber from scipy L-BFGS-B run from each of the 150 DESIGN grid points (natural θ)."""
+    """Σ Huber from scipy L-BFGS-B run from each of the 150 grid points of docs/design.md §4.1 (natural θ)."""
     x, y = np.log(D), np.log(L)
 
     def objective(theta):

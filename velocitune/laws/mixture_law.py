@@ -1,0 +1,233 @@
+"""The D-CPT mixture law: loss over tokens and the domain share r of the mixture (docs/design.md §4.3).
+
+- `fit_dcpt_law` (`DcptFit`): `L(D, r) = E + B·r^η / D^β + C / (r + ε)^γ` (Que et al. 2024,
+  N fixed), a power sum fitted in log space by the engine of `velocitune.laws.solver`;
+- `suggest_domain_share`: the largest share r whose predicted general-loss rise stays within
+  a tolerance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from velocitune.errors import FitError
+from velocitune.laws.solver import (
+    _EXP_HI,
+    _GRID_E,
+    _GRID_EXPONENT,
+    _GRID_LOG_COEF,
+    _N_SCREENED_STARTS,
+    _check_has_bootstrap,
+    _check_lengths,
+    _check_level,
+    _check_options,
+    _holdout_error,
+    _out,
+    _percentile_band,
+    _positive_array,
+    _positive_scalar,
+    _PowerSum,
+    _r2,
+    _vector,
+)
+
+_MIN_POINTS_DCPT = 7
+
+
+# ----------------------------------------------------------------------------------------------
+# D-CPT law  L(D, r) = E + B·r^η / D^β + C / (r + ε)^γ   (docs/design.md §4.3, N fixed)
+# ----------------------------------------------------------------------------------------------
+
+# Natural θ = [e, b, β, η, c, γ]: term 1 = b − β·log D − η·(−log r), term 2 = c − γ·log(r + ε).
+_DCPT_EXPONENT_BOUNDS = [[(0.0, _EXP_HI), (-_EXP_HI, _EXP_HI)], [(0.0, _EXP_HI)]]
+
+
+def _dcpt_grid() -> np.ndarray:
+    """Start grid (12,000, 6) for natural θ = [e, b, β, η, c, γ], screened before the descent."""
+    axes = (
+        _GRID_E,
+        _GRID_LOG_COEF,
+        _GRID_EXPONENT,
+        np.arange(-1.0, 1.01, 0.5),
+        np.array([-6.0, -4.0, -2.0, 0.0]),
+        np.arange(0.0, 1.51, 0.5),
+    )
+    return np.array(list(itertools.product(*axes)))
+
+
+def _dcpt_law(D, r, E, B, eta, beta, C, gamma, eps):
+    return E + B * np.power(r, eta) * np.power(D, -beta) + C * np.power(r + eps, -gamma)
+
+
+def _dcpt_natural(theta: np.ndarray) -> np.ndarray:
+    """(…, 6) rows [e, b, β, η, c, γ] → [E, B, η, β, C, γ] (the order of `_dcpt_law`)."""
+    e, b, beta, eta, c, gamma = np.moveaxis(np.asarray(theta, dtype=np.float64), -1, 0)
+    return np.stack([np.exp(e), np.exp(b), eta, beta, np.exp(c), gamma], axis=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class DcptFit:
+    """A fitted D-CPT law `L(D, r) = E + B·r^η / D^β + C / (r + ε)^γ` for one validation domain.
+
+    `r` is the share of the CPT domain in the training mixture, `D` the CPT tokens; ε is fixed
+    (not fitted); `r_range` is the (smallest, largest) fitted share. `bootstrap_params` rows are
+    (E, B, η, β, C, γ).
+    """
+
+    E: float
+    B: float
+    eta: float
+    beta: float
+    C: float
+    gamma: float
+    eps: float
+    r_range: tuple[float, float]
+    r2: float
+    holdout_error: float | None
+    n_points: int
+    loss: float
+    bootstrap_params: np.ndarray = field(repr=False)
+
+    def predict(self, D, r) -> float | np.ndarray:
+        """Predicted loss at tokens D and domain share r > 0 (broadcast against each other)."""
+        D_ = _positive_array("predict", "D", D)
+        r_ = _positive_array("predict", "r", r)
+        nat = (self.E, self.B, self.eta, self.beta, self.C, self.gamma)
+        return _out(_dcpt_law(D_, r_, *nat, self.eps))
+
+    def interval(self, D, r, level: float = 0.9) -> tuple:
+        """Bootstrap `level` confidence band (lo, hi) of the fitted surface at (D, r)."""
+        _check_level(level)
+        _check_has_bootstrap(self.bootstrap_params)
+        D_, r_ = np.broadcast_arrays(
+            _positive_array("interval", "D", D), _positive_array("interval", "r", r)
+        )
+        p = self.bootstrap_params.reshape((-1, 6) + (1,) * D_.ndim)
+        samples = _dcpt_law(D_, r_, *(p[:, i] for i in range(6)), self.eps)
+        lo, hi = _percentile_band(samples, level)
+        return _out(lo), _out(hi)
+
+    @property
+    def params(self) -> dict[str, float]:
+        return {
+            "E": self.E, "B": self.B, "eta": self.eta, "beta": self.beta,
+            "C": self.C, "gamma": self.gamma, "eps": self.eps,
+        }  # fmt: skip
+
+
+def fit_dcpt_law(
+    tokens,
+    ratios,
+    losses,
+    *,
+    eps: float = 0.01,
+    huber_delta: float = 1e-3,
+    bootstrap: int = 0,
+    seed: int = 0,
+    holdout: int = 0,
+) -> DcptFit:
+    """Fit the D-CPT law (Que et al. 2024, N fixed) to runs over tokens D and domain share r.
+
+    Same engine as `fit_data_law` (log space, Huber), descending from the best 256 of a
+    12,000-point start grid. Bounds β, γ ∈ [0, 3], η ∈ [−3, 3] (η < 0: the domain's own loss
+    falls with r through the data term; η > 0: a general loss rises with r), E ≤ min loss.
+    `ratios` must lie in (0, 1]: r^η is undefined at r = 0 for η < 0, so a run without the domain
+    is the *reference* of `suggest_domain_share`, not a fitted point. Needs at least 7 points;
+    `holdout` = the points with the largest D (off by default: grids of short runs are small).
+    Bootstrap is off by default too: `suggest_domain_share` uses only the point fit.
+    """
+    caller = "fit_dcpt_law"
+    D = _vector(caller, "tokens", tokens, sign="> 0")
+    r = _vector(caller, "ratio", ratios, sign="> 0")
+    L = _vector(caller, "loss", losses, sign="> 0")
+    n = _check_lengths(caller, tokens=D, ratios=r, losses=L)
+    _check_options(
+        caller, n, _MIN_POINTS_DCPT, "the 6-parameter D-CPT law", holdout, bootstrap, huber_delta
+    )
+    if np.any(r > 1.0):
+        i = int(np.flatnonzero(r > 1.0)[0])
+        raise FitError(f"{caller}: point {i} has ratio = {r[i]!r}; a domain share must be ≤ 1")
+    if len(np.unique(r)) < 2 or len(np.unique(D)) < 2:
+        raise FitError(
+            f"{caller}: the runs must cover at least 2 domain shares and 2 token counts, got "
+            f"{len(np.unique(r))} share(s) and {len(np.unique(D))} token count(s)"
+        )
+    eps = _positive_scalar(caller, "eps", eps)
+    order = np.argsort(D, kind="stable")
+    D, r, L = D[order], r[order], L[order]
+
+    def problem(idx: slice) -> _PowerSum:
+        feats = [np.column_stack([np.log(D[idx]), -np.log(r[idx])]), np.log(r[idx] + eps)[:, None]]
+        return _PowerSum(feats, _DCPT_EXPONENT_BOUNDS)
+
+    def fit(idx: slice) -> tuple[np.ndarray, float]:
+        p, log_y = problem(idx), np.log(L[idx])
+        return p.fit(
+            p.screen(_dcpt_grid(), log_y, huber_delta, _N_SCREENED_STARTS), log_y, huber_delta
+        )
+
+    theta, f = fit(slice(None))
+    nat = _dcpt_natural(theta)
+    boot = problem(slice(None)).bootstrap(theta, np.log(L), bootstrap, seed, huber_delta)
+    return DcptFit(
+        *(float(x) for x in nat),
+        eps=eps,
+        r_range=(float(r.min()), float(r.max())),
+        r2=_r2(L, _dcpt_law(D, r, *nat, eps)),
+        holdout_error=_holdout_error(
+            n,
+            holdout,
+            _MIN_POINTS_DCPT,
+            lambda head, tail: _dcpt_law(D[tail], r[tail], *_dcpt_natural(fit(head)[0]), eps),
+            L,
+        ),
+        n_points=n,
+        loss=f * huber_delta**2,
+        bootstrap_params=_dcpt_natural(boot).reshape(-1, 6),
+    )
+
+
+def suggest_domain_share(
+    general_fit: DcptFit,
+    general_loss_base: float,
+    D: float,
+    tolerance: float = 0.03,
+    grid=None,
+) -> float:
+    """The largest domain share r that keeps the predicted general-loss rise within `tolerance`.
+
+    rise(r) = general_fit.predict(D, r) / general_loss_base − 1, a relative rise (0.03 = 3 %),
+    where `general_fit` is the D-CPT fit of the *general* validation loss, `general_loss_base`
+    the reference general loss (the base model's, or a run without the domain) and D the main
+    run's token budget. Scanning `grid` upwards, the answer is the last share before the first
+    one whose rise exceeds the tolerance, so every smaller share on the grid is within it too.
+    The default grid steps by 0.01 through the fitted shares `general_fit.r_range` only: the
+    C/(r + ε)^γ term can blow up below the smallest fitted share, so the law is trusted to
+    interpolate in r, not to extrapolate. FitError when even the smallest share exceeds it.
+    """
+    caller = "suggest_domain_share"
+    base = _positive_scalar(caller, "general_loss_base", general_loss_base)
+    D = _positive_scalar(caller, "D", D)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise FitError(f"{caller}: tolerance must be finite and ≥ 0, got {tolerance!r}")
+    if grid is None:
+        lo, hi = general_fit.r_range
+        shares = np.arange(math.ceil(lo * 100 - 1e-9), math.floor(hi * 100 + 1e-9) + 1) / 100
+        shares = shares if len(shares) else np.array([lo])
+    else:
+        shares = np.sort(_vector(caller, "r", grid, sign="> 0"))
+    if len(shares) == 0 or shares[-1] > 1.0:
+        raise FitError(f"{caller}: grid must hold shares in (0, 1], got {grid!r}")
+    rise = np.asarray(general_fit.predict(D, shares)) / base - 1.0
+    over = rise > tolerance
+    if over[0]:
+        raise FitError(
+            f"{caller}: even r = {shares[0]:.3g} raises the general loss by {rise[0]:.2%} "
+            f"(> {tolerance:.2%}); raise the tolerance or use a finer grid near 0"
+        )
+    last_ok = int(np.argmax(over)) - 1 if over.any() else len(shares) - 1
+    return float(shares[last_ok])
