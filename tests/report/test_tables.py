@@ -1,0 +1,175 @@
+"""Tests for velocitune.report.tables: report.md's tables checked against the run files, multi-seed statistics
+against numpy, the notes, and the `velocitune report` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+from report.rundirs import (
+    DOMAINS,
+    FINAL,
+    INIT,
+    TARGETS,
+    edit_summary,
+    fabricate_run,
+    floats,
+    good_run,
+    hms,
+    read_summary,
+    table_with,
+)
+
+from velocitune.report import add_arguments, main, make_report
+
+# ----------------------------------------------------------------------------------------------------------
+# Single-seed report: one row per run
+
+
+def test_report_path_and_run_list(single):
+    runs, out, md = single
+    assert (out / "report.md").is_file()
+    assert md.startswith("# ")
+    for run in runs:
+        assert str(run.resolve()) in md
+
+
+def test_run_table_matches_the_run_files(single):
+    runs, _, md = single
+    rows = {r["run"]: r for r in table_with(md, "worst progress")}
+    assert set(rows) == {r.name for r in runs}
+    for run in runs:
+        s, row = read_summary(run), rows[run.name]
+        assert row["arm"] == s["arm"] and int(row["seed"]) == s["seed"]
+        final = s["final_val_loss"]
+        for d in DOMAINS:
+            assert floats(row[f"loss {d}"])[0] == pytest.approx(final[d], abs=5.1e-5)
+            assert floats(row[f"tokens {d} (M)"])[0] == pytest.approx(s["tokens_per_domain"][d] / 1e6, abs=5.1e-4)
+        assert floats(row["mean loss"])[0] == pytest.approx(sum(final.values()) / 3, abs=5.1e-5)
+        # progress, computed here from the summary: prose has l_init < l_target -> n/a
+        progress = {d: (INIT[d] - final[d]) / (INIT[d] - TARGETS[d]) for d in ("math", "code")}
+        for d, p in progress.items():
+            assert floats(row[f"progress {d}"])[0] == pytest.approx(p, abs=5.1e-4)
+        assert row["progress prose"].startswith("n/a")
+        assert floats(row["worst progress"])[0] == pytest.approx(min(progress.values()), abs=5.1e-4)
+        borrowed = s["targets"] is None
+        assert all(row[f"progress {d}"].endswith("‡") == borrowed for d in progress)
+        assert hms(row["wall time"]) == pytest.approx(s["wall_time_s"], abs=0.51)
+        if s["rule"] == "static":
+            assert row["reweighting"] == "—"
+        else:
+            cost = s["time_update_s"]  # the trainer counts eval-signal passes in time_update_s
+            assert floats(row["reweighting"])[0] == pytest.approx(100 * cost / s["wall_time_s"], abs=0.051)
+    assert "ℓ_init − ℓ_target < 0.02 nats" in md  # the footnote explaining n/a
+    assert "has no targets of its own" in md  # the footnote explaining ‡
+
+
+def test_targets_table_matches_summary(single):
+    _, _, md = single
+    rows = {r["domain"]: r for r in table_with(md, "ℓ_target (nats)")}
+    for d in DOMAINS:
+        assert floats(rows[d]["ℓ_init (nats)"])[0] == pytest.approx(INIT[d], abs=5.1e-5)
+        assert floats(rows[d]["ℓ_target (nats)"])[0] == pytest.approx(TARGETS[d], abs=5.1e-5)
+        assert floats(rows[d]["gap (nats)"])[0] == pytest.approx(INIT[d] - TARGETS[d], abs=5.1e-5)
+        assert rows[d]["predictor"] == "chinchilla"
+    assert "progress n/a" in rows["prose"]["note"] and rows["math"]["note"] == ""
+
+
+def test_domain_without_target_shows_progress_na(tmp_path):
+    """summary.json may hold null for a domain without a target: its progress is n/a, left out of the worst."""
+    run = good_run(tmp_path)
+    edit_summary(run, targets={**TARGETS, "code": None})
+    md = make_report([run], tmp_path / "report").read_text()
+    row = table_with(md, "worst progress")[0]
+    assert row["progress code"] == "n/a†" and row["progress prose"] == "n/a†"
+    math_progress = (INIT["math"] - FINAL["math"]) / (INIT["math"] - TARGETS["math"])
+    assert floats(row["progress math"])[0] == pytest.approx(math_progress, abs=5.1e-4)
+    assert floats(row["worst progress"])[0] == pytest.approx(math_progress, abs=5.1e-4)
+    assert "the domain has no target" in md and "ℓ_init − ℓ_target < 0.02 nats" in md
+    targets = {r["domain"]: r for r in table_with(md, "ℓ_target (nats)")}
+    assert targets["code"]["ℓ_target (nats)"] == "—" and targets["code"]["gap (nats)"] == "—"
+    assert "no target" in targets["code"]["note"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-seed report: one row per arm, differences to static
+
+
+def per_arm(runs) -> dict[str, list[dict]]:
+    arms: dict[str, list[dict]] = {}
+    for run in runs:
+        s = read_summary(run)
+        arms.setdefault(s["arm"], []).append(s)
+    return arms
+
+
+def mean_loss(s: dict) -> float:
+    return float(np.mean([s["final_val_loss"][d] for d in DOMAINS]))
+
+
+def worst_progress(s: dict) -> float:
+    return min((INIT[d] - s["final_val_loss"][d]) / (INIT[d] - TARGETS[d]) for d in ("math", "code"))
+
+
+def test_arm_table_mean_sd_against_numpy(multi):
+    runs, _, md = multi
+    assert md.startswith("# Three arms")
+    rows = {r["arm"]: r for r in table_with(md, "seeds")}
+    for arm, summaries in per_arm(runs).items():
+        row = rows[arm]
+        assert sorted(int(s) for s in row["seeds"].split(", ")) == sorted(s["seed"] for s in summaries)
+        for d in DOMAINS:
+            v = np.array([s["final_val_loss"][d] for s in summaries])
+            assert floats(row[f"loss {d}"]) == pytest.approx([v.mean(), v.std(ddof=1)], abs=5.1e-5)
+        m = np.array([mean_loss(s) for s in summaries])
+        assert floats(row["mean loss"]) == pytest.approx([m.mean(), m.std(ddof=1)], abs=5.1e-5)
+        w = np.array([worst_progress(s) for s in summaries])
+        assert floats(row["worst progress"]) == pytest.approx([w.mean(), w.std(ddof=1)], abs=5.1e-4)
+    assert "sample standard deviation" in md
+
+
+def test_differences_to_static_paired_and_unpaired(multi):
+    runs, _, md = multi
+    rows = {r["arm"]: r for r in table_with(md, "seeds")}
+    arms = per_arm(runs)
+    static = {s["seed"]: s for s in arms["static"]}
+    assert rows["static"]["Δ mean loss vs static"] == "—"
+    for metric, column, tol in [(mean_loss, "Δ mean loss vs static", 5.1e-5),
+                                (worst_progress, "Δ worst progress vs static", 5.1e-4)]:
+        # velocitune ran the static seeds: paired by seed
+        d = np.array([metric(s) - metric(static[s["seed"]]) for s in arms["velocitune"]])
+        cell = rows["velocitune"][column]
+        assert cell.endswith("(paired)")
+        assert floats(cell) == pytest.approx([d.mean(), d.std(ddof=1) / math.sqrt(d.size)], abs=tol)
+        # dbl ran other seeds: difference of means with the Welch standard error
+        a = np.array([metric(s) for s in arms["dbl"]])
+        r = np.array([metric(s) for s in arms["static"]])
+        se = math.sqrt(a.var(ddof=1) / a.size + r.var(ddof=1) / r.size)
+        cell = rows["dbl"][column]
+        assert cell.endswith("(unpaired)")
+        assert floats(cell) == pytest.approx([a.mean() - r.mean(), se], abs=tol)
+
+
+def test_multi_seed_keeps_per_run_table_in_details(multi):
+    runs, _, md = multi
+    details = md[md.index("<details>"): md.index("</details>")]
+    rows = table_with(details, "worst progress")
+    assert len(rows) == len(runs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_main_writes_report_whatever_the_package_version(tmp_path, capsys):
+    """Formats carry their own versions: a run written by another velocitune release reads when they match."""
+    run = fabricate_run(tmp_path, "r", arm="velocitune", rule="velocitune", version="7.3.0",
+                        final={"math": 2.7, "code": 2.4, "prose": 2.6})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(run), "--out", str(tmp_path / "out"), "--title", "CLI"])
+    assert main(args) == 0
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# CLI")
+    assert "report.md" in capsys.readouterr().out

@@ -1,0 +1,47 @@
+"""`velocitune report`: compare finished run directories in one report.md with tables and PNG plots.
+
+`runs` reads and cross-checks the run directories (through `velocitune.runfiles`) and computes the per-run
+numbers; `tables` writes the markdown tables and report.md (`make_report`, the CLI); `plots` draws the
+plots, `targets.png` included (also written by `velocitune targets`).
+"""
+
+from velocitune.report.plots import (
+    arm_colours,
+    domain_colours,
+    make_plots,
+    plot_targets,
+    plot_val_loss,
+    plot_velocity,
+    plot_weights,
+    targets_figure,
+)
+from velocitune.report.runs import (
+    Difference,
+    Run,
+    RunResult,
+    Spread,
+    difference,
+    group_arms,
+    load_run,
+    load_runs,
+    mean_sd,
+    normalised_progress,
+    reweight_share,
+    run_result,
+    static_arm,
+)
+from velocitune.report.tables import (
+    add_arguments,
+    arm_table,
+    main,
+    make_report,
+    run_table,
+    targets_table,
+)
+
+__all__ = [
+    "Difference", "Run", "RunResult", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
+    "domain_colours", "group_arms", "load_run", "load_runs", "main", "make_plots", "make_report", "mean_sd",
+    "normalised_progress", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "reweight_share",
+    "run_result", "run_table", "static_arm", "targets_figure", "targets_table",
+]
