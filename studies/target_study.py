@@ -7,11 +7,11 @@ is run on the demo setup and scored against the static arm's final validation lo
 
     error = predicted target − static final loss      (nats; the seed sd of the static runs beside it)
 
-    python benchmarks/target_study.py [--out demo_out] [--seeds 3] [--parallel 2]
+    python studies/target_study.py [--out demo_out] [--seeds 3] [--parallel 2]
 
 It reuses the demo in --out (base model, data, static runs; `velocitune demo --full` builds them) and
 every proxy already run, so an interrupted study resumes. Each proxy is a `velocitune targets`
-subprocess with one thread, `--parallel` at a time. Figures: benchmarks/results/target_study.json.
+subprocess with one thread, `--parallel` at a time. Figures: studies/results/target_study.json.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from targets import static_finals  # studies/targets.py, beside this script
 
-from targets import static_finals  # benchmarks/targets.py, beside this script
-from velocitune import demo
 from velocitune.config import dump_yaml
+from velocitune.demo import pipeline
+from velocitune.runfiles import read_targets
 
 FRACTIONS = (0.05, 0.1, 0.2)
 SCHEDULES = ("constant", "compressed")
@@ -74,14 +75,14 @@ def main() -> int:
     root = out / "target_study"
     root.mkdir(exist_ok=True)
     config = root / "proxy.yaml"  # the main run's config without targets of its own
-    config.write_text(dump_yaml(demo.targets_config(out, threads=1)))
+    config.write_text(dump_yaml(pipeline.targets_config(out, threads=1)))
     combos = list(itertools.product(FRACTIONS, SCHEDULES, POINTS))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         list(pool.map(lambda c: run_variant(config, root, *c), combos))
 
     rows = []
     for (fraction, schedule, points), pred in itertools.product(combos, PREDICTORS):
-        doc = json.loads((variant_dir(root, fraction, schedule, points) / f"targets_{pred}.json").read_text())
+        doc = read_targets(variant_dir(root, fraction, schedule, points) / f"targets_{pred}.json")
         t = np.array([doc["domains"][n]["target"] for n in names])
         err = t - mean
         rows.append({"fraction": fraction, "schedule": schedule, "points": points, "predictor": pred,

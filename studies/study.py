@@ -2,12 +2,12 @@
 
 Two domain sets share the demo's tokenizer and base model (so `velocitune demo` must have run in --out):
 - `demo`: the demo's replay / code / math / sci;
-- `alt`:  replay / cpp / markdown / records, built from other sources (corpus.build_alt_corpus).
+- `alt`:  replay / cpp / markdown / records, built from other sources (studies/alt_corpus.py).
 For each set this prepares the data, measures ℓ_init and predicts targets with the default recipe
 (`velocitune targets` defaults), runs the named arms over seeds as parallel 1-thread processes
 (resumable: finished runs are kept), and writes TAG/report.md plus TAG.json/TAG.md (the bar):
 
-    python benchmarks/study.py --out demo_out --set demo --arms static uniform robust --seeds 3
+    python studies/study.py --out demo_out --set demo --arms static uniform robust --seeds 3
 
 The bar (issue 9 §4), per arm against `static` and `uniform`, seed spread = the larger sample sd of
 the two arms compared:
@@ -28,10 +28,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from velocitune import demo
-from velocitune.config import from_dict
-from velocitune.corpus import ALT_DOMAINS, build_alt_corpus
-from velocitune.sweep import Arm, run_arms
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `studies`
+
+from studies.alt_corpus import ALT_DOMAINS, build_alt_corpus  # noqa: E402
+from velocitune.config import from_dict  # noqa: E402
+from velocitune.demo import pipeline  # noqa: E402
+from velocitune.runfiles import SUMMARY_FILE, read_init_loss, read_summary  # noqa: E402
+from velocitune.sweep import Arm, run_arms  # noqa: E402
 
 # Arms of the study: overrides on top of the set's config. The velocity arms name every knob they
 # change, so that a later change of a preset's defaults does not silently change an old arm.
@@ -58,11 +61,10 @@ def set_dir(out: Path, name: str) -> Path:
     return out / "study" / name
 
 
-def prepare_set(out: Path, name: str, parallel: int, steps: int = demo.CPT_STEPS, scale: float = 1.0) -> Path:
+def prepare_set(out: Path, name: str, parallel: int, steps: int = pipeline.CPT_STEPS, scale: float = 1.0) -> Path:
     """Data, ℓ_init and targets of one domain set; return its cpt.yaml (cached stage by stage)."""
     from velocitune.prepare import prepare_corpus
-    from velocitune.targets import (DEFAULT_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR, DEFAULT_SCHEDULE,
-                                     estimate_targets)
+    from velocitune.targets import estimate_targets
 
     root = set_dir(out, name)
     root.mkdir(parents=True, exist_ok=True)
@@ -73,24 +75,24 @@ def prepare_set(out: Path, name: str, parallel: int, steps: int = demo.CPT_STEPS
         data = root / "data"
         if not (data / "manifest.json").is_file():
             prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in ALT_DOMAINS}, val_fraction=0.05,
-                           val_tokens=demo.EVAL_TOKENS * 2, workers=parallel)
-    config = demo.cpt_config(out, steps)
+                           val_tokens=pipeline.EVAL_TOKENS * 2, workers=parallel)
+    config = pipeline.cpt_config(out, steps)
     config["data"]["path"] = str(data)
     config["mixing"]["targets"] = str(root / "targets" / "targets.json")
     config["mixing"]["init_loss"] = str(root / "targets" / "init_loss.json")
     path = root / "cpt.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     if not (root / "targets" / "targets.json").is_file():
-        proxy = from_dict({**config, "mixing": {"interval": demo.INTERVAL},
+        # No `targets` section: the proxy follows the default recipe (`velocitune targets` defaults).
+        proxy = from_dict({**config, "mixing": {"interval": pipeline.INTERVAL},
                            "train": {**config["train"], "threads": parallel}})
-        estimate_targets(proxy, DEFAULT_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR, root / "targets" / "targets.json",
-                         DEFAULT_SCHEDULE)
+        estimate_targets(proxy, root / "targets" / "targets.json")
     return path
 
 
 def _finals(run_dirs: list[Path]) -> tuple[list[str], np.ndarray, float | None]:
     """Domain names, final val losses (seeds, k), and the mean measured reweighting overhead (None: none)."""
-    docs = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+    docs = [read_summary(d / SUMMARY_FILE) for d in run_dirs]
     names = list(docs[0]["final_val_loss"])
     cost = [d["measured_overhead"] for d in docs if d.get("measured_overhead") is not None]
     return names, np.array([[d["final_val_loss"][n] for n in names] for d in docs]), (float(np.mean(cost)) if cost else None)
@@ -98,11 +100,11 @@ def _finals(run_dirs: list[Path]) -> tuple[list[str], np.ndarray, float | None]:
 
 def bar(root: Path, arms: list[str], seeds: int) -> dict:
     """The §4 criteria for every arm, from the runs' final losses and ℓ_init."""
-    init_doc = json.loads((root / "targets" / "init_loss.json").read_text())["domains"]
     loss, cost = {}, {}
     for a in arms:
         names, loss[a], cost[a] = _finals([root / "runs" / a / f"seed{s}" for s in range(seeds)])
-    init = np.array([init_doc[n]["loss"] for n in names])
+    init_loss = read_init_loss(root / "targets" / "init_loss.json", names)
+    init = np.array([init_loss[n] for n in names])
 
     def sd(x: np.ndarray) -> np.ndarray:
         return x.std(0, ddof=1) if len(x) > 1 else np.zeros(x.shape[1:])
@@ -147,7 +149,7 @@ def bar_markdown(summary: dict) -> str:
     for a, r in summary["arms"].items():
         c = r.get("checks", {})
 
-        def cell(key: str) -> str:
+        def cell(key: str, c: dict = c) -> str:
             if key not in c:
                 return "—"
             return f"{c[key]['delta']:+.4f} (±{c[key]['spread']:.4f}) {'✓' if c[key]['pass'] else '✗'}"
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"from: {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--steps", type=int, default=demo.CPT_STEPS, help="CPT steps per run (default: the demo's)")
+    ap.add_argument("--steps", type=int, default=pipeline.CPT_STEPS, help="CPT steps per run (default: the demo's)")
     ap.add_argument("--scale", type=float, default=1.0, help="size of the second set's corpus (default 1.0)")
     ap.add_argument("--tag", default="bar", help="name of this comparison's outputs: TAG.json, TAG.md, TAG/report.md")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The study's bar (benchmarks/study.py, issue 9 §4) on hand-made run directories with known numbers."""
+"""The study's bar (studies/study.py, issue 9 §4) on hand-made run directories with known numbers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from velocitune import runfiles
 from velocitune.config import load_config, parse_override
 
-_spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "benchmarks" / "study.py")
+_spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[2] / "studies" / "study.py")
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 
@@ -19,17 +20,25 @@ INIT = {"a": 3.0, "b": 4.0}
 
 
 def _write(root: Path, arm: str, finals: list[dict], overhead: float | None = None) -> None:
+    """Finished runs' summary.json (one per seed), written as training writes them (velocitune.runfiles)."""
     for s, f in enumerate(finals):
         d = root / "runs" / arm / f"seed{s}"
         d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"final_val_loss": f, "complete": True,
-                                                    "measured_overhead": overhead}))
+        names = list(f)
+        doc = {"velocitune_version": "test", "arm": arm, "rule": "static", "signal": "eval", "seed": s,
+               "domains": names, "steps": 10, "tokens": 10_240, "init_loss": {n: INIT[n] for n in names},
+               "targets": None, "final_val_loss": f, "tokens_per_domain": {n: 5_120 for n in names},
+               "wall_time_s": 1.0, "time_eval_s": 0.1, "time_update_s": 0.0, "complete": True}
+        if overhead is not None:  # absent: the arm measured no reweighting cost
+            doc["measured_overhead"] = overhead
+        runfiles.write_summary(d / runfiles.SUMMARY_FILE, doc)
 
 
 @pytest.fixture
 def root(tmp_path):
     (tmp_path / "targets").mkdir()
-    (tmp_path / "targets" / "init_loss.json").write_text(json.dumps({"domains": {k: {"loss": v} for k, v in INIT.items()}}))
+    runfiles.write_init_loss(tmp_path / "targets" / runfiles.INIT_LOSS_FILE, "base", list(INIT), list(INIT.values()),
+                             [4096] * len(INIT))
     _write(tmp_path, "static", [{"a": 2.0, "b": 3.9}, {"a": 2.1, "b": 3.92}, {"a": 2.2, "b": 3.94}])
     _write(tmp_path, "uniform", [{"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}, {"a": 2.3, "b": 3.5}])
     # helps the lagging domain b a lot, costs a little on a: passes every criterion

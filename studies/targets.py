@@ -4,10 +4,10 @@ On the demo setup: the 10 % proxy predicts each domain's loss at the full budget
 then trained for the full budget over several seeds, and each predictor's error is reported in nats and
 in percent, next to the seed spread of the static runs and the proxy's cost as a share of the main run.
 
-    python benchmarks/targets.py [--out demo_out] [--seeds 3] [--parallel 2]
+    python studies/targets.py [--out demo_out] [--seeds 3] [--parallel 2]
 
 It reuses whatever `velocitune demo` already built in --out (corpus, base model, proxy, static runs), so
-after `make demo-full` it only refits. Figures: benchmarks/results/targets.json.
+after `make demo-full` it only refits. Figures: studies/results/targets.json.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from velocitune import demo
+from velocitune.config import from_dict, to_dict
+from velocitune.demo import pipeline
+from velocitune.runfiles import SUMMARY_FILE, read_summary
 from velocitune.sweep import Arm, run_arms
 from velocitune.targets import estimate_targets
 
@@ -31,7 +33,7 @@ def static_finals(out: Path, seeds: int, parallel: int) -> tuple[list[str], np.n
     statics = run_arms(out / "cpt.yaml", [Arm(f"static/seed{s}", ["--mixing.rule=static", f"--train.seed={s}",
                                                                    "--run.arm=static"]) for s in range(seeds)],
                        out / "runs", parallel=parallel)
-    finals = [json.loads((d / "summary.json").read_text())["final_val_loss"] for d in statics]
+    finals = [read_summary(d / SUMMARY_FILE)["final_val_loss"] for d in statics]
     names = list(finals[0])
     return names, np.array([[f[n] for n in names] for f in finals])
 
@@ -41,21 +43,23 @@ def main() -> int:
     ap.add_argument("--out", default="demo_out")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--fraction", type=float, default=demo.PROXY_FRACTION)
+    ap.add_argument("--fraction", type=float, default=pipeline.PROXY_FRACTION)
     args = ap.parse_args()
     out = Path(args.out).resolve()
     if not (out / "cpt.yaml").is_file():
         print(f"{out} has no demo yet: running `velocitune demo` stages first", flush=True)
-        demo.run_demo(out, parallel=args.parallel)
+        pipeline.run_demo(out, parallel=args.parallel)
     names, actual = static_finals(out, args.seeds, args.parallel)
     mean, spread = actual.mean(0), actual.std(0, ddof=1) if args.seeds > 1 else np.zeros(len(names))
-    cfg = demo.targets_config(out, threads=args.parallel)
+    cfg = pipeline.targets_config(out, threads=args.parallel)
     results = {"fraction": args.fraction, "seeds": args.seeds, "domains": names,
                "static_final_mean": dict(zip(names, mean.tolist())),
                "static_final_sd": dict(zip(names, spread.tolist())), "predictors": {}}
-    tag = "" if args.fraction == demo.PROXY_FRACTION else f"_p{args.fraction:g}"
+    tag = "" if args.fraction == pipeline.PROXY_FRACTION else f"_p{args.fraction:g}"
     for pred in PREDICTORS:
-        doc = estimate_targets(cfg, args.fraction, 10, pred, out / f"targets{tag}" / f"targets_{pred}.json")
+        recipe = {"fraction": args.fraction, "points": 10, "predictor": pred, "proxy_schedule": "compressed"}
+        doc = estimate_targets(from_dict({**to_dict(cfg), "targets": recipe}),
+                               out / f"targets{tag}" / f"targets_{pred}.json")
         pred_t = np.array([doc["domains"][n]["target"] for n in names])
         err = pred_t - mean
         results["predictors"][pred] = {

@@ -1,7 +1,7 @@
-"""`velocitune demo`: the whole method on the embedded corpus, on a CPU, in minutes.
+"""`velocitune demo`'s stages: the whole method on the embedded corpus, on a CPU, in minutes.
 
 Stages (each explained as it starts, each cached so a second demo skips what is done):
-1. build the demo corpus and tokenizer (corpus.py);
+1. build the demo corpus and tokenizer (corpus.py, tokenizer.py beside this module);
 2. pretrain a tiny Llama on general prose only, so continual pre-training is a real distribution shift;
 3. prepare the CPT domains (replay slice of prose, code, math, scientific docs);
 4. measure ℓ_init and predict targets from a 10 % proxy run;
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from velocitune.demo.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus
+from velocitune.demo.tokenizer import train_tokenizer
 from velocitune.errors import VelocituneError
-from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus, train_tokenizer
+from velocitune.fileio import atomic_write_json, atomic_write_text, output_dir, read_json
 
 # Sizes chosen so that `make demo` ends within ~15 minutes on 2 CPU cores (measured: README "Demo").
 SEQ_LEN = 128
@@ -42,28 +44,23 @@ def _stage(n: int, title: str, why: str) -> None:
 
 def _write_yaml(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _complete(run_dir: Path) -> bool:
-    s = run_dir / "summary.json"
-    return s.is_file() and json.loads(s.read_text()).get("complete", False)
 
 
 def check_settings(out: Path, settings: dict) -> None:
     """Stages are cached in `out`; refuse to mix results of different demo settings in one directory."""
     path = out / "demo.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, fix=f"delete it (or {out}) to start the demo over")
         if saved != json.loads(json.dumps(settings)):
             diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
             raise VelocituneError(
                 f"{out} holds a demo with other settings {diff} (saved, now); use another --out or delete it"
             )
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=1))
+        output_dir(out, "the demo directory (--out)")
+        atomic_write_json(path, settings)
 
 
 def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
@@ -81,11 +78,13 @@ def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
 
 
 def targets_config(out: Path, steps: int = CPT_STEPS, threads: int = 2):
-    """The config whose proxy predicts the targets: the main run's, without targets of its own."""
+    """The config whose proxy predicts the targets: the main run's, without targets of its own, and the
+    demo's proxy recipe (the default points, predictor and schedule; a 10 % proxy for time)."""
     from velocitune.config import from_dict
 
     config = cpt_config(out, steps)
-    return from_dict({**config, "mixing": {"interval": INTERVAL}, "train": {**config["train"], "threads": threads}})
+    return from_dict({**config, "mixing": {"interval": INTERVAL}, "train": {**config["train"], "threads": threads},
+                      "targets": {"fraction": PROXY_FRACTION}})
 
 
 def arms(full: bool, seeds: int) -> list[tuple[str, list[str]]]:
@@ -109,8 +108,9 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     from velocitune.config import from_dict
     from velocitune.prepare import prepare_corpus
     from velocitune.report import make_report
+    from velocitune.runfiles import read_targets, run_is_complete
     from velocitune.sweep import Arm, run_arms
-    from velocitune.targets import DEFAULT_POINTS, DEFAULT_PREDICTOR, DEFAULT_SCHEDULE, estimate_targets
+    from velocitune.targets import estimate_targets
     from velocitune.train import train
 
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     _stage(2, "base model",
            "A tiny Llama pretrained on general prose only, so that code, math and scientific docs are new "
            "to it and continual pre-training is a real distribution shift (cached for the next demo).")
-    if not _complete(out / "base"):
+    if not run_is_complete(out / "base"):
         prepare_corpus(tok, out / "data_base", {PRETRAIN_DOMAIN: [str(corpus[PRETRAIN_DOMAIN])]},
                        val_fraction=0.05, val_tokens=EVAL_TOKENS * 2, workers=2)
         base = from_dict({
@@ -164,9 +164,8 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     config = cpt_config(out, steps)
     config_path = _write_yaml(out / "cpt.yaml", config)
     if not (out / "targets" / "targets.json").is_file():
-        estimate_targets(targets_config(out, steps, parallel), PROXY_FRACTION, DEFAULT_POINTS, DEFAULT_PREDICTOR,
-                         out / "targets" / "targets.json", DEFAULT_SCHEDULE)
-    doc = json.loads((out / "targets" / "targets.json").read_text())
+        estimate_targets(targets_config(out, steps, parallel), out / "targets" / "targets.json")
+    doc = read_targets(out / "targets" / "targets.json")
     for name, d in doc["domains"].items():
         print(f"      {name:>8s}: ℓ_init {d['init']:.3f} → target {d['target']:.3f} ({d['predictor']})"
               + ("  [guarded]" if d["guarded"] else ""))
