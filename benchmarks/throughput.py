@@ -55,9 +55,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class Setup:
     layers: int
     heads: int
     intermediate: int
-    vocab: Optional[int]  # None: the tokenizer's
+    vocab: int | None  # None: the tokenizer's
     seq_len: int
     batch: int
     steps: int
@@ -111,7 +111,7 @@ def gpu_setup(args: argparse.Namespace) -> Setup:
 
 def build_data(cache: Path, s: Setup) -> tuple[Path, Path]:
     """Demo corpus -> 8192-token BPE -> prepared CPT domains under `cache`; each stage is skipped when cached."""
-    from velocitune.corpus import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus, train_tokenizer
+    from velocitune.demo import CPT_DOMAINS, PRETRAIN_DOMAIN, build_corpus, train_tokenizer
     from velocitune.prepare import prepare_corpus
 
     corpus = build_corpus(cache / "corpus", scale=s.scale, progress=False)
@@ -140,7 +140,7 @@ def saved_model(cache: Path, s: Setup, vocab: int) -> Path:
 # --------------------------------------------------------------------------- the variants
 
 
-def plain_run(s: Setup, data_dir: Path, vocab: int, model_dir: Optional[Path], on_step: Callable[[int], None]) -> float:
+def plain_run(s: Setup, data_dir: Path, vocab: int, model_dir: Path | None, on_step: Callable[[int], None]) -> float:
     """The reference loop; calls on_step(steps done) after every optimizer step; returns the last loss."""
     import torch
 
@@ -183,7 +183,7 @@ def plain_run(s: Setup, data_dir: Path, vocab: int, model_dir: Optional[Path], o
     return loss.item()
 
 
-def velocitune_config(variant: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Optional[Path],
+def velocitune_config(variant: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Path | None,
                       names: list[str], out: Path):
     from velocitune.config import from_dict
 
@@ -213,10 +213,10 @@ def velocitune_config(variant: str, s: Setup, data_dir: Path, tok_dir: Path, mod
     })
 
 
-def velocitune_run(variant: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Optional[Path],
+def velocitune_run(variant: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Path | None,
                    names: list[str], runs: Path) -> dict:
     """One `velocitune train` run; returns its metrics.jsonl records, estimate and last loss."""
-    from velocitune.metrics import read_jsonl
+    from velocitune.fileio import read_jsonl
     from velocitune.train import train
 
     out = runs / variant
@@ -289,7 +289,7 @@ def step_hook(hooks: dict[int, Callable[[], None]]):
         vt.Throughput = base
 
 
-def lockstep_repeat(s: Setup, data_dir: Path, tok_dir: Path, model_dir: Optional[Path], vocab: int,
+def lockstep_repeat(s: Setup, data_dir: Path, tok_dir: Path, model_dir: Path | None, vocab: int,
                     names: list[str], runs: Path, order: list[str]) -> dict[str, dict]:
     """All four variants once, in lock-step; per variant its block times and velocitune's records."""
     turns = LockStep(order)
@@ -331,7 +331,7 @@ def lockstep_repeat(s: Setup, data_dir: Path, tok_dir: Path, model_dir: Optional
 # --------------------------------------------------------------------------- GPU: sequential runs
 
 
-def sequential_run(v: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Optional[Path], vocab: int,
+def sequential_run(v: str, s: Setup, data_dir: Path, tok_dir: Path, model_dir: Path | None, vocab: int,
                    names: list[str], runs: Path) -> dict:
     """One variant alone; block times from synchronised clocks (plain) or metrics.jsonl (velocitune)."""
     import torch
@@ -382,7 +382,7 @@ def block_ratios(num: list[dict], den: list[dict], key: str) -> list[float]:
     return [d[key] / n[key] for n, d in zip(num, den)]
 
 
-def analyse(reps: list[dict[str, dict]], s: Setup, flops_tok: float, peak: Optional[float]) -> dict:
+def analyse(reps: list[dict[str, dict]], s: Setup, flops_tok: float, peak: float | None) -> dict:
     tokens = (s.steps - s.skip * s.m) * s.batch * s.seq_len
     keys = ["wall_s", "cpu_s"] if "cpu_s" in reps[0]["plain"]["blocks"][0] else ["wall_s"]
     res: dict = {"window_tokens": tokens, "clock": keys}
@@ -498,7 +498,8 @@ def main() -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from velocitune.model import build_model, flops_per_token, load_tokenizer, peak_flops
+    from velocitune.metrics import flops_per_token, peak_flops
+    from velocitune.model import build_model, load_tokenizer
     from velocitune.shards import PreparedData
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars from every load_model
