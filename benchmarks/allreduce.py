@@ -27,6 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
+from results_file import results_dir, save
+
 MODEL = {"vocab_size": 8192, "hidden_size": 128, "n_layers": 4, "n_heads": 4, "intermediate_size": 352}
 GLOBAL_BATCH, SEQ_LEN, WORLD = 16, 128, 2
 KS = (4, 100)
@@ -113,8 +115,7 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
-    root = Path(__file__).resolve().parents[1]
-    scratch = root / "benchmarks" / "results" / ".allreduce_raw.json"
+    scratch = results_dir() / ".allreduce_raw.json"
     scratch.parent.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,8 +150,7 @@ def main() -> None:
     for r in allreduce.values():
         print(f"{r['k']:>4} {r['bytes']:>6} {r['median_us']:>8.0f}us {r['p90_us']:>8.0f}us "
               f"{100 * r['ratio_to_step']:>8.3f}% {100 * r['per_step_overhead_at_m']['30']:>14.4f}%")
-    out = root / "benchmarks" / "results" / "allreduce.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save("allreduce", record)
     print(f"wrote {out}")
 
 

@@ -12,14 +12,13 @@ Usage: PYTHONPATH=. python benchmarks/laws.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from results_file import save
 from scipy.optimize import minimize
 
 from velocitune import laws
@@ -144,9 +143,7 @@ def main() -> None:
           f"{cmp['max_relative_objective_gap']:+.2e} (negative: ours lower)")  # fmt: skip
     print(f"1-min load average during the run: {results['machine']['load_1min']:.2f}")
 
-    out = Path(__file__).resolve().parent / "results" / "laws.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = save("laws", results)
     print(f"saved {out}")
 
 

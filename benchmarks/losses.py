@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import save
+
 VARIANTS = ("naive", "chunked", "checkpointed")
 K_DOMAINS = 4
 
@@ -123,10 +125,8 @@ def main() -> None:
         "target_met": results["chunked"]["peak_ratio"] <= 0.25,
         "results": results,
     }
-    out_path = root / "benchmarks" / "results" / "losses.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out_path.relative_to(root)}")
+    out_path = save("losses", record)
+    print(f"saved {out_path}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import save
+
+from velocitune.fileio import atomic_write_json
+
 EOS = "<|endoftext|>"
 
 
@@ -132,7 +136,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=20.0, help="corpus size in MiB (default 20)")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best of each is reported")
-    ap.add_argument("--out", default="benchmarks/results/prepare.json")
+    ap.add_argument("--out", default=None, help="where to save the figures (default: benchmarks/results/prepare.json)")
     args = ap.parse_args()
 
     from velocitune.prepare import load_tokenizer
@@ -166,9 +170,13 @@ def main() -> None:
         "baseline": "tokenizers encode_batch_fast + ids, spawn Pool(workers), documents in memory",
     }
     print(f"best prepare_corpus / best baseline = {result['ratio_best']:.3f} (target >= 0.8)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"saved {args.out}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, result)
+    else:
+        out = save("prepare", result)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ and writes benchmarks/results/sampler.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_file import save  # noqa: E402
 
 from velocitune.sampler import MixtureSampler  # noqa: E402
 
@@ -187,9 +188,7 @@ def main() -> None:
     print(f"    training step (fwd+bwd+AdamW, fp32, 1 thread, {train['params']:,} params): "
           f"{train['train_step_s_mean']:.2f} s mean")
     print(f"    assembly = {100 * share:.3f} % of the step (target < 5 %)")
-    out = Path(__file__).resolve().parent / "results" / "sampler.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save("sampler", result)
     print(f"wrote {out}")
 
 

@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from results_file import save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -575,10 +576,8 @@ def main() -> None:
         "final_loss": [{v: r[v]["final_loss"] for v in VARIANTS} for r in reps],
         "warnings": notes,
     }
-    out_path = ROOT / "benchmarks" / "results" / ("throughput_gpu.json" if args.gpu else "throughput.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out_path.relative_to(ROOT)} ({record['total_s']:.0f}s)")
+    out_path = save("throughput_gpu" if args.gpu else "throughput", record)
+    print(f"saved {out_path} ({record['total_s']:.0f}s)")
 
 
 if __name__ == "__main__":

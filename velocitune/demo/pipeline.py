@@ -194,8 +194,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: 1, or 3 with --full)")
     p.add_argument("--parallel", type=int, default=None, help="training processes at once (default: min(CPUs, 2))")
     p.add_argument("--steps", type=int, default=CPT_STEPS, help=f"CPT steps per arm (default {CPT_STEPS})")
+    p.add_argument("--base-steps", type=int, default=BASE_STEPS,
+                   help=f"pretraining steps of the base model (default {BASE_STEPS})")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="size of the embedded corpus relative to the default (~10 MB; e.g. 0.1 for a quick look)")
 
 
 def main(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), full=args.full, seeds=args.seeds, parallel=args.parallel, steps=args.steps)
+    for flag, value in (("--steps", args.steps), ("--base-steps", args.base_steps), ("--seeds", args.seeds),
+                        ("--parallel", args.parallel)):
+        if value is not None and value < 1:
+            raise VelocituneError(f"{flag} must be >= 1, got {value}")
+    run_demo(Path(args.out), full=args.full, seeds=args.seeds, parallel=args.parallel, steps=args.steps,
+             base_steps=args.base_steps, scale=args.scale)
     return 0
