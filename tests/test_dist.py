@@ -436,13 +436,13 @@ def test_positional_optimizer_checkpoint_is_rekeyed_by_name():
     by_name = dist.optim_state_by_name(legacy_optim, model, opt)
     order = [n for n, p in model.named_parameters() if p.dim() >= 2] + [n for n, p in model.named_parameters() if p.dim() < 2]
     assert [n for g in by_name["param_groups"] for n in g["params"]] == order
-    _, named_optim = dist.full_state(model, opt, dist.DistEnv(), "ddp")
+    _, named_optim = dist.full_state(model, opt)
     assert by_name["state"].keys() == named_optim["state"].keys()
     assert dist.optim_state_by_name(named_optim, model, opt) is named_optim  # already by name: untouched
 
     model2, net2, opt2 = _tiny_model_and_optimizer()
-    dist.load_full_state(model2, opt2, legacy_model, legacy_optim, dist.DistEnv(), "ddp")
-    _assert_same_state(dist.full_state(model2, opt2, dist.DistEnv(), "ddp"), dist.full_state(model, opt, dist.DistEnv(), "ddp"))
+    dist.load_full_state(model2, opt2, legacy_model, legacy_optim)
+    _assert_same_state(dist.full_state(model2, opt2), dist.full_state(model, opt))
     _train_step(net, opt, 2)
     _train_step(net2, opt2, 2)
     for p, q in zip(model.parameters(), model2.parameters()):
@@ -457,27 +457,27 @@ def test_sharded_state_round_trip_damage_and_pruning(tmp_path):
     env = dist.DistEnv()
     model, net, opt = _tiny_model_and_optimizer()
     _train_step(net, opt, 3)
-    ref = dist.full_state(model, opt, env, "ddp")
+    ref = dist.full_state(model, opt)
     root = tmp_path / "checkpoints"
     ref_doc = dist.save_sharded(root / dist.SHARDED_DIR / "step_00000004", model, opt, env)
     part = {"sharded": {"path": f"{dist.SHARDED_DIR}/step_00000004", **ref_doc}}
     assert ".metadata" in ref_doc["files"] and all(size > 0 for size in ref_doc["files"].values())
 
     model2, _, opt2 = _tiny_model_and_optimizer()
-    dist.restore_model_state(root, part, model2, opt2, env, "ddp")
-    _assert_same_state(dist.full_state(model2, opt2, env, "ddp"), ref)
+    dist.restore_model_state(root, part, model2, opt2, env)
+    _assert_same_state(dist.full_state(model2, opt2), ref)
     # the full form goes through the same entry point
     model3, _, opt3 = _tiny_model_and_optimizer()
     full_part = dist.checkpoint_model_state(root, 4, model, opt, env, "ddp")
     assert set(full_part) == {"model", "optimizer"}
-    dist.restore_model_state(root, full_part, model3, opt3, env, "ddp")
-    _assert_same_state(dist.full_state(model3, opt3, env, "ddp"), ref)
+    dist.restore_model_state(root, full_part, model3, opt3, env)
+    _assert_same_state(dist.full_state(model3, opt3), ref)
 
     shard = next(f for f in ref_doc["files"] if f.endswith(".distcp"))
     path = root / dist.SHARDED_DIR / "step_00000004" / shard
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=f"{shard} is .* bytes, expected"):
-        dist.restore_model_state(root, part, model2, opt2, env, "ddp")
+        dist.restore_model_state(root, part, model2, opt2, env)
     with pytest.raises(CheckpointError, match="missing or incomplete"):
         dist.load_sharded(root / dist.SHARDED_DIR / "step_00000099", model2, opt2, env)
 
@@ -517,10 +517,10 @@ def _gloo_worker(rank: int, port: int, root: str) -> None:
         model, net, opt = _tiny_model_and_optimizer(env, "fsdp2")
         _train_step(net, opt, 10 + rank)
         part = dist.checkpoint_model_state(root, 4, model, opt, env, "fsdp2")
-        ref = dist.full_state(model, opt, env, "fsdp2")  # gathered on rank 0 only
+        ref = dist.full_state(model, opt)  # gathered on rank 0 only
         model2, _, opt2 = _tiny_model_and_optimizer(env, "fsdp2")
-        dist.restore_model_state(root, part, model2, opt2, env, "fsdp2")
-        reloaded = dist.full_state(model2, opt2, env, "fsdp2")
+        dist.restore_model_state(root, part, model2, opt2, env)
+        reloaded = dist.full_state(model2, opt2)
         out["local_numel"] = sum(p.to_local().numel() for p in model.parameters())
         out["full_numel"] = sum(p.numel() for p in model.parameters())
         if env.is_main:
@@ -554,5 +554,5 @@ def test_two_ranks_gloo_collectives_weight_check_and_fsdp2_states(tmp_path):
     env = dist.DistEnv()
     for part in (saved["part"], {"model": saved["ref"][0], "optimizer": saved["ref"][1]}):
         model, _, opt = _tiny_model_and_optimizer()
-        dist.restore_model_state(tmp_path, part, model, opt, env, "ddp")
-        _assert_same_state(dist.full_state(model, opt, env, "ddp"), saved["ref"])
+        dist.restore_model_state(tmp_path, part, model, opt, env)
+        _assert_same_state(dist.full_state(model, opt), saved["ref"])

@@ -110,11 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes"),
     ]:
         p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        try:
-            add_arguments, main = _delegate(module)
-        except (ImportError, AttributeError):
-            p.set_defaults(handler=_not_built(name))
-            continue
+        add_arguments, main = _delegate(module)
         add_arguments(p)
         p.set_defaults(handler=lambda a, extra, main=main: main(a))
 
@@ -150,13 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "included; constant: peak LR without anneal (the paper's proxy)")
     p.set_defaults(handler=_run_targets, takes_overrides=True)
     return parser
-
-
-def _not_built(name: str):
-    def handler(args, extra) -> int:
-        raise VelocituneError(f"`velocitune {name}` is not built in this version yet")
-
-    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:

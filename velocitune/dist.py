@@ -158,12 +158,11 @@ def _full_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, strategy: str) -> tuple[dict, dict]:
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded (model, optimizer) state dicts for a checkpoint; collective under FSDP2 (call on every rank).
 
     The optimizer state is keyed by parameter name for every strategy (not by position, as
-    `optimizer.state_dict()` is), so one format serves 1 process, DDP and FSDP2 alike; for the same
-    reason `env` and `strategy` change nothing here (they keep the signature of the sharded path's).
+    `optimizer.state_dict()` is), so one format serves 1 process, DDP and FSDP2 alike.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -179,8 +178,7 @@ def full_model_state(model: torch.nn.Module, env: DistEnv, strategy: str) -> dic
     return unwrap_model(model).state_dict()
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
-                    env: DistEnv, strategy: str) -> None:
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Load states written by `full_state` (any world size, any strategy) into a possibly sharded model.
 
     Every rank passes the full dicts (each reads the checkpoint); FSDP2 keeps only its shards.
@@ -288,18 +286,18 @@ def checkpoint_model_state(root: str | os.PathLike, step: int, model: torch.nn.M
     if env.distributed and strategy == "fsdp2":
         rel = f"{SHARDED_DIR}/step_{step:08d}"
         return {"sharded": {"path": rel, **save_sharded(Path(root) / rel, model, optimizer, env)}}
-    model_sd, optim_sd = full_state(model, optimizer, env, strategy)
+    model_sd, optim_sd = full_state(model, optimizer)
     return {"model": model_sd, "optimizer": optim_sd}
 
 
 def restore_model_state(root: str | os.PathLike, state: dict[str, Any], model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, env: DistEnv, strategy: str) -> None:
+                        optimizer: torch.optim.Optimizer, env: DistEnv) -> None:
     """Load the part `checkpoint_model_state` wrote (either form) at any world size and strategy."""
     ref = state.get("sharded")
     if ref:
         load_sharded(Path(root) / ref["path"], model, optimizer, env, ref)
     else:
-        load_full_state(model, optimizer, state["model"], state["optimizer"], env, strategy)
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
 
 
 def prune_sharded(root: str | os.PathLike) -> list[Path]:

@@ -281,7 +281,7 @@ class Trainer:
             return False
         step, parts = loaded
         check_resume_config(parts["config"], to_dict(self.cfg))
-        dist.restore_model_state(root, parts, self.model, self.optimizer, self.env, self.cfg.dist.strategy)
+        dist.restore_model_state(root, parts, self.model, self.optimizer, self.env)
         self.state.load_state_dict(parts["state"] | {"tensors": parts["tensors"]})
         set_rng_state(parts["rng"])
         self.t_start -= self.state.elapsed_s  # wall time counts the run, not this process

@@ -18,7 +18,7 @@ from velocitune.report.plots import (
 from velocitune.report.runs import (
     Difference,
     Run,
-    RunResult,
+    RunNumbers,
     Spread,
     difference,
     group_arms,
@@ -40,7 +40,7 @@ from velocitune.report.tables import (
 )
 
 __all__ = [
-    "Difference", "Run", "RunResult", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
+    "Difference", "Run", "RunNumbers", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
     "domain_colours", "group_arms", "load_run", "load_runs", "main", "make_plots", "make_report", "mean_sd",
     "normalised_progress", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "reweight_share",
     "run_result", "run_table", "static_arm", "targets_figure", "targets_table",

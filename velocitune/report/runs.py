@@ -214,7 +214,7 @@ def reweight_share(summary: dict[str, Any]) -> float | None:
 
 
 @dataclass(frozen=True)
-class RunResult:
+class RunNumbers:
     """The per-run numbers of the report."""
 
     run: Run
@@ -229,7 +229,7 @@ class RunResult:
     reweight_share: float | None
 
 
-def run_result(run: Run, reference: Run | None) -> RunResult:
+def run_result(run: Run, reference: Run | None) -> RunNumbers:
     """Numbers for one run; `reference` supplies targets when the run has none of its own."""
     s = run.summary
     final = s["final_val_loss"]
@@ -240,7 +240,7 @@ def run_result(run: Run, reference: Run | None) -> RunResult:
         progress = {d: normalised_progress(s["init_loss"][d], final[d], targets.get(d)) for d in run.domains}
         defined = [p for p in progress.values() if p is not None]
         worst = min(defined) if defined else None
-    return RunResult(run=run, final_loss=final, mean_loss=float(np.mean(list(final.values()))), targets=targets,
+    return RunNumbers(run=run, final_loss=final, mean_loss=float(np.mean(list(final.values()))), targets=targets,
                      progress=progress, worst_progress=worst,
                      borrowed_targets=run.targets is None and targets is not None,
                      tokens=s["tokens_per_domain"], wall_time_s=s["wall_time_s"], reweight_share=reweight_share(s))

@@ -16,7 +16,7 @@ from velocitune.report.runs import (
     PROGRESS_MIN_GAP,
     Difference,
     Run,
-    RunResult,
+    RunNumbers,
     Spread,
     difference,
     group_arms,
@@ -89,7 +89,7 @@ def _difference_cell(d: Difference, fmt: str) -> str:
     return f"{d.diff:+{fmt}} ± {d.se:{fmt}} ({'paired' if d.paired else 'unpaired'})"
 
 
-def run_table(results: Sequence[RunResult], domains: Sequence[str]) -> str:
+def run_table(results: Sequence[RunNumbers], domains: Sequence[str]) -> str:
     """One row per run: final losses, their mean, normalised progress, tokens, wall time, reweighting share."""
     has_progress = any(r.progress is not None for r in results)
     header = ["run", "arm", "seed", *[f"loss {d}" for d in domains], "mean loss"]
@@ -112,13 +112,13 @@ def run_table(results: Sequence[RunResult], domains: Sequence[str]) -> str:
     return _table(header, rows, text_cols=(0, 1, 2))
 
 
-def _arm_values(results: Sequence[RunResult], get) -> list[tuple[int, float]] | None:
+def _arm_values(results: Sequence[RunNumbers], get) -> list[tuple[int, float]] | None:
     """(seed, value) for each run of an arm, or None when any run lacks the value."""
     values = [(r.run.seed, get(r)) for r in results]
     return None if any(v is None for _, v in values) else values
 
 
-def arm_table(by_arm: dict[str, list[RunResult]], domains: Sequence[str], reference_arm: str | None) -> str:
+def arm_table(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str], reference_arm: str | None) -> str:
     """One row per arm: mean ± sample sd over seeds, and the difference to the reference (static) arm."""
     has_progress = any(r.progress is not None for rs in by_arm.values() for r in rs)
     header = ["arm", "seeds", *[f"loss {d}" for d in domains], "mean loss"]
@@ -202,7 +202,7 @@ def targets_table(runs: Sequence[Run], domains: Sequence[str]) -> tuple[str, lis
     return _table(header, rows, text_cols=(0, 4, 6)), [f"Values of `{ref.name}`."] + notes
 
 
-def _footnotes(results: Sequence[RunResult]) -> list[str]:
+def _footnotes(results: Sequence[RunNumbers]) -> list[str]:
     notes = []
     undefined = [(r, d) for r in results if r.progress is not None for d, p in r.progress.items() if p is None]
     if any(r.targets.get(d) is not None for r, d in undefined):
@@ -225,7 +225,7 @@ def _footnotes(results: Sequence[RunResult]) -> list[str]:
 # The report
 
 
-def _results_section(results: Sequence[RunResult], arms: dict[str, list[Run]], domains: Sequence[str],
+def _results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
                      reference_arm: str | None) -> list[str]:
     """The results: per arm (per-run table folded away) when an arm has several seeds, else per run."""
     per_run = [run_table(results, domains), ""] + [n + "  " for n in _footnotes(results)]
