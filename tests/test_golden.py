@@ -89,5 +89,10 @@ def test_targets_reproduce_the_recorded_fits(make_config, tmp_path):
         cfg = make_config("targets", train={"steps": 40}, mixing={"target_values": None},
                           targets={"fraction": 0.5, "points": 6, "predictor": predictor})
         doc = estimate_targets(cfg, tmp_path / "targets" / f"{predictor}.json")
-        got = {n: {k: d[k] for k in ("init", "points", "target", "predictor", "guarded")} for n, d in doc["domains"].items()}
-        _close(got, want, f"targets[{predictor}]")
+        got = {n: {k: d[k] for k in ("init", "points", "predictor", "guarded")} for n, d in doc["domains"].items()}
+        _close(got, {n: {k: v for k, v in d.items() if k != "target"} for n, d in want.items()}, f"targets[{predictor}]")
+        # The fitted target extrapolates six points far out, which amplifies float differences between CPUs:
+        # points equal to 1e-5 moved a target by 1.5e-4 nats on another machine (same pinned packages).
+        # A change to a law, its fit or the proxy run moves these targets by far more than 1e-3 nats.
+        for n, d in want.items():
+            assert abs(doc["domains"][n]["target"] - d["target"]) < 1e-3, (predictor, n, doc["domains"][n]["target"], d)
