@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from velocitune.errors import FitError
-from velocitune.laws import fit_dcpt_law, suggest_domain_share
+from velocitune.laws import fit_dcpt_law, fit_mixing_law, suggest_domain_share
 
 # ------------------------------------------------------------------------------------------------
 # helpers (independent of the module's internals)
@@ -84,3 +84,66 @@ def test_dcpt_law_validates_input():
         fit_dcpt_law(D, bad, L)
     with pytest.raises(FitError, match="2 domain shares"):
         fit_dcpt_law(D, np.full_like(r, 0.5), L)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ye et al.'s data mixing law  L(r) = c + k·exp(Σ t_j r_j)
+# ------------------------------------------------------------------------------------------------
+
+
+def mixing_law(r, c, k, t):
+    """The law as Ye et al. write it (with k and t separately), for synthetic data."""
+    return c + k * np.exp(np.asarray(r) @ np.asarray(t))
+
+
+def _design(n, k, seed):
+    """n mixtures: the corners' neighbourhoods plus random Dirichlet points (rows sum to 1)."""
+    rng = np.random.default_rng(seed)
+    return np.vstack([0.7 * np.eye(k) + 0.3 / k, rng.dirichlet(np.ones(k), n - k)])
+
+
+def test_mixing_law_recovers_known_parameters_exactly():
+    c, k, t = 1.3, 2.0, np.array([-0.4, 0.9, 0.2])
+    r = _design(9, 3, seed=0)
+    fit = fit_mixing_law(r, mixing_law(r, c, k, t))
+    assert fit.c == pytest.approx(c, abs=1e-6)
+    np.testing.assert_allclose(fit.u, t + np.log(k), atol=1e-5)  # only u = t + log k is identifiable
+    assert fit.max_loo_error < 1e-5 and fit.r2 > 0.999999
+    probe = np.array([0.2, 0.5, 0.3])
+    assert fit.predict(probe) == pytest.approx(float(mixing_law(probe, c, k, t)), abs=1e-6)
+
+
+def test_mixing_law_with_noise_predicts_an_unseen_mixture():
+    # Four domains, 12 mixtures, 2 mnats of noise: held-out error and prediction stay at noise level.
+    c, k, t = 2.1, 0.8, np.array([-0.9, 0.3, 0.1, 0.5])
+    r = _design(12, 4, seed=1)
+    rng = np.random.default_rng(2)
+    y = mixing_law(r, c, k, t) + rng.normal(0, 0.002, len(r))
+    fit = fit_mixing_law(r, y)
+    assert fit.max_loo_error < 0.02  # measured 0.0048
+    probe = np.array([0.1, 0.2, 0.3, 0.4])
+    assert abs(fit.predict(probe) - float(mixing_law(probe, c, k, t))) < 0.01  # measured 0.0008
+    np.testing.assert_allclose(fit.predict(r), fit.c + np.exp(r @ fit.u))
+
+
+def test_mixing_law_without_enough_mixtures_has_no_loo():
+    r = _design(4, 3, seed=3)  # k + 1: the fit is exact, nothing is left to hold out
+    fit = fit_mixing_law(r, mixing_law(r, 1.0, 1.0, [0.1, -0.2, 0.3]))
+    assert fit.loo_errors is None and fit.max_loo_error is None
+
+
+@pytest.mark.parametrize(
+    "shares, losses, match",
+    [
+        ([[0.5, 0.5], [0.2, 0.8]], [2.0, 2.1], "2 mixtures for 2 domains"),
+        ([[0.5, 0.6], [0.2, 0.8], [0.9, 0.1]], [2.0, 2.1, 2.2], "mixture 0 sums to 1.1"),
+        ([[1.2, -0.2], [0.2, 0.8], [0.9, 0.1]], [2.0, 2.1, 2.2], ">= 0"),
+        ([[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], [2.0, float("nan"), 2.2], "point 1 has loss"),
+        ([[0.5, 0.5], [0.2, 0.8]], [2.0, 2.1, 2.2], "2 mixtures but 3 losses"),
+        ([[0.5, 0.25, 0.25], [0.2, 0.4, 0.4], [0.9, 0.05, 0.05], [0.1, 0.45, 0.45]], [2.0, 2.1, 2.2, 2.3],
+         "span only 2 of 3 directions"),
+    ],
+)
+def test_mixing_law_bad_inputs(shares, losses, match):
+    with pytest.raises(FitError, match=match):
+        fit_mixing_law(shares, losses)

@@ -8,7 +8,7 @@ Pure numpy/scipy in float64: no I/O, no printing, no torch. One job per module:
 - `cpt_law`: the LR areas of a schedule (`lr_areas`) and the LR-schedule-aware CPT law
   (`fit_cpt_law`, `check_cpt_law`, `cpt_full_law`; §4.2);
 - `mixture_law`: the D-CPT law over the domain share r (`fit_dcpt_law`, `suggest_domain_share`;
-  §4.3);
+  §4.3) and Ye et al.'s data mixing law over the whole mixture (`fit_mixing_law`; §4.4);
 - `solver`: the robust-fitting engine they share (Huber loss, Levenberg–Marquardt descent,
   L-BFGS-B polish, residual bootstrap); its docstring explains how every fit is made.
 
@@ -24,13 +24,14 @@ from velocitune.laws.data_law import (
     fit_data_law,
     loglinear_extrapolate,
 )
-from velocitune.laws.mixture_law import DcptFit, fit_dcpt_law, suggest_domain_share
+from velocitune.laws.mixture_law import DcptFit, MixingLawFit, fit_dcpt_law, fit_mixing_law, suggest_domain_share
 
 __all__ = [
     "ChinchillaFit",
     "CptLawFit",
     "DataLawFit",
     "DcptFit",
+    "MixingLawFit",
     "check_cpt_law",
     "check_data_law",
     "cpt_full_law",
@@ -38,6 +39,7 @@ __all__ = [
     "fit_cpt_law",
     "fit_data_law",
     "fit_dcpt_law",
+    "fit_mixing_law",
     "loglinear_extrapolate",
     "lr_areas",
     "suggest_domain_share",

@@ -231,3 +231,122 @@ def suggest_domain_share(
         )
     last_ok = int(np.argmax(over)) - 1 if over.any() else len(shares) - 1
     return float(shares[last_ok])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data mixing law  L_i(r) = c_i + k_i·exp(Σ_j t_ij·r_j)   (Ye et al. 2024; docs/design.md §4.4)
+# ----------------------------------------------------------------------------------------------
+
+_SHARE_SUM_TOL = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class MixingLawFit:
+    """A fitted data mixing law for one validation domain at a fixed model and token budget.
+
+    `L(r) = c + exp(u·r)` over the training mixture r (k shares summing to 1). Ye et al. write it
+    `c + k·exp(Σ_j t_j r_j)`; since Σ r_j = 1, only u_j = t_j + log k is identifiable, so that is what
+    is fitted: u_j < u_l means training on domain j lowers this loss more than training on domain l
+    (transfer between domains). `loo_errors[m]`: the error (predicted − measured) at mixture m of a
+    fit without it, None when there are too few mixtures to leave one out.
+    """
+
+    c: float
+    u: np.ndarray
+    r2: float
+    rmse: float
+    n_mixtures: int
+    loo_errors: np.ndarray | None = field(repr=False)
+
+    def predict(self, shares) -> float | np.ndarray:
+        """Predicted loss at mixture(s) `shares`, shape (k,) or (m, k)."""
+        r = _check_shares("predict", shares, len(self.u))
+        out = self.c + np.exp(r @ self.u)  # (m,)
+        return float(out[0]) if np.ndim(shares) == 1 else out
+
+    @property
+    def max_loo_error(self) -> float | None:
+        return None if self.loo_errors is None else float(np.max(np.abs(self.loo_errors)))
+
+
+def _check_shares(caller: str, shares, k: int | None = None) -> np.ndarray:
+    """Mixtures as a float64 (m, k) array of non-negative rows summing to 1; FitError otherwise."""
+    r = np.asarray(shares, dtype=np.float64)
+    r = r[None, :] if r.ndim == 1 else r
+    if r.ndim != 2 or (k is not None and r.shape[1] != k):
+        raise FitError(f"{caller}: shares must have shape (mixtures, {k or 'domains'}), got {np.shape(shares)}")
+    if not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise FitError(f"{caller}: shares must be finite and >= 0")
+    bad = np.flatnonzero(np.abs(r.sum(axis=1) - 1.0) > _SHARE_SUM_TOL)
+    if bad.size:
+        raise FitError(f"{caller}: mixture {int(bad[0])} sums to {r[bad[0]].sum():.6g}; every mixture's shares must sum to 1")
+    return r
+
+
+def _fit_mixing(r: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(c, u) minimising Σ (c + exp(r·u) − y)², c in [0, min y): a profile over c, then a joint polish.
+
+    For a fixed c, log(y − c) = r·u is linear least squares; the 1-D profile over c is searched on a
+    grid and refined, then (c, u) are polished together in loss space.
+    """
+    from scipy.optimize import least_squares, minimize_scalar
+
+    top = float(y.min()) * (1 - 1e-9)
+
+    def inner(c: float) -> np.ndarray:
+        return np.linalg.lstsq(r, np.log(y - c), rcond=None)[0]
+
+    def sse(c: float) -> float:
+        return float(np.sum((c + np.exp(r @ inner(c)) - y) ** 2))
+
+    grid = top * (1 - np.geomspace(1e-4, 1.0, 60))  # dense near min y, where c usually sits
+    grid = np.append(grid, 0.0)
+    best = min(grid, key=sse)
+    i = int(np.flatnonzero(grid == best)[0])
+    lo, hi = grid[min(i + 1, grid.size - 1)], grid[max(i - 1, 0)]
+    if hi > lo:
+        best = float(minimize_scalar(sse, bounds=(lo, hi), method="bounded").x)
+    x0 = np.concatenate([[best], inner(best)])
+    res = least_squares(lambda x: x[0] + np.exp(r @ x[1:]) - y, x0,
+                        bounds=([0.0] + [-np.inf] * r.shape[1], [top] + [np.inf] * r.shape[1]))
+    if sse(best) < float(np.sum(res.fun**2)):
+        return best, inner(best)
+    return float(res.x[0]), res.x[1:].copy()
+
+
+def fit_mixing_law(shares, losses) -> MixingLawFit:
+    """Fit Ye et al.'s data mixing law to one domain's losses measured at n mixtures of k domains.
+
+    shares (n, k): the mixtures tried (rows sum to 1); losses (n,): this domain's validation loss
+    after each run (same model, tokens and schedule). Needs n >= k + 1 mixtures that span every
+    direction of the simplex; with n >= k + 2 it also reports the leave-one-mixture-out errors.
+    """
+    caller = "fit_mixing_law"
+    r = _check_shares(caller, shares)
+    y = _vector(caller, "loss", losses, sign="> 0")
+    n, k = r.shape
+    if y.size != n:
+        raise FitError(f"{caller}: {n} mixtures but {y.size} losses")
+    if n < k + 1:
+        raise FitError(f"{caller}: {n} mixtures for {k} domains; the law has {k + 1} parameters, run at least {k + 1}")
+    rank = np.linalg.matrix_rank(r)
+    if rank < k:
+        raise FitError(
+            f"{caller}: the {n} mixtures span only {rank} of {k} directions (e.g. two domains always in the same "
+            f"ratio); add mixtures that vary every domain's share"
+        )
+    c, u = _fit_mixing(r, y)
+    pred = c + np.exp(r @ u)
+    loo = None
+    if n >= k + 2:
+        errs = []
+        for m in range(n):
+            keep = np.arange(n) != m
+            if np.linalg.matrix_rank(r[keep]) < k:
+                errs.append(np.nan)  # this mixture alone spans a direction: it cannot be predicted
+                continue
+            cm, um = _fit_mixing(r[keep], y[keep])
+            errs.append(cm + np.exp(r[m] @ um) - y[m])
+        loo = np.array(errs)
+    return MixingLawFit(c=c, u=u, r2=_r2(y, pred), rmse=float(np.sqrt(np.mean((pred - y) ** 2))),
+                        n_mixtures=n, loo_errors=loo)
