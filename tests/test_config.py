@@ -1,5 +1,7 @@
 """Config: defaults, YAML + dotted overrides, and the errors a user gets for typos, types and ranges."""
 
+import json
+
 import pytest
 import yaml
 
@@ -81,3 +83,16 @@ def test_help_lists_every_key():
     text = help_text()
     for key in valid_keys():
         assert f"  {key.split('.')[1]}:" in text
+
+
+def test_resume_check_reads_a_key_missing_from_an_older_config_as_its_default():
+    from velocitune.config import Config, check_resume_config, to_dict
+
+    now = to_dict(Config())
+    saved = json.loads(json.dumps(now))
+    del saved["mixing"]["pace"], saved["mixing"]["warmup"]  # keys added after that checkpoint was written
+    check_resume_config(saved, now)  # no error: they had their defaults then
+    changed = json.loads(json.dumps(now))
+    changed["mixing"]["pace"] = True
+    with pytest.raises(ConfigError, match=r"mixing.pace: False -> True"):
+        check_resume_config(saved, changed)

@@ -1,5 +1,6 @@
 """Same seeds, same numbers: small runs of every rule reproduce the losses and weights recorded before the
-redesign of issue 16 (tests/data/golden_runs.json, recorded on commit 141b614 with its test fixtures).
+redesign of issue 16 (tests/data/golden_runs.json, recorded on commit 141b614 with its test fixtures; the
+arms in RERECORDED were recorded again when their rule changed on purpose).
 
 Each arm trains the tiny model of conftest for 24 steps; the per-step training losses, per-domain losses,
 validation losses, mixture records and final summary must match the recorded ones. On the machine that
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,11 @@ import pytest
 
 from velocitune import runfiles
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_runs.json").read_text())
+GOLDEN_FILE = Path(__file__).parent / "data" / "golden_runs.json"
+GOLDEN = json.loads(GOLDEN_FILE.read_text())
+# Arms whose rule changed on purpose after 141b614, re-recorded with VELOCITUNE_RECORD_GOLDEN=arm,... :
+# dbl and odm were brought in line with their authors' code (issue 17; tests/test_mixing_authors.py).
+RERECORDED = ("dbl", "odm")
 RTOL = 1e-5  # CPU-to-CPU float differences over 24 steps stay far below this; any real change is far above
 
 METRIC_KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "domain_loss", "skipped_steps")
@@ -48,6 +54,8 @@ def _expected(arm: str) -> dict:
     """The recorded numbers, with the one intended change: before issue 16, metrics.jsonl wrote 0.0 as the
     loss of a domain with no tokens in the log window (it reads as a perfect loss); now it writes null."""
     want = json.loads(json.dumps(GOLDEN["runs"][arm]))
+    if arm in RERECORDED:  # recorded after issue 16: already null
+        return want
     for rec in want["metrics"]:
         rec["domain_loss"] = {n: (None if v == 0.0 else v) for n, v in rec["domain_loss"].items()}
     return want
@@ -79,7 +87,19 @@ def test_every_rule_reproduces_the_recorded_run(arm, make_config, tmp_path):
         sections["mixing"]["replay_from"] = str(tmp_path / "velocitune")
     cfg = make_config(arm, **sections)
     train(cfg)
-    _close(_numbers(Path(cfg.run.out_dir), ["prose", "code", "math"]), _expected(arm), arm)
+    got = _numbers(Path(cfg.run.out_dir), ["prose", "code", "math"])
+    if arm in os.environ.get("VELOCITUNE_RECORD_GOLDEN", "").split(","):
+        _record(arm, got)  # an intended change of this rule: write its numbers, say why in RERECORDED
+        pytest.skip(f"re-recorded {arm}")
+    _close(got, _expected(arm), arm)
+
+
+def _record(arm: str, numbers: dict) -> None:
+    doc = json.loads(GOLDEN_FILE.read_text())
+    doc["runs"][arm] = numbers
+    tmp = GOLDEN_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, GOLDEN_FILE)
 
 
 def test_targets_reproduce_the_recorded_fits(make_config, tmp_path):

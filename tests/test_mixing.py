@@ -65,10 +65,10 @@ def test_worked_vector_dbl():
     default = _rule("dbl").update(1, LOSS, None, TARGET)
     np.testing.assert_allclose(default.weights, (1 - 1e-4) * raw.weights + 1e-4 / 3, atol=1e-12)
     np.testing.assert_allclose(default.weights, (1 - 1e-4) * expected + 1e-4 / 3, atol=1e-6)
-    # Below its reference loss a domain gets no boost (max(l - l_ref, 0)), not a penalty.
+    # Below its reference loss a domain is penalised: the authors' code does not clip the excess at 0.
     below = _rule("dbl", smoothing=0.0).update(1, [1.5, 1.2, 2.9], None, TARGET)
-    np.testing.assert_allclose(below.velocity, [0.0, 0.0, 0.9], atol=1e-12)
-    ref = np.array(W) * np.exp([0.0, 0.0, 0.9])
+    np.testing.assert_allclose(below.velocity, [-0.1, 0.0, 0.9], atol=1e-12)
+    ref = np.array(W) * np.exp([-0.1, 0.0, 0.9])
     np.testing.assert_allclose(below.weights, ref / ref.sum(), atol=1e-12)
 
 
@@ -281,26 +281,34 @@ def test_w0_by_name():
 
 def test_odm_matches_hand_computation():
     rule = _rule("odm", w0=[0.9, 0.1], names=["a", "b"])
-    np.testing.assert_allclose(rule.initial_weights(), [0.5, 0.5])  # R = 0: uniform, as the paper
+    np.testing.assert_allclose(rule.initial_weights(), [0.9, 0.1])  # starts from w0, as the authors' runs
+    # t = 1: ε = min(1/2, sqrt(ln 2 / 2) = 0.589) = 1/2, so p is uniform whatever R is.
     u1 = rule.update(1, [2.0, 1.0], None, None)
-    np.testing.assert_allclose(u1.velocity, [0.1 * 4.0, 0.1 * 2.0], atol=1e-15)
-    np.testing.assert_allclose(u1.weights, [0.5, 0.5], atol=1e-15)  # ε_1 = min(1/2, 0.589) = 1/2
-    u2 = rule.update(2, [2.0, 1.0], None, None)
-    r = [0.9 * 0.4 + 0.1 * 4.0, 0.9 * 0.2 + 0.1 * 2.0]
-    eps = math.sqrt(math.log(2) / 4)
-    soft_a = math.exp(eps * r[0]) / (math.exp(eps * r[0]) + math.exp(eps * r[1]))
-    p_a = (1 - 2 * eps) * soft_a + eps
-    np.testing.assert_allclose(u2.velocity, r, atol=1e-15)
-    np.testing.assert_allclose(u2.weights, [p_a, 1 - p_a], atol=1e-12)
+    np.testing.assert_allclose(u1.velocity, [0.1 * math.e**2, 0.1 * math.e], rtol=1e-15)
+    np.testing.assert_allclose(u1.weights, [0.5, 0.5], atol=1e-15)
+    # t = 8: ε = sqrt(ln 2 / 16); R_i = 0.9·R_i + 0.1·e^ℓ_i; p linear in R.
+    u2 = rule.update(8, [2.0, 1.0], None, None)
+    r = np.array([0.19 * math.e**2, 0.19 * math.e])
+    eps = math.sqrt(math.log(2) / 16)
+    np.testing.assert_allclose(u2.velocity, r, rtol=1e-14)
+    np.testing.assert_allclose(u2.weights, (1 - 2 * eps) * r / r.sum() + eps, atol=1e-14)
 
 
-def test_odm_uses_given_sampling_weights_for_importance():
+def test_odm_unobserved_domain_keeps_its_reward():
     rule = _rule("odm")
-    upd = rule.update(1, [1.0, 2.0, 3.0], None, None, sampling_weights=[0.5, 0.25, 0.25])
-    np.testing.assert_allclose(upd.velocity, 0.1 * np.array([2.0, 8.0, 12.0]), atol=1e-15)
-    # a domain with sampling probability 0 (capped) keeps its reward
-    upd = rule.update(2, [1.0, 2.0, 3.0], None, None, sampling_weights=[0.5, 0.5, 0.0])
-    np.testing.assert_allclose(upd.velocity[2], 1.2, atol=1e-15)
+    rule.update(5, [1.0, 2.0, 3.0], None, None)
+    before = rule.state_dict()["reward"]
+    upd = rule.update(6, [1.5, 9.0, 1.5], None, None, observed=[True, False, True])
+    assert upd.velocity[1] == before[1]  # the carried-over loss 9.0 is not counted
+    np.testing.assert_allclose(upd.velocity[[0, 2]], 0.9 * np.array(before)[[0, 2]] + 0.1 * math.exp(1.5), rtol=1e-14)
+    with pytest.raises(ValueError, match="observed"):
+        rule.update(7, [1.0, 2.0, 3.0], None, None, observed=[True, False])
+
+
+def test_odm_nothing_observed_yet_keeps_w0():
+    rule = _rule("odm")
+    upd = rule.update(3, [1.0, 2.0, 3.0], None, None, observed=[False, False, False])
+    np.testing.assert_array_equal(upd.weights, normalize(W))
 
 
 def test_odm_probabilities_floor_and_higher_loss_gains():
@@ -312,7 +320,8 @@ def test_odm_probabilities_floor_and_higher_loss_gains():
         p = rule.update(t, losses, None, None).weights
         eps = min(1 / k, math.sqrt(math.log(k) / (k * t)))
         assert np.all(p >= eps - 1e-15) and abs(p.sum() - 1) < 1e-12
-    assert p[0] > 0.25 + 0.03 and p[0] > p[1:].max()
+    # p ∝ e^ℓ in the limit: e^3 / (e^3 + 3e) ≈ 0.71 before exploration
+    assert p[0] > 0.6 and p[0] > p[1:].max()
 
 
 # -------------------------------------------------------------------------------------- replay

@@ -12,6 +12,7 @@ from velocitune.schedule import (
     lr_at,
     lr_schedule,
     mixing_interval,
+    mixing_warmup,
     resolve_steps,
     step_lr,
     subsampled_windows,
@@ -64,6 +65,25 @@ def test_interval_default_and_guard(make_config):
         mixing_interval(make_config(mixing={"interval": 30}), 30)
     # A rule whose weights never move needs no update inside the run.
     assert mixing_interval(make_config(mixing={"interval": 30, "rule": "static"}), 30) == 30
+
+
+def test_rules_update_when_their_authors_did(make_config):
+    """odm: every step on the training loss after 2 % of the run; dbl: at every m from the start; the
+    velocity rules after the LR warm-up. Explicit keys override each default."""
+    odm = make_config(mixing={"rule": "odm", "interval": None})
+    assert odm.mixing.signal == "train"  # "auto" resolved when the config is read, so config.yaml records it
+    assert mixing_interval(odm, 1000) == 1 and mixing_warmup(odm, 1000) == 20
+    dbl = make_config(mixing={"rule": "dbl", "interval": None})
+    assert dbl.mixing.signal == "eval" and mixing_interval(dbl, 1000) == 10 and mixing_warmup(dbl, 1000) == 0
+    vt = make_config(mixing={"interval": None}, train={"warmup_steps": 0.05})
+    assert vt.mixing.signal == "eval" and mixing_interval(vt, 1000) == 10 and mixing_warmup(vt, 1000) == 50
+    own = make_config(mixing={"rule": "odm", "signal": "eval", "interval": 5, "warmup": 7})
+    assert own.mixing.signal == "eval" and mixing_interval(own, 1000) == 5 and mixing_warmup(own, 1000) == 7
+    assert mixing_warmup(make_config(mixing={"warmup": 0.1}), 1000) == 100
+    with pytest.raises(ConfigError, match="mixing.warmup"):
+        make_config(mixing={"warmup": -1})
+    with pytest.raises(ConfigError, match="allowed: auto, eval, train"):
+        make_config(mixing={"signal": "trian"})
 
 
 def test_update_steps_start_after_warmup_and_never_at_zero():

@@ -74,8 +74,9 @@ def test_run_directory_contract_and_rule_applied(make_config):
     assert model.config.vocab_size >= 384
 
 
-def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch):
-    sections = dict(log={"interval": 1, "progress": False}, checkpoint={"interval": 8, "keep": 2})
+@pytest.mark.parametrize("mixing_keys", [{}, {"pace": True}, {"rule": "odm", "interval": 1}], ids=["velocitune", "pace", "odm"])
+def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch, mixing_keys):
+    sections = dict(log={"interval": 1, "progress": False}, checkpoint={"interval": 8, "keep": 2}, mixing=mixing_keys)
     ref = train(make_config("ref", **sections)).out_dir
 
     cfg = make_config("crash", **sections)
@@ -92,7 +93,7 @@ def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(T, "step_lr", real)
-    assert [r["step"] for r in read_jsonl(cfg_out(cfg) / "mixture.jsonl")][-1] == 10
+    assert [r["step"] for r in read_jsonl(cfg_out(cfg) / "mixture.jsonl")][-1] == (13 if mixing_keys.get("interval") == 1 else 10)
     train(cfg, resume=True)
     out = cfg_out(cfg)
     assert _losses(out) == _losses(ref)
@@ -318,3 +319,13 @@ def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, s
         assert calls == []  # the train signal needs no probe: its losses come with the training steps
         assert summary["estimated_overhead"] == summary["estimated_overhead_flops"] == 0.0
         assert "estimated reweighting overhead: 0.0% (signal=train" in printed
+
+
+def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
+    from velocitune.train import default_arm
+
+    assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"
+    assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
+    assert default_arm(make_config(mixing={"rule": "odm", "signal": "eval"})) == "odm-eval"
+    assert default_arm(make_config(mixing={"rule": "dbl"})) == "dbl"
+    assert default_arm(make_config(mixing={"preset": "faithful"}, run={"arm": "mine"})) == "mine"

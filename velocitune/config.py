@@ -87,8 +87,9 @@ class TrainConfig:
 class MixingConfig:
     rule: str = "velocitune"  # one of RULES
     preset: str = "robust"  # velocitune: faithful (paper: c=0) | robust
-    signal: str = "eval"  # eval (faithful: val sets) | train (per-domain training loss, no extra cost)
-    interval: int | None = None  # m, optimizer steps between updates; default max(1, steps // 100)
+    signal: str = "auto"  # eval (val sets; the paper) | train (per-domain training loss, no extra cost) | auto: the rule's (RULE_TIMING)
+    interval: int | None = None  # m, optimizer steps between updates; default: the rule's (RULE_TIMING), else max(1, steps // 100)
+    warmup: float | None = None  # steps before the first update (< 1: fraction of the run); default: the rule's, else train.warmup_steps
     eta: float | None = None  # step size; None: the rule's/preset's default
     smoothing: float | None = None  # c: mix with uniform after each update
     floor: float | None = None  # δ_min on the velocity denominator (nats)
@@ -98,12 +99,17 @@ class MixingConfig:
     temperature: float = 2.0  # temperature rule: w ∝ n_i^(1/τ)
     alpha: float | None = None  # odm: EMA of the importance-weighted reward
     sampling_floor: float = 0.0  # minimum sampling weight of any non-exhausted domain
+    pace: bool = False  # spread each domain's repetition allowance over the rest of the run (caps at every update)
     weights: dict[str, float] | None = None  # initial weights; default w0 (token shares)
     targets: str | None = None  # targets.json from `velocitune targets`
     target_values: dict[str, float] | None = None  # explicit targets per domain (override the file)
     init_loss: str | None = None  # init_loss.json; default: measured at step 0 and cached
     replay_from: str | None = None  # replay rule: a previous run directory (its mixture.jsonl)
     replay_mode: str = "average"  # replay: average | final
+
+    def __post_init__(self) -> None:
+        if self.signal == "auto":  # resolved on construction, so config.yaml records the signal the run used
+            self.signal = rule_timing(self.rule)["signal"]
 
 
 @dataclass
@@ -179,6 +185,23 @@ class Config:
     targets: TargetsConfig = field(default_factory=TargetsConfig)
 
 
+# When the adaptive rules update unless the config says otherwise: the baselines as their authors ran
+# them (docs/design.md §3). signal; interval m (None: max(1, steps // 100)); warmup, the steps before the
+# first update (< 1: a fraction of the run; None: train.warmup_steps).
+RULE_TIMING: dict[str, dict[str, Any]] = {
+    # ODM: every step, on the training loss of that step, after 2000 of 100k steps (their train_1B scripts).
+    "odm": {"signal": "train", "interval": 1, "warmup": 0.02},
+    # Sheared-LLaMA: at every evaluation (400 of 48k steps in continual pre-training), from the start.
+    "dbl": {"signal": "eval", "interval": None, "warmup": 0.0},
+}
+DEFAULT_TIMING: dict[str, Any] = {"signal": "eval", "interval": None, "warmup": None}
+
+
+def rule_timing(rule: str) -> dict[str, Any]:
+    """signal, interval and warmup defaults of `rule` (RULE_TIMING, else DEFAULT_TIMING)."""
+    return RULE_TIMING.get(rule, DEFAULT_TIMING)
+
+
 # A config file may say which format it is written in; files without the key are version 1.
 CONFIG_VERSION = 1
 
@@ -186,7 +209,7 @@ CONFIG_VERSION = 1
 CHOICES = {
     "mixing.rule": RULES,
     "mixing.preset": ("faithful", "robust"),
-    "mixing.signal": ("eval", "train"),
+    "mixing.signal": ("auto", "eval", "train"),
     "mixing.replay_mode": ("average", "final"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
@@ -452,6 +475,7 @@ def validate(cfg: Config) -> None:
     _check(dc.max_repetition > 0, "data.max_repetition", f"must be > 0, got {dc.max_repetition}")
     _check(0 < dc.subsample <= 1, "data.subsample", f"must be in (0, 1], got {dc.subsample}")
     _check(m.interval is None or m.interval >= 1, "mixing.interval", f"must be >= 1, got {m.interval}")
+    _check(m.warmup is None or m.warmup >= 0, "mixing.warmup", f"must be >= 0, got {m.warmup}")
     _check(m.eta is None or m.eta > 0, "mixing.eta", f"must be > 0, got {m.eta}")
     _check(m.smoothing is None or 0 <= m.smoothing <= 1, "mixing.smoothing", "must be in [0, 1]")
     _check(m.floor is None or m.floor > 0, "mixing.floor", "must be > 0 (it guards a division by the gap)")
@@ -494,10 +518,11 @@ RESUMABLE_CHANGES = (
 def check_resume_config(saved: dict, now: dict) -> None:
     """ConfigError listing every key that differs between a checkpoint's config and this one and shapes the run."""
     diffs = []
+    defaults = to_dict(Config())  # a key newer than the checkpoint's config had its default then
     for sec in now:
         for key, val in now[sec].items():
             dotted = f"{sec}.{key}"
-            old = saved.get(sec, {}).get(key)
+            old = saved.get(sec, {}).get(key, defaults.get(sec, {}).get(key))
             if old != val and not any(dotted.startswith(p) for p in RESUMABLE_CHANGES):
                 diffs.append(f"  {dotted}: {old!r} -> {val!r}")
     if diffs:
@@ -512,11 +537,14 @@ def check_resume_config(saved: dict, now: dict) -> None:
 def help_text() -> str:
     """Every key with its default, for `velocitune train --help-config`."""
     lines = []
-    d = to_dict(Config())
-    for sec, body in d.items():
-        lines.append(f"{sec}:")
-        for k, v in body.items():
-            allowed = CHOICES.get(f"{sec}.{k}")
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        # The declared defaults (a constructed MixingConfig has already resolved signal 'auto').
+        for f in dataclasses.fields(section.default_factory):
+            v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = CHOICES.get(f"{section.name}.{f.name}")
             extra = f"   # one of: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  {k}: {v!r}{extra}")
+            if f"{section.name}.{f.name}" == "mixing.signal":
+                extra += " (auto: the rule's, train for odm, eval for the others)"
+            lines.append(f"  {f.name}: {v!r}{extra}")
     return "\n".join(lines)

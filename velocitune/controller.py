@@ -22,7 +22,7 @@ from velocitune import dist, mixing, runfiles
 from velocitune.config import MixingConfig
 from velocitune.errors import ConfigError, TrainingError
 from velocitune.fileio import require_dir
-from velocitune.sampler import MixtureSampler, Plan
+from velocitune.sampler import MixtureSampler, Plan, cap_weights
 from velocitune.schedule import ADAPTIVE_RULES, is_update_step
 
 # Receives (tag, {domain: value}, step) for TensorBoard-style scalars; the trainer passes its logger's.
@@ -119,13 +119,15 @@ class MixingController:
     signal: "eval" (the caller evaluates the val sets at update points) or "train" (the per-domain losses
     of the training batches since the last update, accumulated here with `observe`). targets: ℓ_target,
     (k,) or None. seq_len: tokens per sequence (for tokens per domain). log: the mixture.jsonl writer
-    (None on ranks that write no files). scalars: where weights and velocities go as scalars.
+    (None on ranks that write no files). scalars: where weights and velocities go as scalars. pace: spread
+    every domain's repetition allowance over the rest of the run (mixing.pace; `paced`).
     """
 
     def __init__(self, rule: mixing.Rule, sampler: MixtureSampler, *, steps: int, warmup: int, interval: int,
                  signal: str, targets: np.ndarray | None, seq_len: int, device: torch.device,
-                 log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None):
+                 log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None, pace: bool = False):
         self.rule, self.sampler = rule, sampler
+        self.pace = pace
         self.names = list(sampler.names)
         self.steps, self.warmup, self.interval, self.signal = steps, warmup, interval, signal
         self.targets, self.seq_len = targets, seq_len
@@ -151,6 +153,8 @@ class MixingController:
         self.sig_last = self.init.copy()  # train signal: the estimate of a domain not sampled in a window
         preview = self.rule.update(0, self.init, self.init, self.targets) if self.rule.needs_init else None
         warnings = list(preview.warnings) if preview is not None else []
+        if self.pace:
+            self.sampler.set_weights(0, self.paced(self.rule.initial_weights(), 0))
         w_hat = self.sampler.plan(0).sampling_weights
         self._write(0, 0, None, None, self.rule.initial_weights(), w_hat, [], warnings)
         return warnings
@@ -186,35 +190,58 @@ class MixingController:
         self.sig_sum.zero_()
         self.sig_cnt.zero_()
 
-    def window_losses(self, env: dist.DistEnv) -> np.ndarray:
+    def window_losses(self, env: dist.DistEnv) -> tuple[np.ndarray, np.ndarray]:
         """The train signal: token-weighted loss per domain over the window, summed over ranks; then reset.
 
-        A domain with no tokens in this window (weight ~0) keeps its last estimate. Float64 (k,).
+        Returns (losses float64 (k,), observed bool (k,)). A domain with no tokens in this window
+        (observed False) keeps its last estimate.
         """
         k = len(self.names)
         packed = dist.all_reduce_sum(torch.cat([self.sig_sum, self.sig_cnt]), env).cpu().numpy()
-        losses = np.where(packed[k:] > 0, packed[:k] / np.maximum(packed[k:], 1.0), self.sig_last)
+        observed = packed[k:] > 0
+        losses = np.where(observed, packed[:k] / np.maximum(packed[k:], 1.0), self.sig_last)
         self.sig_last = losses
         self.drop_window()
-        return losses
+        return losses, observed
 
     # ------------------------------------------------------------------------------------- the update
 
     def update(self, done: int, losses: np.ndarray, sampling_weights: np.ndarray | None,
-               lag: int = 0, check: Callable[[np.ndarray], None] | None = None) -> mixing.Update:
+               lag: int = 0, check: Callable[[np.ndarray], None] | None = None,
+               observed: np.ndarray | None = None) -> mixing.Update:
         """Apply the rule to `losses` after `done` steps; the new weights take effect at step done + lag.
 
-        sampling_weights: ŵ of the window just trained on (ODM's importance weights). check: called with
-        the new weights before they are used (the trainer's cross-rank consistency check).
+        sampling_weights: ŵ of the window just trained on. check: called with the new weights before they
+        are used (the trainer's cross-rank consistency check). observed: bool (k,), the domains with
+        tokens in the window (from `window_losses`; None: all, as for the eval signal).
         """
-        upd = self.rule.update(done, losses, self.init, self.targets, sampling_weights)
+        upd = self.rule.update(done, losses, self.init, self.targets, sampling_weights, observed=observed)
         if upd.skipped:
             return upd
         if check is not None:
             check(upd.weights)
-        w_hat = self.sampler.set_weights(done + lag, upd.weights)
+        w_hat = self.sampler.set_weights(done + lag, self.paced(upd.weights, done + lag))
         self._write(done + lag, done, losses, upd.velocity, upd.weights, w_hat, upd.guarded, upd.warnings)
         return upd
+
+    def paced(self, w: np.ndarray, start: int) -> np.ndarray:
+        """The weights the sampler gets from step `start` on: `w`, or with mixing.pace, `w` capped so that
+        every domain's repetition allowance lasts to the end of the run.
+
+        cap_d = windows left_d / (steps left · B), the share it can hold every remaining step; when the data
+        left cannot fill the remaining steps anyway, the caps are scaled up together (they then sum to 1).
+        The excess goes to the other domains in proportion to w (sampler.cap_weights). The rule's own state
+        is not changed: mixture.jsonl records it as `weights` and the paced, capped ŵ as `sampling_weights`.
+        Shapes (k,).
+        """
+        if not self.pace or start >= self.steps:
+            return w
+        left = np.maximum(self.sampler.allowance - self.sampler.consumed(start), 0).astype(np.float64)
+        caps = left / float((self.steps - start) * self.sampler.global_batch)
+        total = caps.sum()
+        if total <= 0:
+            return w  # nothing left anywhere: the sampler reports the exhaustion
+        return cap_weights(w, caps / min(1.0, total))
 
     # ------------------------------------------------------------------------------------- the records
 

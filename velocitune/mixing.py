@@ -54,7 +54,7 @@ RULE_PARAMS: dict[str, dict[str, Any]] = {
     "velocitune": dict(_VELOCITY_PARAMS),
     "velocitune-no-target": dict(_VELOCITY_PARAMS),
     "dbl": {"eta": 1.0, "smoothing": 1e-4},
-    "odm": {"alpha": 0.9},
+    "odm": {"alpha": 0.9},  # the authors' default smoothing factor (their 1B ablations also ran 0.5)
     "replay": {"replay_weights": None},
 }
 # Presets of the velocity rules; explicit parameters override them.
@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, float]] = {
     # EMA slowed the reaction to forgetting, so both stay off.
     "robust": {"smoothing": 0.2, "floor": 0.02},
 }
-# ODM's reward l/p overflows for absurd losses or vanishing p; capping keeps the policy defined.
+# ODM's reward exp(l) overflows for absurd losses (l > 709 nats); capping keeps the policy defined.
 _REWARD_CAP = np.finfo(np.float64).max / 4
 
 
@@ -227,16 +227,8 @@ def _lift_to_min_weight(w: np.ndarray, min_weight: float) -> np.ndarray:
 
 
 def _odm_explore_rate(k: int, t: int) -> float:
-    """EXP3 exploration rate ε_t = min(1/k, sqrt(ln k / (k·t))), t >= 1 updates so far."""
+    """EXP3 exploration rate ε_t = min(1/k, sqrt(ln k / (k·t))), t >= 1 (optimizer steps done)."""
     return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
-
-
-def _odm_policy(reward: np.ndarray, eps: float) -> np.ndarray:
-    """p = (1 - k·ε)·softmax(ε·R) + ε, shape (k,); every p_i >= ε."""
-    z = eps * reward
-    soft = np.exp(z - z.max())
-    soft /= soft.sum()
-    return normalize((1.0 - reward.size * eps) * soft + eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +240,7 @@ class Update:
     """What one call of `Rule.update` decided.
 
     weights: the rule's new state w, shape (k,). velocity: the per-domain signal the rule used
-    (velocity V for the velocitune rules, max(l - l_ref, 0) for dbl, the reward estimate R for odm;
+    (velocity V for the velocitune rules, the excess l - l_ref for dbl, the reward estimate R for odm;
     None for fixed rules). guarded: domains whose velocity denominator was floored because
     l_init <= l_target. skipped: True at step 0, where nothing is updated. warnings: messages for
     the user, each given once per run.
@@ -290,8 +282,14 @@ class Rule:
         init: ArrayLike | None,
         targets: ArrayLike | None,
         sampling_weights: ArrayLike | None = None,
+        observed: ArrayLike | None = None,
     ) -> Update:
-        """Validate the inputs and, unless step == 0, advance the rule by one update."""
+        """Validate the inputs and, unless step == 0, advance the rule by one update.
+
+        step: optimizer steps done. sampling_weights: ŵ of the window just trained on, (k,).
+        observed: bool (k,), which domains had tokens in the window (default: all); a domain that had
+        none carries its last estimate in `losses`, and rules that track only played arms (odm) skip it.
+        """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         k = len(self.names)
@@ -309,10 +307,13 @@ class Rule:
         if sampling_weights is not None:
             sw = _check_weights(sampling_weights, "sampling_weights", k, error=ValueError)
             sampling_weights = sw / sw.sum()
+        seen = np.ones(k, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+        if seen.shape != (k,):
+            raise ValueError(f"observed must be a bool array of shape ({k},), got shape {seen.shape}")
         if step == 0:
             # docs/design.md §3: nothing has been trained at t = 0 (V ≡ 1 would change nothing).
             return self._preview(losses, init, targets)
-        update = self._step(losses, init, targets, sampling_weights)
+        update = self._step(losses, init, targets, sampling_weights, step=step, observed=seen)
         self._w = update.weights
         self._updates += 1
         return update
@@ -332,7 +333,7 @@ class Rule:
     def _preview(self, losses, init, targets) -> Update:
         return Update(self._w.copy(), skipped=True)
 
-    def _step(self, losses, init, targets, sampling_weights) -> Update:
+    def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
         return Update(self._w.copy())
 
     def state_dict(self) -> dict[str, Any]:
@@ -394,7 +395,7 @@ class VelocityRule(Rule):
         v, guarded, warnings = self._velocity(losses, init, targets)
         return Update(self._w.copy(), v, guarded, skipped=True, warnings=warnings)
 
-    def _step(self, losses, init, targets, sampling_weights) -> Update:
+    def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
         v, guarded, warnings = self._velocity(losses, init, targets)
         if self.ema > 0 and self._v_ema is not None:
             v = self.ema * self._v_ema + (1.0 - self.ema) * v
@@ -417,7 +418,13 @@ class VelocityRule(Rule):
 
 
 class DBLRule(Rule):
-    """Sheared-LLaMA dynamic batch loading: w <- normalize(w·exp(η·max(l - l_ref, 0))), smoothing c."""
+    """Sheared-LLaMA's dynamic batch loading, as its authors ran it.
+
+    princeton-nlp/LLM-Shearing @ b87218b, DynamicLoadingCallback.update_proportion (update_type
+    "doremi"), called after every evaluation: w <- softmax(log w + η·(ℓ - ℓ_ref)), then
+    w <- (1 - c)·w + c/k with η = 1, c = 1e-4. The excess is not clipped at 0 (the paper's Algorithm 1
+    clips it): a domain below its reference loss loses weight. ℓ_ref = the run's targets.
+    """
 
     needs_targets = True
 
@@ -425,39 +432,42 @@ class DBLRule(Rule):
         super().__init__(name, weights, names)
         self.eta, self.smoothing = eta, smoothing
 
-    def _step(self, losses, init, targets, sampling_weights) -> Update:
-        excess = np.maximum(losses - targets, 0.0)  # l_ref = targets; shape (k,)
+    def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
+        excess = losses - targets  # shape (k,); negative below the reference
         return Update(update_weights(self._w, excess, self.eta, self.smoothing), excess)
 
 
 class ODMRule(Rule):
-    """Online Data Mixing (Albalak et al. 2023): EXP3 over domains with the training loss as reward.
+    """Online Data Mixing (Albalak et al. 2023), as its authors ran it.
 
-    After update t (t = 1, 2, ...): R_i <- α·R_i + (1-α)·l_i/p_i, with p the sampling distribution
-    of the interval just trained on; ε_t = min(1/k, sqrt(ln k/(k·t))); p <- (1 - k·ε_t)·softmax(ε_t·R)
-    + ε_t. It starts uniform (R = 0), as in the paper, whatever w0 is. Our harness observes every
-    domain in every interval, so every domain's reward is updated, each with its importance weight
-    1/p_i: this keeps the paper's reward scale and its bonus for rarely sampled domains (with full
-    observation the plain loss would be unbiased, but would drop that bonus and change the rule).
-    A domain with p_i = 0 (capped, not trained on) keeps its reward, as an unplayed EXP3 arm does.
-    The paper evaluates the softmax at ε_{t-1}; we use ε_t in both places (differs only while
-    ε < 1/k, by a factor sqrt(t/(t-1))).
+    alon-albalak/online-data-mixing @ edbfdad, SmoothedMeanWeightUpdater.group_update (the class their
+    README names as the paper's implementation; their 1B/3B runs use it with mixed mini-batches), run
+    after every optimizer step past a warm-up on the per-domain training loss of that step:
+      R_i <- α·R_i + (1-α)·exp(ℓ_i)   for every domain with tokens in the window (others keep R_i);
+      ε_t = min(1/k, sqrt(ln k / (k·t))), t = optimizer steps done;
+      p_i = (1 - k·ε_t)·R_i / Σ_j R_j + ε_t.
+    The policy is linear in R (their group update dropped the softmax of the per-arm update), the reward
+    carries no importance weight 1/p_i, R starts at 0 and the weights start at w0 (their runs start
+    from the natural mixture). Shapes: (k,).
     """
 
-    def __init__(self, name, names, *, alpha):
-        super().__init__(name, np.ones(len(names)), names)
+    def __init__(self, name, weights, names, *, alpha):
+        super().__init__(name, weights, names)
         self.alpha = alpha
         self._reward = np.zeros(len(names))  # R, shape (k,)
 
-    def _step(self, losses, init, targets, sampling_weights) -> Update:
-        p = self._w if sampling_weights is None else sampling_weights
-        played = p > 0
+    def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
         with np.errstate(over="ignore"):
-            gain = np.divide(losses, p, out=np.zeros_like(losses), where=played)
-            reward = np.where(played, self.alpha * self._reward + (1.0 - self.alpha) * gain, self._reward)
+            gain = np.minimum(np.exp(losses), _REWARD_CAP)  # exp(ℓ); ℓ > 709 nats would overflow
+        reward = np.where(observed, self.alpha * self._reward + (1.0 - self.alpha) * gain, self._reward)
         self._reward = np.minimum(reward, _REWARD_CAP)
-        eps = _odm_explore_rate(len(self.names), self._updates + 1)
-        return Update(_odm_policy(self._reward, eps), self._reward.copy())
+        top = self._reward.max()
+        if top <= 0:  # nothing observed yet: no evidence, keep the weights
+            return Update(self._w.copy(), self._reward.copy())
+        share = self._reward / top  # R / ΣR computed as (R/max) / Σ(R/max): no overflow, shape (k,)
+        share /= share.sum()
+        eps = _odm_explore_rate(len(self.names), step)
+        return Update(normalize((1.0 - len(self.names) * eps) * share + eps), self._reward.copy())
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reward": self._reward.tolist()}
@@ -528,7 +538,7 @@ def make_rule(name: str, w0: Mapping[str, float] | ArrayLike, names: Sequence[st
         )
     if name == "odm":
         alpha = _param(f"rule {name!r}", "alpha", p["alpha"], 0.0, 1.0, hi_open=True)
-        return ODMRule(name, names, alpha=alpha)
+        return ODMRule(name, w0, names, alpha=alpha)
     return VelocityRule(
         name, w0, names,
         no_target=name == "velocitune-no-target",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from velocitune.config import Config
+from velocitune.config import Config, rule_timing
 from velocitune.errors import ConfigError, DataError
 
 # Rules whose weights move during a run: they need an update interval, and the eval signal costs time.
@@ -47,10 +47,14 @@ def lr_schedule(cfg: Config, steps: int) -> np.ndarray:
     return np.array([step_lr(cfg, s, steps) for s in range(steps)])
 
 
+def as_steps(x: float, steps: int) -> int:
+    """A count of steps given as a fraction of the run (< 1) or as steps (>= 1)."""
+    return int(round(x * steps)) if x < 1 else int(x)
+
+
 def warmup_steps(cfg: Config, steps: int) -> int:
     """train.warmup_steps as a step count: a fraction of the run when < 1, else steps."""
-    w = cfg.train.warmup_steps
-    return int(round(w * steps)) if w < 1 else int(w)
+    return as_steps(cfg.train.warmup_steps, steps)
 
 
 def resolve_steps(cfg: Config, windows: Sequence[int]) -> int:
@@ -78,8 +82,15 @@ def subsampled_windows(windows: Sequence[int], subsample: float) -> list[int]:
 
 
 def mixing_interval(cfg: Config, steps: int) -> int:
-    """m, the steps between weight updates: mixing.interval, or max(1, steps // 100) (docs/design.md §3)."""
-    return default_interval(cfg.mixing.interval, steps, adaptive=cfg.mixing.rule in ADAPTIVE_RULES)
+    """m, the steps between weight updates: mixing.interval, else the rule's, else max(1, steps // 100) (§3)."""
+    m = cfg.mixing.interval if cfg.mixing.interval is not None else rule_timing(cfg.mixing.rule)["interval"]
+    return default_interval(m, steps, adaptive=cfg.mixing.rule in ADAPTIVE_RULES)
+
+
+def mixing_warmup(cfg: Config, steps: int) -> int:
+    """Steps before the first weight update: mixing.warmup, else the rule's, else train.warmup_steps."""
+    w = cfg.mixing.warmup if cfg.mixing.warmup is not None else rule_timing(cfg.mixing.rule)["warmup"]
+    return warmup_steps(cfg, steps) if w is None else as_steps(w, steps)
 
 
 def default_interval(interval: int | None, steps: int, adaptive: bool = True) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from velocitune import __version__, dist, runfiles
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
-from velocitune.config import Config, check_resume_config, dump_yaml, to_dict
+from velocitune.config import Config, check_resume_config, dump_yaml, rule_timing, to_dict
 from velocitune.controller import (
     MixingController,
     check_same_on_all_ranks,
@@ -48,6 +48,7 @@ from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import (
     ADAPTIVE_RULES,
     mixing_interval,
+    mixing_warmup,
     resolve_steps,
     step_lr,
     subsampled_windows,
@@ -66,7 +67,8 @@ class Layout:
     batch: int  # global batch, sequences per optimizer step
     micro: int  # sequences per forward on this rank
     n_micro: int  # micro-batches per rank per step (gradient accumulation)
-    warmup: int
+    warmup: int  # LR warm-up steps
+    first_update: int  # steps before the first weight update (mixing.warmup, or the rule's default)
     interval: int  # m: steps between weight updates
     eval_signal: bool  # the rule re-weights from evaluations of the val sets
     eval_points: frozenset  # steps with an evaluation for the loss curves
@@ -97,7 +99,8 @@ def plan_layout(cfg: Config, windows: list[int], names: list[str], world_size: i
     points = cfg.eval.points if cfg.eval.points is not None else range(eval_every, steps, eval_every)
     ckpt_every = cfg.checkpoint.interval if cfg.checkpoint.interval is not None else max(1, steps // 5)
     return Layout(names=names, seq_len=cfg.data.seq_len, steps=steps, batch=B, micro=micro, n_micro=per_rank // micro,
-                  warmup=warmup_steps(cfg, steps), interval=m, eval_signal=eval_signal,
+                  warmup=warmup_steps(cfg, steps), first_update=mixing_warmup(cfg, steps), interval=m,
+                  eval_signal=eval_signal,
                   eval_points=frozenset(points), ckpt_every=ckpt_every)
 
 
@@ -196,8 +199,9 @@ class Trainer:
             names=names, tokens_per_window=L,
         )
         self.val: ValSet = load_val_set(self.data, L, cfg.eval.max_tokens)
-        controller = MixingController(rule, sampler, steps=lay.steps, warmup=lay.warmup, interval=lay.interval,
-                                      signal=cfg.mixing.signal, targets=targets, seq_len=L, device=env.device)
+        controller = MixingController(rule, sampler, steps=lay.steps, warmup=lay.first_update, interval=lay.interval,
+                                      signal=cfg.mixing.signal, targets=targets, seq_len=L, device=env.device,
+                                      pace=cfg.mixing.pace)
         self.state = TrainState(controller, lay.k, env.device)
         self.tb = TensorBoardLogger(self.out / runfiles.TENSORBOARD_DIR, enabled=False)
         self.metrics_log = self.eval_log = None
@@ -314,7 +318,8 @@ class Trainer:
         print(f"domains: {format_weights(names, w)}" + ("  (w0 = token shares)" if cfg.mixing.weights is None else ""))
         print(f"steps {lay.steps} x {lay.batch} seq x {lay.seq_len} tok = {lay.steps * lay.tokens_per_step:,} tokens; "
               f"warm-up {lay.warmup}; "
-              + (f"update every {lay.interval} steps; " if self.state.mixing.adaptive else f"{cfg.mixing.rule} weights; ")
+              + (f"update every {lay.interval} steps from step {max(lay.first_update, lay.interval)}; "
+                 if self.state.mixing.adaptive else f"{cfg.mixing.rule} weights; ")
               + f"{env.world_size} process(es), {lay.n_micro} micro-batch(es) of {lay.micro}")
         if probe:
             print(f"estimated reweighting overhead: {100 * self.overhead:.1f}% (signal=eval; timed before training: "
@@ -462,10 +467,11 @@ class Trainer:
         st, mix = self.state, self.state.mixing
         losses = self._evaluate(done, "reweight") if self.layout.eval_signal else None
         with st.timers("reweight"):
+            observed = None  # the eval signal sees every domain
             if losses is None:
-                losses = mix.window_losses(self.env)
+                losses, observed = mix.window_losses(self.env)
             check = (lambda w: check_same_on_all_ranks(w, self.env)) if self.cfg.dist.check_weights else None
-            upd = mix.update(done, losses, plan.sampling_weights, check=check)
+            upd = mix.update(done, losses, plan.sampling_weights, check=check, observed=observed)
         for warning in upd.warnings:
             self._say(f"warning: {warning}")
 
@@ -544,14 +550,14 @@ def _same_file(a: str | os.PathLike, b: Path) -> bool:
 
 
 def default_arm(cfg: Config) -> str:
-    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + "-train" for that signal)."""
+    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's own)."""
     if cfg.run.arm:
         return cfg.run.arm
     arm = cfg.mixing.rule
     if cfg.mixing.rule in ("velocitune", "velocitune-no-target") and cfg.mixing.preset != "robust":
         arm += f"-{cfg.mixing.preset}"
-    if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal == "train":
-        arm += "-train"
+    if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal != rule_timing(cfg.mixing.rule)["signal"]:
+        arm += f"-{cfg.mixing.signal}"  # velocitune-train, odm-eval
     return arm
 
 

@@ -95,7 +95,7 @@ def arms(full: bool, seeds: int) -> list[tuple[str, list[str]]]:
             ("uniform", ["--mixing.rule=uniform"]),
             ("dbl", ["--mixing.rule=dbl"]),
             ("velocitune-no-target", ["--mixing.rule=velocitune-no-target"]),
-            ("odm", ["--mixing.rule=odm", "--mixing.signal=train"]),
+            ("odm", ["--mixing.rule=odm", "--mixing.interval=1"]),  # every step, as its authors ran it
             ("velocitune-train", ["--mixing.rule=velocitune", "--mixing.signal=train"]),
         ]
     # Seed-major: the first pair to finish is static vs velocitune at seed 0, as in the plain demo.

@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from velocitune import dist, runfiles
-from velocitune.config import from_dict
+from velocitune.config import from_dict, rule_timing
 from velocitune.controller import (
     MixingController,
     check_targets_cover,
@@ -41,7 +41,7 @@ from velocitune.errors import ConfigError
 from velocitune.evaluate import evaluate, load_val_set
 from velocitune.fileio import atomic_write_json, read_json, truncate_after
 from velocitune.sampler import MixtureSampler
-from velocitune.schedule import default_interval
+from velocitune.schedule import as_steps, default_interval
 from velocitune.shards import PreparedData
 
 STATE_FILE = "velocitune_state.json"
@@ -116,8 +116,9 @@ class VelocituneCallback(TrainerCallback):
 
     dataset: the MixtureDataset the Trainer reads. targets: a targets.json path or {domain: loss}.
     init_loss: an init_loss.json path or {domain: loss}; default: measured when training begins.
-    interval: steps between updates (default: steps // 100); warmup_steps: the first update's step
-    (default: the Trainer's own warm-up). log_file: where to write the mixture records (mixture.jsonl
+    interval: steps between updates (default: steps // 100, for every rule: each update costs an
+    evaluation here); warmup_steps: the first update's step (default: mixing.warmup, else the rule's
+    as its authors ran it (dbl: 0), else the Trainer's own warm-up). log_file: where to write the mixture records (mixture.jsonl
     format). Any other keyword is a `mixing` config key (rule, preset, eta, smoothing, floor, ...), with
     the same defaults and checks as in a config file.
     """
@@ -136,7 +137,7 @@ class VelocituneCallback(TrainerCallback):
     ):
         self.dataset = dataset
         names = dataset.names
-        keys = {**mixing, "interval": interval}
+        keys = {"signal": "eval", **mixing, "interval": interval}  # the Trainer gives us evaluations only
         if isinstance(targets, (str, Path)):
             keys["targets"] = str(targets)
         elif targets is not None:
@@ -180,7 +181,10 @@ class VelocituneCallback(TrainerCallback):
         if args.dataloader_num_workers:
             raise ConfigError("VelocituneCallback needs dataloader_num_workers=0 (see trainer_args_for)")
         steps = self.dataset.steps
-        warmup = self.warmup if self.warmup is not None else args.get_warmup_steps(steps)
+        # The first update: warmup_steps, else mixing.warmup or the rule's (dbl: 0), else the Trainer's LR warm-up.
+        mc = self.mixing_config
+        w = self.warmup if self.warmup is not None else mc.warmup if mc.warmup is not None else rule_timing(mc.rule)["warmup"]
+        warmup = args.get_warmup_steps(steps) if w is None else as_steps(w, steps)
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         resuming = state.global_step > 0 and saved.is_file()
         if self.log_file is not None and state.is_world_process_zero:
@@ -191,7 +195,8 @@ class VelocituneCallback(TrainerCallback):
         c = self.controller = MixingController(
             self.rule, self.dataset.sampler, steps=steps, warmup=warmup, interval=default_interval(self.interval, steps),
             signal="eval", targets=self.targets, seq_len=self.dataset.seq_len, device=torch.device("cpu"),
-            log=_History(self.history, self.log_file, self.dataset.names, state.is_world_process_zero))
+            log=_History(self.history, self.log_file, self.dataset.names, state.is_world_process_zero),
+            pace=mc.pace)
         if resuming:
             doc = read_json(saved, fix="delete that checkpoint, or resume from an earlier one")
             c.load_state_dict({**doc, "sig_sum": torch.tensor(doc["sig_sum"], dtype=torch.float64),
