@@ -328,4 +328,5 @@ def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
     assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
     assert default_arm(make_config(mixing={"rule": "odm", "signal": "eval"})) == "odm-eval"
     assert default_arm(make_config(mixing={"rule": "dbl"})) == "dbl"
+    assert default_arm(make_config(mixing={"pace": True, "signal": "train"})) == "velocitune-train-pace"
     assert default_arm(make_config(mixing={"preset": "faithful"}, run={"arm": "mine"})) == "mine"

@@ -550,7 +550,8 @@ def _same_file(a: str | os.PathLike, b: Path) -> bool:
 
 
 def default_arm(cfg: Config) -> str:
-    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's own)."""
+    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's
+    own, + "-pace")."""
     if cfg.run.arm:
         return cfg.run.arm
     arm = cfg.mixing.rule
@@ -558,6 +559,8 @@ def default_arm(cfg: Config) -> str:
         arm += f"-{cfg.mixing.preset}"
     if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal != rule_timing(cfg.mixing.rule)["signal"]:
         arm += f"-{cfg.mixing.signal}"  # velocitune-train, odm-eval
+    if cfg.mixing.pace:
+        arm += "-pace"
     return arm
 
 
