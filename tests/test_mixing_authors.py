@@ -79,13 +79,18 @@ def authors_dbl(current_prop, losses, target_loss, dtype=torch.float32):
     return (new / new.sum()).tolist()
 
 
+def _domains(seed: int, k_max: int):
+    """A seeded generator, 2..k_max domain names and a random starting mixture over them."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, k_max + 1))
+    return rng, [f"d{i}" for i in range(k)], rng.dirichlet(np.ones(k))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_odm_matches_the_authors_update(seed):
     """Per-step losses of a random subset of domains, through both; the weights agree at every step."""
-    rng = np.random.default_rng(seed)
-    k = int(rng.integers(2, 7))
-    names = [f"d{i}" for i in range(k)]
-    w0 = rng.dirichlet(np.ones(k))
+    rng, names, w0 = _domains(seed, k_max=6)
+    k = len(names)
     steps = 300
     warmup = int(round(rule_timing("odm")["warmup"] * steps))  # our default: 2 %, their 2000 of 100k
     ref = AuthorsODM(names, w0.tolist(), smoothing_factor=0.9, warmup_steps=warmup)
@@ -107,10 +112,8 @@ def test_odm_matches_the_authors_update(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_dbl_matches_the_authors_update(seed):
     """Evaluation losses above and below the reference, through both, over 40 updates."""
-    rng = np.random.default_rng(seed)
-    k = int(rng.integers(2, 8))
-    names = [f"d{i}" for i in range(k)]
-    w0 = rng.dirichlet(np.ones(k))
+    rng, names, w0 = _domains(seed, k_max=7)
+    k = len(names)
     target = rng.uniform(1.0, 3.0, k)
     ours = make_rule("dbl", w0, names)
     prop = w0.tolist()
