@@ -2,7 +2,8 @@
 
 Two domain sets share the demo's tokenizer and base model (so `velocitune demo` must have run in --out):
 - `demo`: the demo's replay / code / math / sci;
-- `alt`:  replay / cpp / markdown / records, built from other sources (studies/alt_corpus.py).
+- `alt`:  replay / cpp / markdown / records, built from other sources (studies/alt_corpus.py);
+- `third`: replay / sympy / licenses / afm, from yet other sources (studies/third_corpus.py).
 For each set this prepares the data, measures ℓ_init and predicts targets with the default recipe
 (`velocitune targets` defaults), runs the named arms over seeds as parallel 1-thread processes
 (resumable: finished runs are kept), and writes TAG/report.md plus TAG.json/TAG.md (the bar):
@@ -31,6 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `studies`
 
 from studies.alt_corpus import ALT_DOMAINS, build_alt_corpus  # noqa: E402
+from studies.third_corpus import THIRD_DOMAINS, build_third_corpus  # noqa: E402
 from velocitune.config import from_dict  # noqa: E402
 from velocitune.demo import pipeline  # noqa: E402
 from velocitune.runfiles import SUMMARY_FILE, read_init_loss, read_summary  # noqa: E402
@@ -45,6 +47,10 @@ ARMS: dict[str, list[str]] = {
     "faithful-train": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.signal=train"],
     "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust"],
     "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train"],
+    "robust-pace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true"],
+    # the baselines as their authors ran them (issue 17, part 3), each with its own timing and signal
+    "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step (the set config names m = 4)
+    "dbl": ["--mixing.rule=dbl"],
     # one knob at a time from `faithful` (update study, §3)
     "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
     "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],
@@ -55,6 +61,10 @@ ARMS: dict[str, list[str]] = {
     "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05"],
     "c0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5"],
 }
+
+
+# The sets besides the demo's own: corpus builder and domain names.
+CORPORA = {"alt": (build_alt_corpus, ALT_DOMAINS), "third": (build_third_corpus, THIRD_DOMAINS)}
 
 
 def set_dir(out: Path, name: str) -> Path:
@@ -71,10 +81,11 @@ def prepare_set(out: Path, name: str, parallel: int, steps: int = pipeline.CPT_S
     if name == "demo":
         data = out / "data"
     else:
-        corpus = build_alt_corpus(root / "corpus", scale=scale, progress=False)
+        build, domains = CORPORA[name]
+        corpus = build(root / "corpus", scale=scale, progress=False)
         data = root / "data"
         if not (data / "manifest.json").is_file():
-            prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in ALT_DOMAINS}, val_fraction=0.05,
+            prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in domains}, val_fraction=0.05,
                            val_tokens=pipeline.EVAL_TOKENS * 2, workers=parallel)
     config = pipeline.cpt_config(out, steps)
     config["data"]["path"] = str(data)
@@ -166,13 +177,13 @@ def bar_markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out", help="a `velocitune demo` output directory")
-    ap.add_argument("--set", choices=["demo", "alt"], default="demo")
+    ap.add_argument("--set", choices=["demo", *CORPORA], default="demo")
     ap.add_argument("--arms", nargs="+", default=["static", "uniform", "robust", "robust-train"],
                     help=f"from: {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--steps", type=int, default=pipeline.CPT_STEPS, help="CPT steps per run (default: the demo's)")
-    ap.add_argument("--scale", type=float, default=1.0, help="size of the second set's corpus (default 1.0)")
+    ap.add_argument("--scale", type=float, default=1.0, help="size of the second or third set's corpus (default 1.0)")
     ap.add_argument("--tag", default="bar", help="name of this comparison's outputs: TAG.json, TAG.md, TAG/report.md")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
