@@ -69,22 +69,31 @@ def build_alt_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: b
     Same rules as `build_corpus`: whole documents in a fixed hash order up to a byte budget, a stamp
     that makes a finished build a no-op, and an error naming the source when a domain comes out empty.
     """
+    params = {"format": "velocitune-alt-corpus", "alt_version": ALT_VERSION, "torch": package_version("torch")}
+    streams = lambda: {"cpp": _cpp_documents(), "markdown": _markdown_documents(),  # noqa: E731
+                       "records": _records_documents()}
+    return build_replay_set(out_dir, scale, progress, params, ALT_BUDGET_BYTES, ALT_SOURCES, streams, "second-set")
+
+
+def build_replay_set(out_dir: str | os.PathLike, scale: float, progress: bool, params: dict,
+                     budget_bytes: dict[str, int], sources: dict[str, Source],
+                     streams: Callable[[], dict[str, Iterator[str]]], what: str) -> dict[str, Path]:
+    """A study domain set: the demo's `replay` slice plus the domains of `streams()` (built only when the
+    stamp does not match `params`), each up to its byte budget; return {domain: path}."""
     check_scale(scale, "corpus")
     out = Path(out_dir)
-    paths = {name: out / f"{name}.jsonl" for name in ALT_DOMAINS}
-    params = {**corpus_params(scale), "format": "velocitune-alt-corpus", "alt_version": ALT_VERSION,
-              "torch": package_version("torch")}
+    paths = {name: out / f"{name}.jsonl" for name in budget_bytes}
+    params = {**corpus_params(scale), **params}
     if corpus_is_complete(out, params, paths):
         return paths
-    budgets = begin_build(out, ALT_BUDGET_BYTES, scale)
+    budgets = begin_build(out, budget_bytes, scale)
     docs: dict[str, list[str]] = {}
     with progress_bar(progress, budgets["replay"], "replay") as bar:
         # The same split as the demo's, so that `replay` stays disjoint from the base model's prose.
         docs["replay"], _ = split_prose(prose_documents(), budgets["replay"],
                                         round(BUDGET_BYTES[PRETRAIN_DOMAIN] * scale), bar)
-    streams = {"cpp": _cpp_documents(), "markdown": _markdown_documents(), "records": _records_documents()}
-    docs.update(take_streams(streams, budgets, progress))
-    write_build(out, paths, docs, params, ALT_SOURCES, "second-set domain")
+    docs.update(take_streams(streams(), budgets, progress))
+    write_build(out, paths, docs, params, sources, f"{what} domain")
     return paths
 
 

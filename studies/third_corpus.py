@@ -18,25 +18,8 @@ from functools import partial
 from importlib import metadata
 from pathlib import Path
 
-from studies.alt_corpus import _text_file
-from velocitune.demo.corpus import (
-    BUDGET_BYTES,
-    PRETRAIN_DOMAIN,
-    SOURCES,
-    Source,
-    begin_build,
-    check_scale,
-    corpus_is_complete,
-    corpus_params,
-    documents_from_units,
-    package_dir,
-    package_version,
-    progress_bar,
-    prose_documents,
-    split_prose,
-    take_streams,
-    write_build,
-)
+from studies.alt_corpus import _text_file, build_replay_set
+from velocitune.demo.corpus import SOURCES, Source, documents_from_units, package_dir, package_version
 
 THIRD_DOMAINS = ("replay", "sympy", "licenses", "afm")
 THIRD_SOURCES: dict[str, Source] = {
@@ -55,22 +38,11 @@ _LICENSE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
 
 def build_third_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool = True) -> dict[str, Path]:
     """Write the third domain set (THIRD_DOMAINS) as JSONL files under `out_dir`; return {domain: path}."""
-    check_scale(scale, "corpus")
-    out = Path(out_dir)
-    paths = {name: out / f"{name}.jsonl" for name in THIRD_DOMAINS}
-    params = {**corpus_params(scale), "format": "velocitune-third-corpus", "third_version": THIRD_VERSION,
+    params = {"format": "velocitune-third-corpus", "third_version": THIRD_VERSION,
               "sympy": package_version("sympy"), "matplotlib": package_version("matplotlib")}
-    if corpus_is_complete(out, params, paths):
-        return paths
-    budgets = begin_build(out, THIRD_BUDGET_BYTES, scale)
-    docs: dict[str, list[str]] = {}
-    with progress_bar(progress, budgets["replay"], "replay") as bar:
-        docs["replay"], _ = split_prose(prose_documents(), budgets["replay"],
-                                        round(BUDGET_BYTES[PRETRAIN_DOMAIN] * scale), bar)
-    streams = {"sympy": _sympy_documents(), "licenses": _license_documents(), "afm": _afm_documents()}
-    docs.update(take_streams(streams, budgets, progress))
-    write_build(out, paths, docs, params, THIRD_SOURCES, "third-set domain")
-    return paths
+    streams = lambda: {"sympy": _sympy_documents(), "licenses": _license_documents(),  # noqa: E731
+                       "afm": _afm_documents()}
+    return build_replay_set(out_dir, scale, progress, params, THIRD_BUDGET_BYTES, THIRD_SOURCES, streams, "third-set")
 
 
 def _files(root: Path | None, keep: Callable[[Path], bool]) -> dict[str, Callable[[], list[str]]]:
