@@ -7,7 +7,7 @@ is run on the demo setup and scored against the static arm's final validation lo
 
     error = predicted target − static final loss      (nats; the seed sd of the static runs beside it)
 
-    python studies/target_study.py [--out demo_out] [--seeds 3] [--parallel 2]
+    python studies/target_study.py [--out demo_out] [--seeds 3] [--parallel 2] [--results FILE] [--key=value ...]
 
 It reuses the demo in --out (base model, data, static runs; `velocitune demo --full` builds them) and
 every proxy already run, so an interrupted study resumes. Each proxy is a `velocitune targets`
@@ -42,8 +42,10 @@ def variant_dir(root: Path, fraction: float, schedule: str, points: int) -> Path
     return root / f"p{fraction:g}_{schedule}_n{points}"
 
 
-def run_variant(config: Path, root: Path, fraction: float, schedule: str, points: int) -> None:
-    """Both predictors for one proxy; the second call reuses the first call's proxy run."""
+def run_variant(config: Path, root: Path, fraction: float, schedule: str, points: int,
+                overrides: tuple[str, ...] = ()) -> None:
+    """Both predictors for one proxy; the second call reuses the first call's proxy run. `overrides`:
+    further `--key=value` config overrides for the proxy."""
     d = variant_dir(root, fraction, schedule, points)
     d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -53,7 +55,7 @@ def run_variant(config: Path, root: Path, fraction: float, schedule: str, points
             continue
         cmd = [sys.executable, "-m", "velocitune", "targets", str(config), f"--fraction={fraction}",
                f"--points={points}", f"--proxy-schedule={schedule}", f"--predictor={pred}", f"--out={out}",
-               "--train.threads=1", "--log.progress=false"]
+               "--train.threads=1", "--log.progress=false", *overrides]
         with open(d / "targets.log", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if rc != 0:
@@ -65,7 +67,12 @@ def main() -> int:
     ap.add_argument("--out", default="demo_out", help="a `velocitune demo` output directory")
     ap.add_argument("--seeds", type=int, default=3, help="static runs to score against")
     ap.add_argument("--parallel", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "target_study.json",
+                    help="where the figures go (default: studies/results/target_study.json)")
+    args, overrides = ap.parse_known_args()  # the rest: config overrides for every proxy (--data.max_repetition=2)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}: config overrides for the proxies are written --key=value")
     out = Path(args.out).resolve()
     if not (out / "cpt.yaml").is_file():
         raise SystemExit(f"{out} holds no demo; run `velocitune demo --full --out {out}` first")
@@ -78,7 +85,7 @@ def main() -> int:
     config.write_text(dump_yaml(pipeline.targets_config(out, threads=1)))
     combos = list(itertools.product(FRACTIONS, SCHEDULES, POINTS))
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        list(pool.map(lambda c: run_variant(config, root, *c), combos))
+        list(pool.map(lambda c: run_variant(config, root, *c, overrides=tuple(overrides)), combos))
 
     rows = []
     for (fraction, schedule, points), pred in itertools.product(combos, PREDICTORS):
@@ -100,8 +107,8 @@ def main() -> int:
         print(f"{r['fraction']:>5g} {r['schedule']:>10s} {r['points']:>3d} {r['predictor']:>10s} "
               + " ".join(f"{r['error_nats'][n]:>+8.3f}" for n in names)
               + f" {r['mean_abs_error']:>8.3f} {r['max_abs_error']:>7.3f} {100 * r['proxy_cost_share']:>4.0f}%")
-    path = Path(__file__).parent / "results" / "target_study.json"
-    path.parent.mkdir(exist_ok=True)
+    path = args.results
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"seeds": args.seeds, "domains": names, "static_final_mean": dict(zip(names, mean.tolist())),
                                 "static_final_sd": dict(zip(names, sd.tolist())), "rows": rows}, indent=2))
     print(f"saved {path}")

@@ -38,6 +38,9 @@ TINY = ["--data.seq_len=16", "--train.batch_size=8", "--train.micro_batch_size=4
         "--checkpoint.save_final=false", "--targets.points=5", "--train.threads=1"]
 TINY_DEMO = ["--steps", "16", "--base-steps", "8", "--scale", "0.03", "--parallel", "2"]
 TINY_STUDY = ["--steps", "16", "--scale", "0.03"]
+# The target study's 5 % proxies of the toy demo's few windows would run out of data in 20 steps; and its
+# figures go to the workspace, never over the measured ones.
+TINY_TARGET_STUDY = ["--data.max_repetition=20"]
 # (documented text, what the snippet runs instead at tiny size)
 TINY_PY = [("seq_len=1024", "seq_len=16"), ("global_batch=64", "global_batch=8"), ("steps=2000", "steps=6"),
            ("per_device_batch=8", "per_device_batch=4"), ("grad_accum=8", "grad_accum=2")]
@@ -275,15 +278,18 @@ def run(cmd: Command, toy_demo=None) -> None:
     elif k == "script":  # in this process, so that the toy demo's sizes apply to what it trains
         import runpy
 
-        argv = [str(REPO / words[1]), *words[2:], *(TINY_STUDY if words[1] == "studies/study.py" else [])]
-        old = sys.argv
+        tiny = {"studies/study.py": TINY_STUDY, "studies/target_study.py": [
+            *TINY_TARGET_STUDY, f"--results={Path(os.environ.get('VELOCITUNE_BENCH_RESULTS', '.')) / 'ts.json'}"]}
+        argv = [str(REPO / words[1]), *words[2:], *tiny.get(words[1], [])]
+        old, old_path = sys.argv, sys.path[:]
         sys.argv = argv
+        sys.path.insert(0, str(Path(argv[0]).parent))  # as `python script.py` does: its helpers sit beside it
         try:
             runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as exit_:
             assert exit_.code in (0, None), f"{cmd} exited with {exit_.code}"
         finally:
-            sys.argv = old
+            sys.argv, sys.path[:] = old, old_path
     elif k == "torchrun":
         run_torchrun(words)
     elif k == "accelerate":
