@@ -5,7 +5,17 @@ import json
 import pytest
 import yaml
 
-from velocitune.config import Config, dump_yaml, from_dict, help_text, load_config, parse_override, to_dict, valid_keys
+from velocitune.config import (
+    Config,
+    MixingConfig,
+    dump_yaml,
+    from_dict,
+    help_text,
+    load_config,
+    parse_override,
+    to_dict,
+    valid_keys,
+)
 from velocitune.errors import ConfigError
 
 
@@ -86,13 +96,25 @@ def test_help_lists_every_key():
 
 
 def test_resume_check_reads_a_key_missing_from_an_older_config_as_its_default():
-    from velocitune.config import Config, check_resume_config, to_dict
+    from velocitune.config import check_resume_config
 
-    now = to_dict(Config())
+    now = to_dict(Config(mixing=MixingConfig(pace=False)))
     saved = json.loads(json.dumps(now))
     del saved["mixing"]["pace"], saved["mixing"]["warmup"]  # keys added after that checkpoint was written
-    check_resume_config(saved, now)  # no error: they had their defaults then
+    check_resume_config(saved, now)  # no error: warmup had its default then, and no run paced before pace
     changed = json.loads(json.dumps(now))
-    changed["mixing"]["pace"] = True
+    changed["mixing"]["pace"] = True  # today's default for velocitune: still not what the old run did
     with pytest.raises(ConfigError, match=r"mixing.pace: False -> True"):
         check_resume_config(saved, changed)
+
+
+@pytest.mark.parametrize(("rule", "preset", "paced"), [
+    ("velocitune", "robust", True), ("velocitune-no-target", "robust", True), ("velocitune", "faithful", False),
+    ("static", "robust", False), ("uniform", "robust", False), ("odm", "robust", False), ("dbl", "robust", False),
+    ("replay", "robust", False), ("temperature", "robust", False)])
+def test_pace_defaults_on_for_the_robust_velocity_rules_only(rule, preset, paced):
+    """Unset, mixing.pace resolves on construction (so config.yaml records it); set, it is left alone."""
+    assert MixingConfig(rule=rule, preset=preset).pace is paced
+    assert MixingConfig(rule=rule, preset=preset, pace=not paced).pace is (not paced)
+    if rule != "replay":  # (which needs a run to replay)
+        assert load_config(None, [f"--mixing.rule={rule}", f"--mixing.preset={preset}"]).mixing.pace is paced

@@ -74,7 +74,7 @@ def test_run_directory_contract_and_rule_applied(make_config):
     assert model.config.vocab_size >= 384
 
 
-@pytest.mark.parametrize("mixing_keys", [{}, {"pace": True}, {"rule": "odm", "interval": 1}], ids=["velocitune", "pace", "odm"])
+@pytest.mark.parametrize("mixing_keys", [{}, {"pace": False}, {"rule": "odm", "interval": 1}], ids=["velocitune", "nopace", "odm"])
 def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch, mixing_keys):
     sections = dict(log={"interval": 1, "progress": False}, checkpoint={"interval": 8, "keep": 2}, mixing=mixing_keys)
     ref = train(make_config("ref", **sections)).out_dir
@@ -328,5 +328,8 @@ def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
     assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
     assert default_arm(make_config(mixing={"rule": "odm", "signal": "eval"})) == "odm-eval"
     assert default_arm(make_config(mixing={"rule": "dbl"})) == "dbl"
-    assert default_arm(make_config(mixing={"pace": True, "signal": "train"})) == "velocitune-train-pace"
+    assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"  # paced: the default
+    assert default_arm(make_config(mixing={"pace": False})) == "velocitune-nopace"
+    assert default_arm(make_config(mixing={"rule": "uniform", "pace": True})) == "uniform-pace"
+    assert default_arm(make_config(mixing={"preset": "faithful"})) == "velocitune-faithful"
     assert default_arm(make_config(mixing={"preset": "faithful"}, run={"arm": "mine"})) == "mine"

@@ -99,7 +99,7 @@ class MixingConfig:
     temperature: float = 2.0  # temperature rule: w ∝ n_i^(1/τ)
     alpha: float | None = None  # odm: EMA of the importance-weighted reward
     sampling_floor: float = 0.0  # minimum sampling weight of any non-exhausted domain
-    pace: bool = False  # spread each domain's repetition allowance over the rest of the run (caps at every update)
+    pace: bool | None = None  # spread each domain's repetition allowance over the rest of the run; default: pace_default()
     weights: dict[str, float] | None = None  # initial weights; default w0 (token shares)
     targets: str | None = None  # targets.json from `velocitune targets`
     target_values: dict[str, float] | None = None  # explicit targets per domain (override the file)
@@ -110,6 +110,15 @@ class MixingConfig:
     def __post_init__(self) -> None:
         if self.signal == "auto":  # resolved on construction, so config.yaml records the signal the run used
             self.signal = rule_timing(self.rule)["signal"]
+        if self.pace is None:  # likewise: config.yaml records whether the run paced
+            self.pace = pace_default(self.rule, self.preset)
+
+
+def pace_default(rule: str, preset: str) -> bool:
+    """mixing.pace when the config leaves it unset: on for the velocity rules under the `robust` preset (it
+    won on all three domain sets of issue 17's measurements, docs/results.md), off for `faithful` (the paper)
+    and for every baseline, which run as their authors ran them (docs/design.md §3)."""
+    return rule in ("velocitune", "velocitune-no-target") and preset == "robust"
 
 
 @dataclass
@@ -515,14 +524,19 @@ RESUMABLE_CHANGES = (
 )
 
 
+# What a run did before a key existed, where that differs from the key's default today: a run started by an
+# older version never paced, so resuming it may not start pacing.
+BEFORE_KEY: dict[str, Any] = {"mixing.pace": False}
+
+
 def check_resume_config(saved: dict, now: dict) -> None:
     """ConfigError listing every key that differs between a checkpoint's config and this one and shapes the run."""
     diffs = []
-    defaults = to_dict(Config())  # a key newer than the checkpoint's config had its default then
-    for sec in now:
+    defaults = to_dict(Config())  # a key newer than the checkpoint's config had its default then,
+    for sec in now:  # or, for a key added with a behaviour of its own, the behaviour before it (BEFORE_KEY)
         for key, val in now[sec].items():
             dotted = f"{sec}.{key}"
-            old = saved.get(sec, {}).get(key, defaults.get(sec, {}).get(key))
+            old = saved.get(sec, {}).get(key, BEFORE_KEY.get(dotted, defaults.get(sec, {}).get(key)))
             if old != val and not any(dotted.startswith(p) for p in RESUMABLE_CHANGES):
                 diffs.append(f"  {dotted}: {old!r} -> {val!r}")
     if diffs:
@@ -546,5 +560,7 @@ def help_text() -> str:
             extra = f"   # one of: {', '.join(allowed)}" if allowed else ""
             if f"{section.name}.{f.name}" == "mixing.signal":
                 extra += " (auto: the rule's, train for odm, eval for the others)"
+            if f"{section.name}.{f.name}" == "mixing.pace":
+                extra += "   # null: true for velocitune's robust preset, false for faithful and the baselines"
             lines.append(f"  {f.name}: {v!r}{extra}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import torch
 
 from velocitune import __version__, dist, runfiles
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
-from velocitune.config import Config, check_resume_config, dump_yaml, rule_timing, to_dict
+from velocitune.config import Config, check_resume_config, dump_yaml, pace_default, rule_timing, to_dict
 from velocitune.controller import (
     MixingController,
     check_same_on_all_ranks,
@@ -551,7 +551,7 @@ def _same_file(a: str | os.PathLike, b: Path) -> bool:
 
 def default_arm(cfg: Config) -> str:
     """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's
-    own, + "-pace")."""
+    own, + "-pace" / "-nopace" when pacing is not the rule's default)."""
     if cfg.run.arm:
         return cfg.run.arm
     arm = cfg.mixing.rule
@@ -559,8 +559,8 @@ def default_arm(cfg: Config) -> str:
         arm += f"-{cfg.mixing.preset}"
     if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal != rule_timing(cfg.mixing.rule)["signal"]:
         arm += f"-{cfg.mixing.signal}"  # velocitune-train, odm-eval
-    if cfg.mixing.pace:
-        arm += "-pace"
+    if cfg.mixing.pace != pace_default(cfg.mixing.rule, cfg.mixing.preset):
+        arm += "-pace" if cfg.mixing.pace else "-nopace"
     return arm
 
 
