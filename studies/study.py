@@ -51,6 +51,10 @@ ARMS: dict[str, list[str]] = {
     # the baselines as their authors ran them (issue 17, part 3), each with its own timing and signal
     "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step (the set config names m = 4)
     "dbl": ["--mixing.rule=dbl"],
+    # `velocitune plan` (issue 17, parts 1-2): its recommended mixture fixed, and Velocitune started there
+    # with the plan's targets; PLAN is the set's plan.json, made (or reused) before the arms run
+    "plan-static": ["--mixing.rule=static", "--mixing.plan=PLAN"],
+    "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN"],
     # one knob at a time from `faithful` (update study, §3)
     "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
     "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],
@@ -194,7 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     config = prepare_set(out, args.set, args.parallel, args.steps, args.scale)
     root = set_dir(out, args.set)
-    plan = [Arm(f"{a}/seed{s}", ARMS[a] + [f"--train.seed={s}", f"--run.arm={a}"])
+    plan_file = root / "plan" / "plan.json"
+    if any("--mixing.plan=PLAN" in ARMS[a] for a in args.arms):  # proxies reused when already run
+        from velocitune.config import load_config
+        from velocitune.plan import make_plan
+
+        make_plan(load_config(config, ["--log.progress=false"]), plan_file.parent)
+
+    def overrides(arm: str) -> list[str]:
+        return [o.replace("=PLAN", f"={plan_file}") for o in ARMS[arm]]
+
+    plan = [Arm(f"{a}/seed{s}", overrides(a) + [f"--train.seed={s}", f"--run.arm={a}"])
             for s in range(args.seeds) for a in args.arms]
     dirs = run_arms(config, plan, root / "runs", parallel=args.parallel, threads=1)
     from velocitune.report import make_report

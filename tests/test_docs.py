@@ -44,7 +44,7 @@ TINY_TARGET_STUDY = ["--data.max_repetition=20"]
 # (documented text, what the snippet runs instead at tiny size)
 TINY_PY = [("seq_len=1024", "seq_len=16"), ("global_batch=64", "global_batch=8"), ("steps=2000", "steps=6"),
            ("per_device_batch=8", "per_device_batch=4"), ("grad_accum=8", "grad_accum=2")]
-CONFIG_COMMANDS = ("prepare", "init-loss", "targets", "train")
+CONFIG_COMMANDS = ("prepare", "init-loss", "targets", "plan", "train")
 
 
 @dataclass(frozen=True)

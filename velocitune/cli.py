@@ -15,7 +15,7 @@ from velocitune import __version__
 from velocitune.errors import VelocituneError
 
 CONFIG_HELP = (
-    "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist, prepare, targets: "
+    "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist, prepare, targets, plan: "
     "one file for the whole pipeline, only the keys you change) followed by "
     "dotted overrides such as --train.steps=200 --mixing.rule=dbl. `velocitune train --help-config` "
     "lists every key with its default."
@@ -88,6 +88,13 @@ def _run_targets(args, extra) -> int:
     return targets_main(_split_config(args, extra + flags), out=args.out)
 
 
+def _run_plan(args, extra) -> int:
+    from velocitune.plan import main
+
+    config, overrides = _config_args(args, extra)
+    return main(args, overrides, config)
+
+
 def _delegate(module: str) -> tuple[Callable, Callable]:
     """(add_arguments, main) of a module that owns its own argument parsing."""
     import importlib
@@ -145,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed (default): the main LR schedule squeezed to the proxy's length, anneal "
                         "included; constant: peak LR without anneal (the paper's proxy)")
     p.set_defaults(handler=_run_targets, takes_overrides=True)
+
+    p = _config_command(sub, "plan", "predict any mixture's per-domain loss from a few proxies; recommend one",
+                        "Run short proxies at k + 2 mixtures (w0, uniform, a tilt toward each domain), fit a "
+                        "mixture law per domain (Ye et al.'s mixing law or the D-CPT share law, chosen by "
+                        "leave-one-mixture-out error) and recommend the mixture that minimises the objective. "
+                        "Writes plan.json and plan.png; `velocitune train --mixing.plan=DIR/plan.json` uses it.",
+                        "Costs plan.budget (default 0.5) of the main run's training steps, printed before it starts. "
+                        "Finished proxies are reused: re-running after a failure runs only the missing ones.")
+    add_plan_arguments, _ = _delegate("plan")
+    add_plan_arguments(p)
+    p.set_defaults(handler=_run_plan, takes_overrides=True)
     return parser
 
 

@@ -104,6 +104,7 @@ class MixingConfig:
     targets: str | None = None  # targets.json from `velocitune targets`
     target_values: dict[str, float] | None = None  # explicit targets per domain (override the file)
     init_loss: str | None = None  # init_loss.json; default: measured at step 0 and cached
+    plan: str | None = None  # plan.json of `velocitune plan`: weights, targets, ℓ_init (over the files; weights/target_values win)
     replay_from: str | None = None  # replay rule: a previous run directory (its mixture.jsonl)
     replay_mode: str = "average"  # replay: average | final
 
@@ -180,6 +181,19 @@ class TargetsConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`velocitune plan`: proxy runs at a few mixtures, a mixture law per domain, a recommended mixture."""
+
+    budget: float = 0.5  # the proxies' training steps together, as a share of the main run's
+    tilt: float = 0.5  # the design: w0, uniform, and (1 - tilt)·w0 + tilt·e_i for every domain i
+    points: int = 6  # evaluation points of each proxy over [0.1, 1] of it (its step-0 loss is shared)
+    law: str = "auto"  # auto (lowest leave-one-mixture-out error per domain) | mixing (Ye et al.) | share (D-CPT term)
+    stage1: str = "offset"  # offset: w0's main-budget loss + each proxy's end-loss offset from w0's | extrapolate: each proxy's own fit
+    objective: dict[str, float] | None = None  # weight of each domain's loss in the objective; default equal (the mean)
+    max_rise: dict[str, float] | None = None  # domain -> largest tolerated rise (nats) over its predicted loss under w0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +206,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # When the adaptive rules update unless the config says otherwise: the baselines as their authors ran
@@ -227,6 +242,8 @@ CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "targets.predictor": ("cpt_law", "chinchilla", "auto"),
     "targets.proxy_schedule": ("compressed", "constant"),
+    "plan.law": ("auto", "mixing", "share"),
+    "plan.stage1": ("offset", "extrapolate"),
 }
 
 
@@ -506,6 +523,13 @@ def validate(cfg: Config) -> None:
     tc = cfg.targets
     _check(0 < tc.fraction <= 1, "targets.fraction", f"must be in (0, 1], got {tc.fraction}")
     _check(tc.points >= 4, "targets.points", f"must be >= 4 to fit a law, got {tc.points}")
+    pl = cfg.plan
+    _check(0 < pl.budget <= 4, "plan.budget", f"must be in (0, 4] (a share of the main run's steps), got {pl.budget}")
+    _check(0 < pl.tilt < 1, "plan.tilt", f"must be in (0, 1), got {pl.tilt}")
+    _check(pl.points >= 4, "plan.points", f"must be >= 4 to fit a law, got {pl.points}")
+    for key, d in (("plan.objective", pl.objective), ("plan.max_rise", pl.max_rise)):
+        _check(d is None or all(v >= 0 for v in d.values()), key, "must map domain names to numbers >= 0")
+    _check(pl.objective is None or sum(pl.objective.values()) > 0, "plan.objective", "needs a positive weight")
 
 
 # Config keys a resumed run may change; any other difference is refused with the difference shown.
@@ -521,6 +545,7 @@ RESUMABLE_CHANGES = (
     "run.out_dir",
     "prepare.",  # the stages before training do not shape a run that is already going
     "targets.",
+    "plan.",
 )
 
 

@@ -32,9 +32,26 @@ ScalarSink = Callable[[str, Mapping[str, float], int], None]
 # ---------------------------------------------------------------------------------- inputs from the config
 
 
+def read_plan(mc: MixingConfig, names: Sequence[str], budget_tokens: float | None = None) -> dict | None:
+    """The plan.json of mixing.plan (checked: the same domains and, given budget_tokens, the same budget), or None."""
+    if not mc.plan:
+        return None
+    doc = runfiles.read_plan(mc.plan, names)
+    if budget_tokens is not None and abs(doc["budget_tokens"] - budget_tokens) > 1e-6 * budget_tokens:
+        raise ConfigError(
+            f"mixing.plan: {mc.plan} was made for a run of {doc['budget_tokens']:.4g} tokens, this run trains "
+            f"{budget_tokens:.4g}; its predicted losses hold only at its budget: re-run `velocitune plan` with this config"
+        )
+    return doc
+
+
 def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray) -> np.ndarray:
-    """mixing.weights over exactly the prepared domains, or w0 (the corpus's token shares). Shape (k,)."""
+    """mixing.weights over exactly the prepared domains, else the plan's recommended mixture (mixing.plan),
+    else w0 (the corpus's token shares). Shape (k,)."""
     if mc.weights is None:
+        plan = read_plan(mc, names)
+        if plan is not None:
+            return np.array([plan["recommended"][n] for n in names], dtype=np.float64)
         return np.asarray(w0, dtype=np.float64).copy()
     unknown = sorted(set(mc.weights) - set(names))
     missing = [n for n in names if n not in mc.weights]
@@ -44,11 +61,13 @@ def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray) -> n
 
 
 def read_targets(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
-    """Targets from mixing.targets (targets.json) and/or mixing.target_values; NaN for domains without one."""
-    values: dict[str, float] = {}
-    if mc.targets and not Path(mc.targets).exists():
+    """Targets from mixing.plan (the predicted losses under its mixture) or else mixing.targets (targets.json),
+    then mixing.target_values over either; NaN for domains without one."""
+    plan = read_plan(mc, names)
+    values: dict[str, float] = dict(plan["predicted"]) if plan is not None else {}
+    if plan is None and mc.targets and not Path(mc.targets).exists():
         raise ConfigError(f"mixing.targets: '{mc.targets}' does not exist; run `velocitune targets` first")
-    if mc.targets:
+    if plan is None and mc.targets:
         values.update(runfiles.target_values(runfiles.read_targets(mc.targets)))
     values.update(mc.target_values or {})
     if not values:
@@ -60,7 +79,11 @@ def read_targets(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
 
 
 def read_given_init(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
-    """ℓ_init from mixing.init_loss (init_loss.json), or None: the run then measures it at step 0."""
+    """ℓ_init from mixing.plan (its proxies' step 0), else mixing.init_loss (init_loss.json), or None: the run
+    then measures it at step 0."""
+    plan = read_plan(mc, names)
+    if plan is not None:
+        return np.array([plan["init"][n] for n in names], dtype=np.float64)
     if not mc.init_loss:
         return None
     if not Path(mc.init_loss).exists():

@@ -33,6 +33,7 @@ EVAL_FILE = "eval.jsonl"
 MIXTURE_FILE = "mixture.jsonl"
 INIT_LOSS_FILE = "init_loss.json"
 TARGETS_FILE = "targets.json"
+PLAN_FILE = "plan.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -117,7 +118,19 @@ SUMMARY = Format("summary", 1, {
     "estimated_overhead_flops": Field("number", optional=True),
     "measured_overhead": Field("number", optional=True), "complete": Field("flag"),
 }, "re-run or resume the training that wrote it")
-FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY)}
+PLAN = Format("plan", 1, {
+    # The main run the plan is for, and the proxies' cost as a share of its steps.
+    "domains": Field("names"), "budget_tokens": _N, "main_steps": _COUNT, "proxy_steps": _COUNT,
+    "cost_share": _N, "proxy_wall_time_s": _N, "law": Field("text"), "stage1": Field("text"),
+    "base": Field("text", nullable=True),
+    "objective": _PER_DOMAIN, "max_rise": Field("mapping"),
+    # mixtures: [{name, nominal, shares, run_dir, final}], the runs tried and each domain's loss extrapolated
+    # to the main budget; fits: domain -> {law, candidates: {law: {params, loo_errors, max_loo_error, ...}}}.
+    "mixtures": Field("list"), "fits": Field("mapping"),
+    "init": _PER_DOMAIN, "recommended": _PER_DOMAIN, "predicted": _PER_DOMAIN,
+    "predicted_w0": _PER_DOMAIN, "warnings": Field("list"),
+}, "re-run `velocitune plan` (or `velocitune plan --collect` once its proxies have finished)")
+FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN)}
 
 
 def _is_number(v: Any) -> bool:
@@ -284,6 +297,29 @@ def read_targets(path: str | os.PathLike) -> dict:
 def target_values(doc: Mapping[str, Any]) -> dict[str, float]:
     """{domain: ℓ_target} of a targets.json document."""
     return {n: float(d["target"]) for n, d in doc["domains"].items()}
+
+
+def write_plan(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """plan.json: the proxies, the per-domain mixture-law fits and the recommended mixture with its losses."""
+    doc = _stamped(PLAN, doc)
+    check_record(doc, PLAN, str(path), doc.get("domains"))
+    atomic_write_json(Path(path), doc)
+
+
+def read_plan(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict:
+    """plan.json checked against its schema; with `names`, it must be a plan for exactly those domains."""
+    path = Path(path)
+    raw = _read_doc(path, PLAN, "plan file")
+    planned = raw.get("domains")
+    doc = check_record(raw, PLAN, str(path), planned if isinstance(planned, list) else None)
+    if abs(sum(doc["recommended"].values()) - 1.0) > 1e-6:
+        raise DataError(f"{path}: the recommended shares sum to {sum(doc['recommended'].values()):.6g}, not 1; {PLAN.fix}")
+    if names is not None and sorted(planned) != sorted(names):
+        raise DataError(
+            f"{path} is a plan for the domains {planned}, but the prepared data has {list(names)}; run "
+            f"`velocitune plan` on this data"
+        )
+    return doc
 
 
 def write_summary(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:

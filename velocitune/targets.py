@@ -113,11 +113,13 @@ def fit_domain(
     predictor: str,
     proxy_areas: tuple[np.ndarray, np.ndarray],
     main_areas: tuple[float, float],
+    bootstrap: int = 200,
 ) -> tuple[dict, object]:
     """Fit one domain's points and extrapolate to the main budget; (the targets.json entry, the fitted law).
 
     The entry records what was used and why (warnings); the fit (a DataLawFit, a CptLawFit, or None for the
-    log-linear fallback) lets the caller draw the curve of the law that made the prediction.
+    log-linear fallback) lets the caller draw the curve of the law that made the prediction. `bootstrap`:
+    resamples for the entry's prediction interval (0: no interval, a fraction of the time; `plan` uses that).
     """
     entry: dict = {"init": float(init), "points": [[float(t), float(l)] for t, l in zip(tokens, losses)], "warnings": []}
     ok = np.isfinite(losses)
@@ -136,19 +138,20 @@ def fit_domain(
         )
 
     def chinchilla() -> dict:
-        fit = laws.fit_data_law(tokens, losses)
+        fit = laws.fit_data_law(tokens, losses, bootstrap=bootstrap)
         target = float(fit.predict(budget_tokens))
-        lo, hi = fit.interval(budget_tokens)
+        interval = [float(x) for x in fit.interval(budget_tokens)] if bootstrap else None
         return {"predictor": "chinchilla", "target": target, "params": {"E": fit.E, "B": fit.B, "beta": fit.beta},
-                "r2": fit.r2, "interval": [float(lo), float(hi)], "holdout_error": fit.holdout_error,
+                "r2": fit.r2, "interval": interval, "holdout_error": fit.holdout_error,
                 "checks": laws.check_data_law(fit, float(losses[-1]), budget_tokens), "fit": fit}
 
     def cpt_law() -> dict:
-        fit = laws.fit_cpt_law(S1, S2, losses, init)
-        target = float(fit.predict(np.array([main_areas[0]]), np.array([main_areas[1]]))[0])
-        lo, hi = fit.interval(np.array([main_areas[0]]), np.array([main_areas[1]]))
+        fit = laws.fit_cpt_law(S1, S2, losses, init, bootstrap=bootstrap)
+        at = (np.array([main_areas[0]]), np.array([main_areas[1]]))
+        target = float(fit.predict(*at)[0])
+        interval = [float(np.ravel(x)[0]) for x in fit.interval(*at)] if bootstrap else None
         return {"predictor": "cpt_law", "target": target, "params": fit.params, "r2": fit.r2,
-                "interval": [float(np.ravel(lo)[0]), float(np.ravel(hi)[0])], "holdout_error": fit.holdout_error,
+                "interval": interval, "holdout_error": fit.holdout_error,
                 "checks": laws.check_cpt_law(fit, losses, target), "fit": fit}
 
     if predictor == "cpt_law":

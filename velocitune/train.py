@@ -36,6 +36,7 @@ from velocitune.controller import (
     initial_weights,
     make_rule,
     read_given_init,
+    read_plan,
     read_targets,
 )
 from velocitune.errors import ConfigError, DataError, TrainingError
@@ -189,6 +190,7 @@ class Trainer:
         rule = make_rule(cfg.mixing, initial_weights(cfg.mixing, names, self.data.w0), names,
                          np.array([self.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64))
         self.layout = lay = plan_layout(cfg, windows, names, env.world_size, rule.name in ADAPTIVE_RULES)
+        read_plan(cfg.mixing, names, float(lay.steps * lay.tokens_per_step))  # a plan for this budget, or none
         self._set_up_model()
         targets = read_targets(cfg.mixing, names)
         self.given_init = read_given_init(cfg.mixing, names)
@@ -260,7 +262,10 @@ class Trainer:
                 raise ConfigError(f"run directory '{out}' already holds a run; pass --resume to continue it, or set run.out_dir")
         if self.main:
             runfiles.write_config(out / runfiles.CONFIG_FILE, cfg)
-            if cfg.mixing.targets and not _same_file(cfg.mixing.targets, out / runfiles.TARGETS_FILE):
+            if cfg.mixing.plan:  # the plan gives the targets: keep it with the run, for the record
+                if not _same_file(cfg.mixing.plan, out / runfiles.PLAN_FILE):
+                    shutil.copyfile(cfg.mixing.plan, out / runfiles.PLAN_FILE)
+            elif cfg.mixing.targets and not _same_file(cfg.mixing.targets, out / runfiles.TARGETS_FILE):
                 shutil.copyfile(cfg.mixing.targets, out / runfiles.TARGETS_FILE)
             names = self.layout.names
             self.metrics_log = runfiles.RunLog(out / runfiles.METRICS_FILE, runfiles.METRICS, names)
@@ -315,7 +320,9 @@ class Trainer:
             return
         names, w = lay.names, self.state.mixing.rule.initial_weights()
         print(dump_yaml(cfg))
-        print(f"domains: {format_weights(names, w)}" + ("  (w0 = token shares)" if cfg.mixing.weights is None else ""))
+        source = "" if cfg.mixing.weights is not None else (f"  (the plan's, {cfg.mixing.plan})" if cfg.mixing.plan
+                                                             else "  (w0 = token shares)")
+        print(f"domains: {format_weights(names, w)}{source}")
         print(f"steps {lay.steps} x {lay.batch} seq x {lay.seq_len} tok = {lay.steps * lay.tokens_per_step:,} tokens; "
               f"warm-up {lay.warmup}; "
               + (f"update every {lay.interval} steps from step {max(lay.first_update, lay.interval)}; "

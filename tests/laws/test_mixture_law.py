@@ -1,4 +1,4 @@
-"""Tests for velocitune.laws.mixture_law: recovery of known D-CPT laws and suggest_domain_share.
+"""Tests for velocitune.laws.mixture_law: recovery of known D-CPT, mixing and share laws, and suggest_domain_share.
 
 Tolerances on noisy recoveries were measured first with the fixed seeds used here; the measured
 values are written next to each tolerance.
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from velocitune.errors import FitError
-from velocitune.laws import fit_dcpt_law, fit_mixing_law, suggest_domain_share
+from velocitune.laws import fit_dcpt_law, fit_mixing_law, fit_share_law, suggest_domain_share
+from velocitune.laws.mixture_law import SHARE_EPS
 
 # ------------------------------------------------------------------------------------------------
 # helpers (independent of the module's internals)
@@ -147,3 +148,27 @@ def test_mixing_law_without_enough_mixtures_has_no_loo():
 def test_mixing_law_bad_inputs(shares, losses, match):
     with pytest.raises(FitError, match=match):
         fit_mixing_law(shares, losses)
+
+
+def test_share_law_recovers_known_parameters_and_predicts_left_out_mixtures():
+    r = np.array([0.05, 0.1, 0.2, 0.35, 0.5, 0.8])
+    E, C, g = 1.9, 0.35, 0.6
+    y = E + C * (r + SHARE_EPS) ** (-g)
+    fit = fit_share_law(r, y)
+    assert (fit.E, fit.C, fit.gamma) == pytest.approx((E, C, g), rel=1e-4)
+    assert fit.rmse < 1e-6 and fit.max_loo_error < 1e-4
+    assert fit.predict(0.3) == pytest.approx(E + C * 0.31 ** (-g), rel=1e-6)
+
+
+def test_share_law_refuses_too_few_distinct_shares():
+    with pytest.raises(FitError, match="at least 3 distinct shares"):
+        fit_share_law([0.2, 0.2, 0.5], [2.0, 2.0, 1.8])
+    with pytest.raises(FitError, match="3 shares but 2 losses"):
+        fit_share_law([0.1, 0.2, 0.5], [2.0, 1.8])
+
+
+def test_share_law_of_a_loss_that_rises_with_the_share_is_flat():
+    r = np.array([0.1, 0.2, 0.4, 0.6])
+    fit = fit_share_law(r, 2.0 + 0.1 * r)  # C >= 0: the law cannot bend the wrong way, it flattens
+    assert fit.C >= 0
+    assert np.ptp(fit.predict(r)) < 0.05

@@ -8,7 +8,8 @@ Pure numpy/scipy in float64: no I/O, no printing, no torch. One job per module:
 - `cpt_law`: the LR areas of a schedule (`lr_areas`) and the LR-schedule-aware CPT law
   (`fit_cpt_law`, `check_cpt_law`, `cpt_full_law`; §4.2);
 - `mixture_law`: the D-CPT law over the domain share r (`fit_dcpt_law`, `suggest_domain_share`;
-  §4.3) and Ye et al.'s data mixing law over the whole mixture (`fit_mixing_law`; §4.4);
+  §4.3) and Ye et al.'s data mixing law over the whole mixture (`fit_mixing_law`) and the
+  share law over a domain's own share (`fit_share_law`), both at a fixed budget (§4.4);
 - `solver`: the robust-fitting engine they share (Huber loss, Levenberg–Marquardt descent,
   L-BFGS-B polish, residual bootstrap); its docstring explains how every fit is made.
 
@@ -24,7 +25,15 @@ from velocitune.laws.data_law import (
     fit_data_law,
     loglinear_extrapolate,
 )
-from velocitune.laws.mixture_law import DcptFit, MixingLawFit, fit_dcpt_law, fit_mixing_law, suggest_domain_share
+from velocitune.laws.mixture_law import (
+    DcptFit,
+    MixingLawFit,
+    ShareLawFit,
+    fit_dcpt_law,
+    fit_mixing_law,
+    fit_share_law,
+    suggest_domain_share,
+)
 
 __all__ = [
     "ChinchillaFit",
@@ -32,6 +41,7 @@ __all__ = [
     "DataLawFit",
     "DcptFit",
     "MixingLawFit",
+    "ShareLawFit",
     "check_cpt_law",
     "check_data_law",
     "cpt_full_law",
@@ -40,6 +50,7 @@ __all__ = [
     "fit_data_law",
     "fit_dcpt_law",
     "fit_mixing_law",
+    "fit_share_law",
     "loglinear_extrapolate",
     "lr_areas",
     "suggest_domain_share",

@@ -3,7 +3,10 @@
 - `fit_dcpt_law` (`DcptFit`): `L(D, r) = E + B·r^η / D^β + C / (r + ε)^γ` (Que et al. 2024,
   N fixed), a power sum fitted in log space by the engine of `velocitune.laws.solver`;
 - `suggest_domain_share`: the largest share r whose predicted general-loss rise stays within
-  a tolerance.
+  a tolerance;
+- `fit_mixing_law` (`MixingLawFit`): Ye et al.'s data mixing law over the whole mixture at a
+  fixed budget, and `fit_share_law` (`ShareLawFit`): the D-CPT share term alone; `velocitune plan`
+  chooses between them per domain by leave-one-mixture-out error (§4.4).
 """
 
 from __future__ import annotations
@@ -350,3 +353,94 @@ def fit_mixing_law(shares, losses) -> MixingLawFit:
         loo = np.array(errs)
     return MixingLawFit(c=c, u=u, r2=_r2(y, pred), rmse=float(np.sqrt(np.mean((pred - y) ** 2))),
                         n_mixtures=n, loo_errors=loo)
+
+
+# ----------------------------------------------------------------------------------------------
+# Share law  L_i(r) = E + C·(r_i + ε)^(−γ)   (the D-CPT law's share term at a fixed budget; §4.4)
+# ----------------------------------------------------------------------------------------------
+
+SHARE_EPS = 0.01  # ε: keeps the law finite at a share of 0 (D-CPT's r' = r + ε, fixed instead of fitted)
+
+
+@dataclass(frozen=True, eq=False)
+class ShareLawFit:
+    """`L(r) = E + C·(r + ε)^(−γ)` over one domain's own share r, at a fixed model and token budget.
+
+    The D-CPT law at fixed D: its token term `B·r^η/D^β` folds into E and C, and ε is fixed
+    (SHARE_EPS), leaving three parameters that a handful of mixtures can pin down. Unlike the
+    mixing law it ignores transfer: only the domain's own share moves its loss.
+    `loo_errors[m]`: the error (predicted − measured) at mixture m of a fit without it.
+    """
+
+    E: float
+    C: float
+    gamma: float
+    r2: float
+    rmse: float
+    n_mixtures: int
+    loo_errors: np.ndarray | None = field(repr=False)
+
+    def predict(self, share) -> float | np.ndarray:
+        """Predicted loss at the domain's share(s) `share` in [0, 1]."""
+        r = np.asarray(share, dtype=np.float64)
+        return _out(self.E + self.C * (r + SHARE_EPS) ** (-self.gamma))
+
+    @property
+    def max_loo_error(self) -> float | None:
+        return None if self.loo_errors is None else float(np.max(np.abs(self.loo_errors)))
+
+
+def _fit_share(r: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(E, C, γ) minimising Σ (E + C·(r+ε)^−γ − y)²: a grid over γ (E, C linear), then a bounded polish."""
+    from scipy.optimize import least_squares
+
+    x = r + SHARE_EPS
+
+    def linear(g: float) -> tuple[np.ndarray, float]:
+        A = np.column_stack([np.ones_like(x), x ** (-g)])
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
+        if coef[1] < 0:  # a loss that rises with the domain's share: no power term, the mean
+            coef = np.array([y.mean(), 0.0])
+        return coef, float(np.sum((A @ coef - y) ** 2))
+
+    gammas = np.geomspace(0.02, 3.0, 40)
+    g0 = min(gammas, key=lambda g: linear(g)[1])
+    (E0, C0), _ = linear(g0)
+    res = least_squares(lambda p: p[0] + p[1] * x ** (-p[2]) - y, [E0, C0, g0],
+                        bounds=([-np.inf, 0.0, 1e-3], [np.inf, np.inf, 5.0]))
+    best = np.array([E0, C0, g0])
+    if float(np.sum(res.fun**2)) <= linear(g0)[1]:
+        best = res.x
+    return best
+
+
+def fit_share_law(shares, losses) -> ShareLawFit:
+    """Fit the share law to one domain's losses at n mixtures: shares (n,) its own share in each, losses (n,).
+
+    Needs n >= 3 mixtures with at least 3 distinct shares; with n >= 4 it also reports the
+    leave-one-mixture-out errors.
+    """
+    caller = "fit_share_law"
+    r = _vector(caller, "share", shares, sign="≥ 0")
+    y = _vector(caller, "loss", losses, sign="> 0")
+    if r.size != y.size:
+        raise FitError(f"{caller}: {r.size} shares but {y.size} losses")
+    if np.any(r > 1 + _SHARE_SUM_TOL):
+        raise FitError(f"{caller}: a share is above 1")
+    if np.unique(np.round(r, 9)).size < 3:
+        raise FitError(f"{caller}: the law has 3 parameters; run mixtures with at least 3 distinct shares of this domain")
+    E, C, g = _fit_share(r, y)
+    pred = E + C * (r + SHARE_EPS) ** (-g)
+    loo = None
+    if r.size >= 4:
+        errs = []
+        for m in range(r.size):
+            keep = np.arange(r.size) != m
+            if np.unique(np.round(r[keep], 9)).size < 3:
+                errs.append(np.nan)
+                continue
+            Em, Cm, gm = _fit_share(r[keep], y[keep])
+            errs.append(Em + Cm * (r[m] + SHARE_EPS) ** (-gm) - y[m])
+        loo = np.array(errs)
+    return ShareLawFit(E=float(E), C=float(C), gamma=float(g), r2=_r2(y, pred),
+                       rmse=float(np.sqrt(np.mean((pred - y) ** 2))), n_mixtures=int(r.size), loo_errors=loo)

@@ -9,6 +9,7 @@ from velocitune.report.plots import (
     arm_colours,
     domain_colours,
     make_plots,
+    plot_plan,
     plot_targets,
     plot_val_loss,
     plot_velocity,
@@ -42,6 +43,6 @@ from velocitune.report.tables import (
 __all__ = [
     "Difference", "Run", "RunNumbers", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
     "domain_colours", "group_arms", "load_run", "load_runs", "main", "make_plots", "make_report", "mean_sd",
-    "normalised_progress", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "reweight_share",
+    "normalised_progress", "plot_plan", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "reweight_share",
     "run_result", "run_table", "static_arm", "targets_figure", "targets_table",
 ]

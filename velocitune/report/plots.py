@@ -298,6 +298,56 @@ def plot_targets(targets_file: dict[str, Any], domains: Sequence[str], static_ru
     targets_figure(targets_file, domains, static_runs, colours, static_colour).savefig(path, dpi=PLOT_DPI)
 
 
+def plot_plan(doc: dict[str, Any], path: Path) -> None:
+    """plan.png: per domain, the chosen law's loss against the domain's own share (the other shares in w0's
+    proportions) with the proxies' losses at the main budget, their leave-one-out predictions and the recommended
+    mixture; last panel, every leave-one-out prediction against what the proxy gave."""
+    from velocitune.plan import plan_predict
+
+    names = doc["domains"]
+    colours = domain_colours(names)
+    R = np.array([[m["shares"][n] for n in names] for m in doc["mixtures"]])
+    Y = np.array([[m["final"][n] for n in names] for m in doc["mixtures"]])
+    w0 = np.array([doc["mixtures"][0]["shares"][n] for n in names])
+    fig, axes = _panels(len(names) + 1, legend_w=2.6)
+    for i, (ax, n) in enumerate(zip(axes, names)):
+        fit = doc["fits"][n]
+        lo, hi = doc["box"]["lo"][n], doc["box"]["hi"][n]
+        s = np.linspace(max(0.0, lo - 0.05), min(1.0, hi + 0.05), 64)
+        rest = np.delete(w0, i)
+        rest = rest / rest.sum() if rest.sum() > 0 else np.full(rest.size, 1.0 / rest.size)
+        curve = np.insert(np.outer(1 - s, rest), i, s, axis=1)  # (64, k): share s of domain i
+        ax.plot(s, plan_predict(doc, n, curve), color=colours[n], lw=1.4, label="the chosen law, other shares\n  in w0's proportions")
+        ax.axvspan(lo, hi, color="0.9", zorder=0, label="shares the proxies ran")
+        ax.scatter(R[:, i], Y[:, i], color=colours[n], s=18, zorder=3, label="proxy, at the main budget")
+        loo = fit["candidates"][fit["law"]].get("loo_errors")
+        if loo:
+            y_loo = Y[:, i] + np.array([np.nan if e is None else e for e in loo])
+            ax.scatter(R[:, i], y_loo, facecolors="none", edgecolors="0.3", s=26, zorder=3,
+                       label="left-out prediction")
+        ax.scatter([doc["recommended"][n]], [doc["predicted"][n]], marker="*", s=90, color="k", zorder=4,
+                   label="recommended")
+        ax.set_title(f"{_short(n, 24)} ({fit['law']} law)", fontsize=TITLE_SIZE)
+        ax.set_xlabel(f"share of {_short(n, 16)}")
+        ax.set_ylabel("loss at the main budget")
+        ax.xaxis.set_major_formatter("{x:.2f}")
+    ax = axes[-1]
+    for i, n in enumerate(names):
+        fit = doc["fits"][n]
+        loo = fit["candidates"][fit["law"]].get("loo_errors")
+        if loo:
+            pred = Y[:, i] + np.array([np.nan if e is None else e for e in loo])
+            ax.scatter(Y[:, i], pred, color=colours[n], s=18, label=n)
+    lim = [float(np.nanmin(Y)) - 0.02, float(np.nanmax(Y)) + 0.02]
+    ax.plot(lim, lim, color="0.4", lw=0.8, ls="--")
+    ax.set_title("left-out mixtures", fontsize=TITLE_SIZE)
+    ax.set_xlabel("proxy, at the main budget")
+    ax.set_ylabel("law fitted without it")
+    ax.xaxis.set_major_formatter("{x:.2f}")
+    _legend(fig, axes)
+    fig.savefig(path, dpi=PLOT_DPI)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # All plots of a report
 
