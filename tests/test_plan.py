@@ -192,6 +192,11 @@ def test_plan_writes_a_consistent_plan_within_its_budget(planned):
         assert s["steps"] == 6 and s["rule"] == "static"
         toks = np.array([s["tokens_per_domain"][n] for n in NAMES], dtype=float)
         assert np.allclose(toks / toks.sum(), [m["shares"][n] for n in NAMES])
+        # Without a targets file the w0 proxy's curve gives the base (6 points); the others are compared at
+        # their end only, so they evaluate there (and at step 0, as every run does).
+        evals = sorted({r["step"] for r in read_jsonl(Path(m["run_dir"]) / "eval.jsonl")})
+        assert evals == ([0, 1, 2, 3, 4, 5, 6] if m["name"] == "w0" else [0, 6])
+    assert doc["base"] == "the w0 proxy" and doc["base_cost_share"] == 0.0
     # The mean objective under the recommended mixture is no worse than at any mixture tried within the box
     # (the box is also capped by each domain's repetition allowance at the main budget).
     mean = lambda r: np.mean([plan_predict(doc, n, r)[0] for n in NAMES])  # noqa: E731

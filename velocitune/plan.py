@@ -71,9 +71,19 @@ def proxy_steps(main_steps: int, n_mixtures: int, budget: float, points: int) ->
     return min(main_steps, max(points, int(round(budget * main_steps / n_mixtures))))
 
 
+def needs_curve(cfg: Config, label: str) -> bool:
+    """Whether the proxy `label` needs its whole loss curve (a law fit) or only its end loss: `extrapolate`
+    fits every proxy; `offset` fits only w0's, and only when no targets file gives w0's main-budget loss."""
+    if cfg.plan.stage1 == "extrapolate":
+        return True
+    has_base = bool(cfg.mixing.targets) and Path(cfg.mixing.targets).is_file()
+    return label == "w0" and not has_base
+
+
 def plan_proxy_config(cfg: Config, out_dir: Path, main_steps: int, steps: int, shares: np.ndarray,
                       names: list[str], label: str) -> Config:
-    """The proxy of one mixture: the `targets` proxy recipe at `steps` steps, static at `shares`."""
+    """The proxy of one mixture: the `targets` proxy recipe at `steps` steps, static at `shares`; evaluated at
+    plan.points points when its curve is fitted, else only at its end (evaluation dominates a short proxy)."""
     base = copy.deepcopy(cfg)
     base.targets.fraction = steps / main_steps
     base.targets.points = cfg.plan.points
@@ -82,6 +92,8 @@ def plan_proxy_config(cfg: Config, out_dir: Path, main_steps: int, steps: int, s
     pc.mixing.weights = {n: float(s) for n, s in zip(names, shares)}
     pc.mixing.plan = None
     pc.run.arm = f"plan-{label}"
+    if not needs_curve(cfg, label):
+        pc.eval.points = [steps]
     return pc
 
 
@@ -259,7 +271,7 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
     configs = [plan_proxy_config(cfg, d, main_steps, steps, r, names, label) for d, (label, r) in zip(dirs, design)]
     share = len(design) * steps / main_steps
     print(f"plan: {len(design)} proxy runs x {steps} steps = {share:.0%} of the main run's {main_steps} steps "
-          f"(+ {cfg.plan.points} evaluations each), each on {steps / main_steps:.1%} of every domain")
+          f"(+ {sum(len(c.eval.points) for c in configs)} evaluations), each on {steps / main_steps:.1%} of every domain")
 
     if mode == "emit":
         lines = ["#!/bin/sh", "# One proxy per line: run them in any order or as a job array "
@@ -305,10 +317,8 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
     init = runfiles.read_init_loss(init_file, names)
 
     R, X, P, warnings, wall = [], [], [], [], 0.0
-    # Per-proxy law fits are needed by `extrapolate`, and by `offset` only at w0 when no targets file gives the base.
-    has_base = bool(cfg.mixing.targets) and Path(cfg.mixing.targets).is_file()
     for j in done:
-        fit = cfg.plan.stage1 == "extrapolate" or (design[j][0] == "w0" and not has_base)
+        fit = needs_curve(cfg, design[j][0])
         shares, final, end, warns = _extrapolate(cfg, configs[j], dirs[j], names, main_steps, init, fit)
         R.append(shares)
         X.append(final)
@@ -317,6 +327,9 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
         wall += float(runfiles.read_summary(dirs[j] / runfiles.SUMMARY_FILE)["wall_time_s"])
     R, X, P = np.array(R), np.array(X), np.array(P)
     Y, base_source = _main_budget_losses(cfg, names, [design[j][0] for j in done], X, P)
+    # The targets proxy that gave the base is part of the planning cost.
+    base_cost = (float(runfiles.read_targets(cfg.mixing.targets).get("proxy_cost_share", 0.0))
+                 if base_source not in (None, "the w0 proxy") else 0.0)
     mixtures = [{"name": design[j][0], "nominal": dict(zip(names, map(float, design[j][1]))),
                  "shares": dict(zip(names, map(float, R[m]))), "run_dir": str(dirs[j]),
                  "proxy_end": dict(zip(names, map(float, P[m]))), "final": dict(zip(names, map(float, Y[m])))}
@@ -336,7 +349,8 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
     predicted = np.array([p(rec)[0] for p in predictors])
     predicted_w0 = np.array([p(w0)[0] for p in predictors])
     doc = {"domains": names, "budget_tokens": budget_tokens, "main_steps": int(main_steps), "proxy_steps": int(steps),
-           "cost_share": float(len(done) * steps / main_steps), "proxy_wall_time_s": wall,
+           "cost_share": float(len(done) * steps / main_steps), "base_cost_share": base_cost,
+           "proxy_wall_time_s": wall,
            "fit_wall_time_s": time.perf_counter() - t0 if mode == "collect" else None,
            "law": cfg.plan.law, "stage1": cfg.plan.stage1, "base": base_source, "objective": objective, "max_rise": max_rise, "mixtures": mixtures, "fits": fits,
            "init": init, "recommended": dict(zip(names, map(float, rec))),
@@ -445,7 +459,8 @@ def main(args: argparse.Namespace, overrides: list[str], config: str | None) -> 
         return 0
     names = doc["domains"]
     print(f"wrote {out / runfiles.PLAN_FILE} and {out / 'plan.png'}  (proxies: {doc['cost_share']:.0%} of the main "
-          f"run's steps, {doc['proxy_wall_time_s']:.0f} s)")
+          f"run's steps, {doc['proxy_wall_time_s']:.0f} s" + (f"; with the targets proxy that gave w0's losses: "
+          f"{doc['cost_share'] + doc['base_cost_share']:.0%}" if doc["base_cost_share"] else "") + ")")
     print(f"{'domain':>20s}  {'law':>6s}  {'LOO err':>8s}  {'w0':>6s}  {'plan':>6s}  {'loss @w0':>9s}  {'loss @plan':>10s}")
     for n in names:
         f = doc["fits"][n]
