@@ -460,7 +460,7 @@ def main(args: argparse.Namespace, overrides: list[str], config: str | None) -> 
     names = doc["domains"]
     print(f"wrote {out / runfiles.PLAN_FILE} and {out / 'plan.png'}  (proxies: {doc['cost_share']:.0%} of the main "
           f"run's steps, {doc['proxy_wall_time_s']:.0f} s" + (f"; with the targets proxy that gave w0's losses: "
-          f"{doc['cost_share'] + doc['base_cost_share']:.0%}" if doc["base_cost_share"] else "") + ")")
+          f"{doc['cost_share'] + doc['base_cost_share']:.0%}" if doc.get("base_cost_share") else "") + ")")
     print(f"{'domain':>20s}  {'law':>6s}  {'LOO err':>8s}  {'w0':>6s}  {'plan':>6s}  {'loss @w0':>9s}  {'loss @plan':>10s}")
     for n in names:
         f = doc["fits"][n]

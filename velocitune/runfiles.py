@@ -121,7 +121,7 @@ SUMMARY = Format("summary", 1, {
 PLAN = Format("plan", 1, {
     # The main run the plan is for, and the proxies' cost as a share of its steps.
     "domains": Field("names"), "budget_tokens": _N, "main_steps": _COUNT, "proxy_steps": _COUNT,
-    "cost_share": _N, "base_cost_share": _N, "proxy_wall_time_s": _N, "law": Field("text"), "stage1": Field("text"),
+    "cost_share": _N, "base_cost_share": Field("number", optional=True), "proxy_wall_time_s": _N, "law": Field("text"), "stage1": Field("text"),
     "base": Field("text", nullable=True),
     "objective": _PER_DOMAIN, "max_rise": Field("mapping"),
     # mixtures: [{name, nominal, shares, run_dir, final}], the runs tried and each domain's loss extrapolated
