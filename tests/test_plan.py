@@ -214,6 +214,12 @@ def test_finished_proxies_are_reused_and_changed_ones_are_not(planned):
     dirs = _mixture_dirs(out, design)
     configs = [plan_proxy_config(cfg, d, 60, doc["proxy_steps"], r, NAMES, label) for d, (label, r) in zip(dirs, design)]
     assert all(_proxy_done(d, pc) for d, pc in zip(dirs, configs)), "a re-run of the same plan trains nothing"
+    fewer = copy.deepcopy(configs[0])
+    fewer.eval.points = fewer.eval.points[-1:]
+    assert _proxy_done(dirs[0], fewer), "a proxy evaluated more often than needed is still usable"
+    more = copy.deepcopy(configs[1])
+    more.eval.points = [3, 6]
+    assert not _proxy_done(dirs[1], more), "one evaluated less often is not"
     changed = copy.deepcopy(configs[1])
     changed.train.lr *= 2
     assert not _proxy_done(dirs[1], changed), "a proxy run with another config is run again"

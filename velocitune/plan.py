@@ -203,13 +203,16 @@ def _mixture_dirs(out: Path, design: list[tuple[str, np.ndarray]]) -> list[Path]
 
 
 def _proxy_done(run_dir: Path, pc: Config) -> bool:
-    """A finished proxy with this config (ℓ_init's source and keys that may change on resume aside)."""
+    """A finished proxy with this config (ℓ_init's source, extra evaluation points and keys that may change on
+    resume aside)."""
     if not runfiles.run_is_complete(run_dir):
         return False
     try:
         saved = to_dict(runfiles.read_config(run_dir / runfiles.CONFIG_FILE))
         now = to_dict(pc)
         saved["mixing"]["init_loss"] = now["mixing"]["init_loss"]
+        if set(now["eval"]["points"] or []) <= set(saved["eval"]["points"] or []):
+            saved["eval"]["points"] = now["eval"]["points"]  # evaluated more often than needed: still usable
         check_resume_config(saved, now)
     except (ConfigError, DataError):
         return False

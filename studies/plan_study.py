@@ -1,0 +1,91 @@
+"""How well a plan predicts measured runs (issue 17, part 4): the plan's error table.
+
+For every arm directory under the given roots (a folder holding seed*/summary.json), the plan's chosen
+laws are evaluated at the shares the arm actually trained (its tokens per domain, averaged over seeds)
+and compared with its measured final validation losses (mean over seeds):
+
+    python studies/plan_study.py --plan demo_out/plan/plan.json --runs demo_out/sweep demo_out/sweep_plan \
+        --out studies/results/plan_demo.json
+
+A plan predicts static mixtures; for a dynamic arm the average shares stand in for its changing mixture,
+so its row is marked dynamic. Prints a markdown table (predicted − measured per domain, nats) and saves
+it with the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from velocitune.plan import plan_predict  # noqa: E402
+from velocitune.runfiles import read_plan, read_summary  # noqa: E402
+
+STATIC_RULES = ("static", "uniform")
+
+
+def arm_dirs(roots: list[Path]) -> dict[str, Path]:
+    """{label: folder} of every folder under the roots with a finished seed*/summary.json; the label is
+    ROOT/ARM when several roots are given (two sweeps may both hold rule=static)."""
+    found = {}
+    for root in roots:
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            if any((s / "summary.json").is_file() for s in d.glob("seed*")):
+                found[f"{root.name}/{d.name}" if len(roots) > 1 else d.name] = d
+    return found
+
+
+def error_table(plan: dict, arms: dict[str, Path]) -> dict:
+    """Per arm: realised shares, measured and predicted per-domain losses, their differences."""
+    names = plan["domains"]
+    rows = {}
+    for label, d in arms.items():
+        docs = [read_summary(s / "summary.json") for s in sorted(d.glob("seed*")) if (s / "summary.json").is_file()]
+        toks = np.array([[doc["tokens_per_domain"][n] for n in names] for doc in docs], dtype=np.float64)
+        shares = (toks / toks.sum(1, keepdims=True)).mean(0)
+        measured = np.array([[doc["final_val_loss"][n] for n in names] for doc in docs]).mean(0)
+        predicted = np.array([plan_predict(plan, n, shares)[0] for n in names])
+        rows[label] = {"seeds": len(docs), "rule": docs[0]["rule"], "dynamic": docs[0]["rule"] not in STATIC_RULES,
+                        "shares": dict(zip(names, shares.round(4).tolist())),
+                        "measured": dict(zip(names, measured.tolist())), "predicted": dict(zip(names, predicted.tolist())),
+                        "error": dict(zip(names, (predicted - measured).tolist())),
+                        "max_abs_error": float(np.max(np.abs(predicted - measured)))}
+    return {"plan": {k: plan[k] for k in ("recommended", "predicted", "cost_share", "stage1", "base")
+                     if k in plan}, "arms": rows}
+
+
+def markdown(result: dict, names: list[str]) -> str:
+    head = "| arm | seeds | shares (" + " / ".join(names) + ") | " + " | ".join(names) + " | max \\|err\\| |"
+    lines = [head, "|:--|--:|:--|" + "--:|" * len(names) + "--:|"]
+    for arm, r in result["arms"].items():
+        label = arm + (" (dynamic: mean shares)" if r["dynamic"] else "")
+        shares = " / ".join(f"{r['shares'][n]:.3f}" for n in names)
+        errs = " | ".join(f"{r['error'][n]:+.3f}" for n in names)
+        lines.append(f"| {label} | {r['seeds']} | {shares} | {errs} | {r['max_abs_error']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", required=True, type=Path, help="plan.json of `velocitune plan`")
+    ap.add_argument("--runs", nargs="+", required=True, type=Path, help="folders holding arm directories")
+    ap.add_argument("--out", type=Path, help="where to save the JSON (default: print only)")
+    args = ap.parse_args(argv)
+    plan = read_plan(args.plan)
+    result = error_table(plan, arm_dirs(args.runs))
+    md = markdown(result, plan["domains"])
+    print(md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**result, "markdown": md}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
