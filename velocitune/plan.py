@@ -278,7 +278,7 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
 
     if mode == "emit":
         lines = ["#!/bin/sh", "# One proxy per line: run them in any order or as a job array "
-                 "(e.g. sed -n \"$((SLURM_ARRAY_TASK_ID + 3))p\" commands.sh | sh),",
+                 "(e.g. --array=1-N: sed -n \"$((SLURM_ARRAY_TASK_ID + 3))p\" commands.sh | sh),",
                  f"# then: velocitune plan CONFIG --out {shlex.quote(str(out))} --collect"]
         for d, pc in zip(dirs, configs):
             d.parent.mkdir(parents=True, exist_ok=True)
