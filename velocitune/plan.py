@@ -101,7 +101,7 @@ def plan_proxy_config(cfg: Config, out_dir: Path, main_steps: int, steps: int, s
 
 
 def fit_laws(R: np.ndarray, Y: np.ndarray, names: list[str], law: str) -> tuple[dict, list]:
-    """Per-domain mixture laws over mixtures R (n, k) with extrapolated losses Y (n, k).
+    """Per-domain mixture laws over mixtures R (n, k) with losses at the main budget Y (n, k) (stage 1).
 
     Returns ({domain: {"law", "candidates"}}, [predict(r (m, k)) -> (m,) per domain]). With law "auto"
     each domain takes the candidate with the lower max |leave-one-out error|; a candidate that cannot be
