@@ -277,7 +277,7 @@ def _take(docs: Iterator[str], budget: int, bar: tqdm) -> list[str]:
 def split_prose(
     docs: Iterator[str], replay_budget: int, pretrain_budget: int, bar: tqdm
 ) -> tuple[list[str], list[str]]:
-    """Deal prose documents into (replay, pretrain) so that the two share no text (DESIGN §8).
+    """Deal prose documents into (replay, pretrain) so that the two share no text (docs/design.md §8).
 
     Help topics quote each other (`specialnames` holds all of `attribute-access`), so a paragraph
     already met in an earlier document is dropped first; the side is then decided by a hash of

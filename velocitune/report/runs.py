@@ -23,7 +23,7 @@ from velocitune.fileio import require_dir
 
 # Normalised progress divides by l_init - l_target. Below this gap (nats) the ratio is dominated by noise
 # or flips meaning (a domain predicted to stay level or get worse), so the report shows "n/a". Same value
-# as the velocity floor delta_min of DESIGN §3.
+# as the velocity floor delta_min of docs/design.md §3.
 PROGRESS_MIN_GAP = 0.02
 
 # Rules whose weights never move: they spend nothing on reweighting.
