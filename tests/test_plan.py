@@ -129,15 +129,15 @@ def test_stage1_offset_moves_each_mixture_effect_to_the_main_runs_level(make_con
     labels = ["w0", "uniform", "tilt-prose"]
     X = np.array([[3.0, 2.0, 1.5], [2.9, 2.2, 1.4], [2.7, 2.3, 1.6]])  # each proxy's own extrapolation
     P = np.array([[4.0, 3.5, 3.0], [4.1, 3.4, 2.8], [3.9, 3.6, 3.1]])  # each proxy's end loss
-    Y, source = _main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
-    assert source == "the w0 proxy"
+    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
+    assert source == "the w0 proxy" and cost == 0.0
     assert Y == pytest.approx(X[0] + (P - P[0]))
-    runfiles.write_targets(tmp_path / "t.json", {"domains": {
+    runfiles.write_targets(tmp_path / "t.json", {"proxy_cost_share": 0.2, "domains": {
         n: {"init": 5.0, "points": [], "target": t, "predictor": "cpt_law", "guarded": False}
         for n, t in zip(NAMES, [2.5, 1.9, 1.2])}})
     cfg.mixing.targets = str(tmp_path / "t.json")
-    Y, source = _main_budget_losses(cfg, NAMES, labels, X, P)
-    assert source == str(tmp_path / "t.json")
+    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)
+    assert source == str(tmp_path / "t.json") and cost == 0.2
     assert Y[2] == pytest.approx([2.5 - 0.1, 1.9 + 0.1, 1.2 + 0.1])
     cfg.plan.stage1 = "extrapolate"
     assert _main_budget_losses(cfg, NAMES, labels, X, P)[0] is X

@@ -27,7 +27,6 @@ import copy
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -290,7 +289,6 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
         return None
 
     init_file = out / runfiles.INIT_LOSS_FILE
-    t0 = time.perf_counter()
     missing = []
     for j, (d, pc) in enumerate(zip(dirs, configs)):
         if _proxy_done(d, pc):
@@ -329,10 +327,7 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
         warnings += warns
         wall += float(runfiles.read_summary(dirs[j] / runfiles.SUMMARY_FILE)["wall_time_s"])
     R, X, P = np.array(R), np.array(X), np.array(P)
-    Y, base_source = _main_budget_losses(cfg, names, [design[j][0] for j in done], X, P)
-    # The targets proxy that gave the base is part of the planning cost.
-    base_cost = (float(runfiles.read_targets(cfg.mixing.targets).get("proxy_cost_share", 0.0))
-                 if base_source not in (None, "the w0 proxy") else 0.0)
+    Y, base_source, base_cost = _main_budget_losses(cfg, names, [design[j][0] for j in done], X, P)
     mixtures = [{"name": design[j][0], "nominal": dict(zip(names, map(float, design[j][1]))),
                  "shares": dict(zip(names, map(float, R[m]))), "run_dir": str(dirs[j]),
                  "proxy_end": dict(zip(names, map(float, P[m]))), "final": dict(zip(names, map(float, Y[m])))}
@@ -353,9 +348,8 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
     predicted_w0 = np.array([p(w0)[0] for p in predictors])
     doc = {"domains": names, "budget_tokens": budget_tokens, "main_steps": int(main_steps), "proxy_steps": int(steps),
            "cost_share": float(len(done) * steps / main_steps), "base_cost_share": base_cost,
-           "proxy_wall_time_s": wall,
-           "fit_wall_time_s": time.perf_counter() - t0 if mode == "collect" else None,
-           "law": cfg.plan.law, "stage1": cfg.plan.stage1, "base": base_source, "objective": objective, "max_rise": max_rise, "mixtures": mixtures, "fits": fits,
+           "proxy_wall_time_s": wall, "law": cfg.plan.law, "stage1": cfg.plan.stage1, "base": base_source,
+           "objective": objective, "max_rise": max_rise, "mixtures": mixtures, "fits": fits,
            "init": init, "recommended": dict(zip(names, map(float, rec))),
            "predicted": dict(zip(names, map(float, predicted))),
            "predicted_w0": dict(zip(names, map(float, predicted_w0))),
@@ -370,8 +364,9 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
 
 
 def _main_budget_losses(cfg: Config, names: list[str], labels: list[str], X: np.ndarray,
-                        P: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """Each proxy's per-domain loss at the main budget, (n, k), by plan.stage1; and where the base came from.
+                        P: np.ndarray) -> tuple[np.ndarray, str | None, float]:
+    """Each proxy's per-domain loss at the main budget, (n, k), by plan.stage1; where the base came from; and
+    the cost of the targets proxy behind it (a share of the main run's steps; 0 without one).
 
     "extrapolate": each proxy's own law fit carried to the main budget (X). "offset": the loss at w0 at the
     main budget (the targets of mixing.targets when it names a file, else the w0 proxy's own extrapolation)
@@ -379,20 +374,22 @@ def _main_budget_losses(cfg: Config, names: list[str], labels: list[str], X: np.
     where it was run, moved to the main run's level, without extrapolating each short curve on its own.
     """
     if cfg.plan.stage1 == "extrapolate":
-        return X, None
+        return X, None, 0.0
     if "w0" not in labels:
         raise DataError("plan.stage1 'offset' measures every mixture against the w0 proxy, which has not finished; "
                         "run it, or set plan.stage1=extrapolate")
     w = labels.index("w0")
+    cost = 0.0
     if cfg.mixing.targets and Path(cfg.mixing.targets).is_file():
-        found = runfiles.target_values(runfiles.read_targets(cfg.mixing.targets))
+        doc = runfiles.read_targets(cfg.mixing.targets)
+        found = runfiles.target_values(doc)
         missing = [n for n in names if n not in found]
         if missing:
             raise DataError(f"mixing.targets {cfg.mixing.targets} has no target for {missing}; re-run `velocitune targets`")
-        base, source = np.array([found[n] for n in names]), str(cfg.mixing.targets)
+        base, source, cost = np.array([found[n] for n in names]), str(cfg.mixing.targets), float(doc.get("proxy_cost_share", 0.0))
     else:
         base, source = X[w], "the w0 proxy"
-    return base[None, :] + (P - P[w][None, :]), source
+    return base[None, :] + (P - P[w][None, :]), source, cost
 
 
 def _init_from(run_dir: Path, names: list[str]) -> tuple[list[float], list[int]]:
