@@ -301,7 +301,9 @@ def test_a_plan_for_other_domains_is_refused(planned, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d["recommended"].pop("code"), "recommended.*no value for domain"),
-    (lambda d: d["recommended"].update(code=0.9), "recommended shares sum to"),
+    (lambda d: d["recommended"].update(code=0.9), "recommended shares must be >= 0 and sum to 1"),
+    (lambda d: d["recommended"].update(prose=d["recommended"]["prose"] + d["recommended"]["code"] + 0.1, code=-0.1),
+     r"recommended shares must be >= 0.*smallest -0.1"),
     (lambda d: d.update(version=7), "plan format version 7"),
     (lambda d: d["predicted"].update(math="low"), r"predicted.*\['math'\] must be a finite number"),
 ])

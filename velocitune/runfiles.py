@@ -121,11 +121,11 @@ SUMMARY = Format("summary", 1, {
 PLAN = Format("plan", 1, {
     # The main run the plan is for, and the proxies' cost as a share of its steps.
     "domains": Field("names"), "budget_tokens": _N, "main_steps": _COUNT, "proxy_steps": _COUNT,
-    "cost_share": _N, "base_cost_share": Field("number", optional=True), "proxy_wall_time_s": _N, "law": Field("text"), "stage1": Field("text"),
-    "base": Field("text", nullable=True),
+    "cost_share": _N, "base_cost_share": Field("number", optional=True), "proxy_wall_time_s": _N,
+    "law": Field("text"), "stage1": Field("text"), "base": Field("text", nullable=True),
     "objective": _PER_DOMAIN, "max_rise": Field("mapping"),
-    # mixtures: [{name, nominal, shares, run_dir, final}], the runs tried and each domain's loss extrapolated
-    # to the main budget; fits: domain -> {law, candidates: {law: {params, loo_errors, max_loo_error, ...}}}.
+    # mixtures: [{name, nominal, shares, run_dir, proxy_end, final}], the runs tried and each domain's loss
+    # at the main budget (stage 1); fits: domain -> {law, candidates: {law: {params, loo_errors, max_loo_error, ...}}}.
     "mixtures": Field("list"), "fits": Field("mapping"),
     "init": _PER_DOMAIN, "recommended": _PER_DOMAIN, "predicted": _PER_DOMAIN,
     "predicted_w0": _PER_DOMAIN, "warnings": Field("list"),
@@ -312,8 +312,10 @@ def read_plan(path: str | os.PathLike, names: Sequence[str] | None = None) -> di
     raw = _read_doc(path, PLAN, "plan file")
     planned = raw.get("domains")
     doc = check_record(raw, PLAN, str(path), planned if isinstance(planned, list) else None)
-    if abs(sum(doc["recommended"].values()) - 1.0) > 1e-6:
-        raise DataError(f"{path}: the recommended shares sum to {sum(doc['recommended'].values()):.6g}, not 1; {PLAN.fix}")
+    shares = doc["recommended"].values()
+    if min(shares) < 0 or abs(sum(shares) - 1.0) > 1e-6:
+        raise DataError(f"{path}: the recommended shares must be >= 0 and sum to 1, they sum to {sum(shares):.6g} "
+                        f"(smallest {min(shares):.6g}); {PLAN.fix}")
     if names is not None and sorted(planned) != sorted(names):
         raise DataError(
             f"{path} is a plan for the domains {planned}, but the prepared data has {list(names)}; run "
