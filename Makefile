@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := formats,tensorboard,accelerate,test
+EXTRAS := formats,tensorboard,accelerate,hf,wandb,eval,test
 
 .PHONY: help setup demo demo-full test lint test-slow test-dist test-gpu test-all bench study-targets smollm clean
 
