@@ -73,7 +73,7 @@ def cpt_config(out: Path, steps: int = CPT_STEPS) -> dict:
                    "init_loss": str(out / "targets" / "init_loss.json")},
         "eval": {"max_tokens": EVAL_TOKENS, "batch_size": 32},
         "log": {"interval": 10},
-        "checkpoint": {"interval": steps // 3, "keep": 1, "save_final": False},
+        "checkpoint": {"interval": steps // 3, "keep": 1},  # final/ is kept: `velocitune eval` reads it
     }
 
 
