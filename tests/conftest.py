@@ -119,6 +119,7 @@ def toy_demo(monkeypatch):
     monkeypatch.setattr(pipeline, "MODEL", {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64})
     monkeypatch.setattr(pipeline, "EVAL_TOKENS", 256)
     monkeypatch.setattr(pipeline, "INTERVAL", 4)
+    monkeypatch.setattr(pipeline, "DOWNSTREAM_EXAMPLES", 12)
     return pipeline
 
 

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, help in [
         ("report", "report", "tables and plots comparing run directories"),
+        ("eval", "downstream", "downstream scores of finished runs with lm-evaluation-harness, offline"),
         ("demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU"),
         ("sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes"),
     ]:

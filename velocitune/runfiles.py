@@ -35,6 +35,7 @@ INIT_LOSS_FILE = "init_loss.json"
 TARGETS_FILE = "targets.json"
 PLAN_FILE = "plan.json"
 SUMMARY_FILE = "summary.json"
+DOWNSTREAM_FILE = "downstream.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 TENSORBOARD_DIR = "tb"
@@ -130,7 +131,12 @@ PLAN = Format("plan", 1, {
     "init": _PER_DOMAIN, "recommended": _PER_DOMAIN, "predicted": _PER_DOMAIN,
     "predicted_w0": _PER_DOMAIN, "warnings": Field("list"),
 }, "re-run `velocitune plan` (or `velocitune plan --collect` once its proxies have finished)")
-FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN)}
+DOWNSTREAM = Format("downstream", 1, {
+    # tasks: {task: {"metrics": {name: score}, "stderr": {name: se | null}, "samples": n, "limit", "num_fewshot",
+    # "max_length", "include", "seconds"}}, one entry per lm-eval task evaluated (later evaluations add to it).
+    "model": Field("text"), "lm_eval_version": Field("text"), "tasks": Field("mapping"),
+}, "re-run `velocitune eval` on the run (delete the file first)")
+FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, DOWNSTREAM)}
 
 
 def _is_number(v: Any) -> bool:
@@ -337,6 +343,29 @@ def read_summary(path: str | os.PathLike) -> dict:
     raw = _read_doc(path, SUMMARY, "run summary")
     domains = raw.get("domains")
     return check_record(raw, SUMMARY, str(path), domains if isinstance(domains, list) else None)
+
+
+def write_downstream(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
+    """downstream.json: the final model's lm-eval scores, one entry per task."""
+    doc = _stamped(DOWNSTREAM, doc)
+    _check_downstream_tasks(doc, str(path))
+    atomic_write_json(Path(path), doc)
+
+
+def _check_downstream_tasks(doc: dict, where: str) -> dict:
+    check_record(doc, DOWNSTREAM, where)
+    for task, entry in doc["tasks"].items():
+        metrics = entry.get("metrics") if isinstance(entry, dict) else None
+        if not isinstance(metrics, dict) or not metrics or not all(map(_is_number, metrics.values())):
+            raise DataError(f"{where}: task {task!r} must hold a non-empty 'metrics' mapping of finite numbers; "
+                            f"the file is damaged or was edited by hand: {DOWNSTREAM.fix}")
+    return doc
+
+
+def read_downstream(path: str | os.PathLike) -> dict:
+    """downstream.json checked against its schema: every task has finite scores."""
+    path = Path(path)
+    return _check_downstream_tasks(_read_doc(path, DOWNSTREAM, "downstream scores"), str(path))
 
 
 def run_is_complete(run_dir: str | os.PathLike) -> bool:

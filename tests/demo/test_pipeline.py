@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from velocitune.demo import pipeline
 
 
@@ -14,6 +16,14 @@ def test_demo_pipeline_at_toy_size(tmp_path, toy_demo):
     assert report == out / "report.md"
     text = report.read_text()
     assert "static/seed0" in text and "velocitune/seed0" in text
+    # Stage 6 scored both final models on the demo's downstream tasks; the report shows the scores.
+    from report.rundirs import table_with
+
+    for run in ("static", "velocitune"):
+        tasks = json.loads((out / "runs" / run / "seed0" / "downstream.json").read_text())["tasks"]
+        assert {t: v["samples"] for t, v in tasks.items()} == {"demo_math_answer": 12, "demo_code_next_line": 12}
+        row = next(r for r in table_with(text, "demo_code_next_line acc") if r["run"] == f"{run}/seed0")
+        assert float(row["demo_code_next_line acc"]) == pytest.approx(tasks["demo_code_next_line"]["metrics"]["acc"], abs=5e-4)
     for png in ("weights.png", "val_loss.png", "velocity.png", "targets.png"):
         assert (out / png).stat().st_size > 10_000
     targets = json.loads((out / "targets" / "targets.json").read_text())
@@ -27,8 +37,6 @@ def test_demo_pipeline_at_toy_size(tmp_path, toy_demo):
 
 
 def test_demo_refuses_to_mix_settings_in_one_directory(tmp_path):
-    import pytest
-
     from velocitune.errors import VelocituneError
 
     pipeline.check_settings(tmp_path, {"steps": 600})

@@ -173,3 +173,50 @@ def test_cli_main_writes_report_whatever_the_package_version(tmp_path, capsys):
     assert main(args) == 0
     assert (tmp_path / "out" / "report.md").read_text().startswith("# CLI")
     assert "report.md" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downstream scores (downstream.json from `velocitune eval`)
+
+
+def _write_scores(run, scores: dict[str, dict[str, float]]) -> None:
+    from velocitune import runfiles
+
+    runfiles.write_downstream(run / runfiles.DOWNSTREAM_FILE, {
+        "model": str(run / "final"), "lm_eval_version": "0.4.13",
+        "tasks": {t: {"metrics": m, "stderr": {k: None for k in m}, "samples": 100} for t, m in scores.items()}})
+
+
+def test_downstream_scores_are_columns_next_to_the_losses(tmp_path):
+    rng = np.random.default_rng(7)
+    runs, em, acc = [], {}, {}
+    for arm, rule, base in (("static", "static", 0.30), ("velocitune", "velocitune", 0.36)):
+        for seed in (0, 1, 2):
+            run = fabricate_run(tmp_path, f"{arm}-s{seed}", arm=arm, rule=rule, seed=seed, final=FINAL)
+            em[arm, seed], acc[arm, seed] = base + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.05)
+            _write_scores(run, {"math": {"exact_match": em[arm, seed]}, "code": {"acc": acc[arm, seed]}})
+            runs.append(run)
+    # A run evaluated on nothing: its cells are dashes, and its arm's statistics cannot be formed.
+    runs.append(fabricate_run(tmp_path, "uniform-s0", arm="uniform", rule="uniform", final=FINAL))
+    md = make_report(runs, tmp_path / "report").read_text()
+
+    arm_rows = {r["arm"]: r for r in table_with(md, "Δ math exact_match vs static")}
+    for arm in ("static", "velocitune"):
+        values = [em[arm, s] for s in (0, 1, 2)]
+        assert floats(arm_rows[arm]["math exact_match"]) == pytest.approx([np.mean(values), np.std(values, ddof=1)],
+                                                                         abs=5e-4)
+    d = np.array([em["velocitune", s] - em["static", s] for s in (0, 1, 2)])
+    assert floats(arm_rows["velocitune"]["Δ math exact_match vs static"]) == pytest.approx(
+        [d.mean(), d.std(ddof=1) / math.sqrt(3)], abs=5e-4)
+    assert "paired" in arm_rows["velocitune"]["Δ code acc vs static"]
+    assert arm_rows["uniform"]["math exact_match"] == "n/a"
+    run_rows = {r["run"]: r for r in table_with(md, "run")}
+    assert float(run_rows["velocitune-s1"]["code acc"]) == pytest.approx(acc["velocitune", 1], abs=5e-4)
+    assert run_rows["uniform-s0"]["code acc"] == "—"
+    header = list(run_rows["static-s0"])
+    assert header.index("code acc") == header.index("mean loss") + 2  # right after the losses
+
+
+def test_report_without_downstream_scores_has_no_such_columns(single):
+    _, _, md = single
+    assert "exact_match" not in md and "downstream.json" in md  # (explained in How to read, never as a column)

@@ -6,7 +6,8 @@ Stages (each explained as it starts, each cached so a second demo skips what is 
 3. prepare the CPT domains (replay slice of prose, code, math, scientific docs);
 4. measure ℓ_init and predict targets from a 10 % proxy run;
 5. train `static` and `velocitune` from the same base on equal budgets (parallel 1-thread processes);
-6. write report.md comparing them. `--full` adds the baselines and ablations over several seeds.
+6. score each final model on the demo's downstream tasks (tasks.py) with lm-evaluation-harness;
+7. write report.md comparing them. `--full` adds the baselines and ablations over several seeds.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ EVAL_TOKENS = 8192  # per domain per evaluation (64 windows of 128)
 # The demo keeps the 10 % proxy of its issue to stay within its time; `velocitune targets` defaults to 20 %,
 # which halved the target error in the study (docs/study.md §2). Points and predictor are the defaults.
 PROXY_FRACTION = 0.1
+DOWNSTREAM_EXAMPLES = 200  # per task (tasks.py): a standard error of about 0.035 on an accuracy near 0.5
 
 
 def _stage(n: int, title: str, why: str) -> None:
-    print(f"\n[{n}/6] {title}\n      {why}", flush=True)
+    print(f"\n[{n}/7] {title}\n      {why}", flush=True)
 
 
 def _write_yaml(path: Path, data: dict) -> Path:
@@ -181,7 +183,19 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
                                           f"--train.seed={s}", "--run.arm=replay"]) for s in range(seeds)]
         dirs += run_arms(config_path, replay, out / "runs", parallel=parallel, threads=1)
 
-    _stage(6, "report", "Per-domain final loss, normalised progress toward the targets, tokens and cost; plots.")
+    _stage(6, "downstream evaluation",
+           "lm-evaluation-harness scores each final model on two tasks over held-out text: exact match of the "
+           "answer of generated math problems, and picking a code file's true next line among four.")
+    from velocitune.demo.tasks import TASKS, write_tasks
+    from velocitune.downstream import evaluate_runs, evaluated_tasks
+
+    tasks_dir = write_tasks(out / "corpus", out / "tasks", n=DOWNSTREAM_EXAMPLES)
+    pending = [d for d in dirs if not set(TASKS) <= evaluated_tasks(d)]
+    if pending:
+        evaluate_runs(pending, list(TASKS), include=tasks_dir, batch_size=32)
+
+    _stage(7, "report", "Per-domain final loss, downstream scores, normalised progress toward the targets, tokens "
+                        "and cost; plots.")
     report = make_report(dirs, out, title="velocitune demo: " + ("all arms" if full else "static vs velocitune"))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s: {report}")
     return report

@@ -46,6 +46,7 @@ class Run:
     evals: list[dict[str, Any]]  # eval.jsonl records (tokens, losses), ordered by tokens
     mixture: list[dict[str, Any]]  # mixture.jsonl records (tokens, sampling_weights, velocity), ordered by tokens
     targets_file: dict[str, Any] | None  # targets.json when the run has one
+    downstream: dict[str, float] | None = None  # "task metric" -> score from downstream.json (`velocitune eval`)
 
     @property
     def arm(self) -> str:
@@ -129,7 +130,24 @@ def load_run(run_dir: Path) -> Run:
     targets_path = run_dir / runfiles.TARGETS_FILE
     targets_file = runfiles.read_targets(targets_path) if targets_path.is_file() else None
     return Run(path=run_dir.resolve(), name=run_dir.name, summary=summary, evals=evals, mixture=mixture,
-               targets_file=targets_file)
+               targets_file=targets_file, downstream=downstream_scores(run_dir))
+
+
+def downstream_scores(run_dir: Path) -> dict[str, float] | None:
+    """{"task metric": score} from the run's downstream.json, or None when it was not evaluated."""
+    path = Path(run_dir) / runfiles.DOWNSTREAM_FILE
+    if not path.is_file():
+        return None
+    tasks = runfiles.read_downstream(path)["tasks"]
+    return {f"{task} {metric}": float(v) for task, entry in tasks.items() for metric, v in entry["metrics"].items()}
+
+
+def downstream_columns(runs: Sequence[Run]) -> list[str]:
+    """Every "task metric" any run has, in order of first appearance."""
+    out: list[str] = []
+    for run in runs:
+        out += [k for k in (run.downstream or {}) if k not in out]
+    return out
 
 
 def _unique_names(runs: list[Run]) -> list[Run]:

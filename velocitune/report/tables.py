@@ -19,6 +19,7 @@ from velocitune.report.runs import (
     RunNumbers,
     Spread,
     difference,
+    downstream_columns,
     group_arms,
     load_runs,
     mean_sd,
@@ -39,8 +40,10 @@ HOW_TO_READ = (
     "**Tokens** are the tokens trained per domain (millions). **Reweighting** is the share of wall time spent "
     "choosing weights (`time_update_s` / wall time: with the `eval` signal this includes the validation "
     "passes at update points, the faithful signal's cost; with the `train` signal only the all-reduce and "
-    "the rule); — for rules whose weights never move. In the plots, a domain keeps one colour throughout; dashed lines mark the "
-    "predicted targets."
+    "the rule); — for rules whose weights never move. **Downstream** columns (`task metric`) are the final "
+    "model's scores from `velocitune eval` (lm-evaluation-harness; higher is better), shown when a run has a "
+    "downstream.json; — where a run was not evaluated on that task. In the plots, a domain keeps one colour "
+    "throughout; dashed lines mark the predicted targets."
 )
 
 
@@ -89,17 +92,22 @@ def _difference_cell(d: Difference, fmt: str) -> str:
     return f"{d.diff:+{fmt}} ± {d.se:{fmt}} ({'paired' if d.paired else 'unpaired'})"
 
 
+def _score_cell(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def run_table(results: Sequence[RunNumbers], domains: Sequence[str]) -> str:
     """One row per run: final losses, their mean, normalised progress, tokens, wall time, reweighting share."""
     has_progress = any(r.progress is not None for r in results)
-    header = ["run", "arm", "seed", *[f"loss {d}" for d in domains], "mean loss"]
+    scores = downstream_columns([r.run for r in results])
+    header = ["run", "arm", "seed", *[f"loss {d}" for d in domains], "mean loss", *scores]
     if has_progress:
         header += [*[f"progress {d}" for d in domains], "worst progress"]
     header += [*[f"tokens {d} (M)" for d in domains], "wall time", "reweighting"]
     rows = []
     for r in results:
         row = [r.run.name, r.run.arm, str(r.run.seed), *[f"{r.final_loss[d]:.4f}" for d in domains],
-               f"{r.mean_loss:.4f}"]
+               f"{r.mean_loss:.4f}", *[_score_cell((r.run.downstream or {}).get(k)) for k in scores]]
         if has_progress:
             if r.progress is None:
                 row += ["—"] * (len(domains) + 1)
@@ -121,9 +129,12 @@ def _arm_values(results: Sequence[RunNumbers], get) -> list[tuple[int, float]] |
 def arm_table(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str], reference_arm: str | None) -> str:
     """One row per arm: mean ± sample sd over seeds, and the difference to the reference (static) arm."""
     has_progress = any(r.progress is not None for rs in by_arm.values() for r in rs)
+    scores = downstream_columns([r.run for rs in by_arm.values() for r in rs])
     header = ["arm", "seeds", *[f"loss {d}" for d in domains], "mean loss"]
     if reference_arm is not None:
         header.append(f"Δ mean loss vs {reference_arm}")
+    for key in scores:
+        header += [key] + ([f"Δ {key} vs {reference_arm}"] if reference_arm is not None else [])
     if has_progress:
         header.append("worst progress")
         if reference_arm is not None:
@@ -147,6 +158,12 @@ def arm_table(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str], refer
         row.append(stat(results, lambda r: r.mean_loss, ".4f"))
         if reference_arm is not None:
             row.append(delta(arm, lambda r: r.mean_loss, ".4f"))
+        for key in scores:
+            def score(r, key=key):
+                return (r.run.downstream or {}).get(key)
+            row.append(stat(results, score, ".3f"))
+            if reference_arm is not None:
+                row.append(delta(arm, score, ".3f"))
         if has_progress:
             row.append(stat(results, lambda r: r.worst_progress, ".3f"))
             if reference_arm is not None:
@@ -239,7 +256,7 @@ def _results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], 
                 f" Δ columns are the arm's mean minus the `{reference_arm}` arm's mean, ± its standard "
                 f"error: *paired* by seed (sd of the per-seed differences / √n) when both arms ran the same "
                 f"seeds, otherwise *unpaired* (√(s₁²/n₁ + s₂²/n₂)). A negative Δ mean loss and a positive "
-                f"Δ worst progress favour the arm." if reference_arm else
+                f"Δ worst progress or downstream score favour the arm." if reference_arm else
                 " No static arm was given, so there are no differences to it."), "",
             arm_table(by_arm, domains, reference_arm), "",
             "<details><summary>Per-run results</summary>", "", *per_run, "", "</details>", ""]
