@@ -35,7 +35,7 @@ BIN = Path(sys.executable).parent
 TINY = ["--data.seq_len=16", "--train.batch_size=8", "--train.micro_batch_size=4", "--train.steps=40",
         "--eval.max_tokens=128", "--eval.batch_size=8", "--mixing.interval=4", "--log.progress=false",
         "--prepare.workers=1", "--prepare.val_fraction=0.2", "--prepare.val_tokens=512",
-        "--checkpoint.save_final=false", "--targets.points=5", "--train.threads=1"]
+        "--targets.points=5", "--train.threads=1"]
 TINY_DEMO = ["--steps", "16", "--base-steps", "8", "--scale", "0.03", "--parallel", "2"]
 TINY_STUDY = ["--steps", "16", "--scale", "0.03"]
 # The target study's 5 % proxies of the toy demo's few windows would run out of data in 20 steps; and its
@@ -171,6 +171,16 @@ def base_workspace(tmp_path_factory, tiny_prepared, tiny_tokenizer, tiny_corpus)
     (ws / "corpus").mkdir()
     for name, src in (("code", "code"), ("math", "math"), ("sci", "prose"), ("replay", "prose")):
         shutil.copy(tiny_corpus[src], ws / "corpus" / f"{name}.jsonl")
+    # `tasks/my_task`: the user's own lm-eval task of README and docs/usage.md, over local JSON Lines.
+    (ws / "tasks").mkdir()
+    rows = [{"context": f"def f{i}(x, y):\n", "choices": [f"    return x + {i}", "import os", "class A:"], "label": 0}
+            for i in range(6)]
+    (ws / "tasks" / "my_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ws / "tasks" / "my_task.yaml").write_text(json.dumps({  # (JSON is YAML)
+        "task": "my_task", "dataset_path": "json", "test_split": "test",
+        "dataset_kwargs": {"data_files": {"test": str(ws / "tasks" / "my_task.jsonl")}},
+        "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}", "target_delimiter": "", "metric_list": [{"metric": "acc"}]}))
     cwd = os.getcwd()
     os.chdir(ws)
     try:  # the state the quick start reaches before `train`, so commands may run in the order written
