@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource
     if glob.has_magic(path) or (path.endswith(".arrow") and not os.path.isdir(path)):
         matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path] * os.path.isfile(path)
         if not matches:
-            raise _missing(domain, path)
+            raise _missing(domain, raw, path)
         if split is not None:
             raise DataError(f"domain {domain!r}: Arrow files have no splits, got {split!r}; drop it: "
                             f"hf:{raw}::{field}")
@@ -191,7 +192,7 @@ def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource
             out.append((p, src))
         return out
     if not os.path.exists(path):
-        raise _missing(domain, path)
+        raise _missing(domain, raw, path)
     if not os.path.isdir(path):
         raise _not_a_dataset(domain, path, "a file that is not .arrow")
     splits = _saved_splits(path)
@@ -213,17 +214,21 @@ def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource
     return [(path, src)]
 
 
-def _missing(domain: str, path: str) -> DataError:
-    return DataError(f"domain {domain!r}: dataset path {path} does not exist; hf: reads local datasets only: "
-                     f"on a machine with access run `datasets.load_dataset(...).save_to_disk(DIR)`, copy DIR "
-                     f"here and pass hf:DIR")
+def _missing(domain: str, raw: str, path: str) -> DataError:
+    hub = " It looks like a Hugging Face Hub id, not a local path." if re.fullmatch(r"[\w.-]+/[\w.-]+", raw) else ""
+    return DataError(f"domain {domain!r}: dataset path {path} does not exist.{hub} hf: reads local datasets only: "
+                     f"on a machine with access run `datasets.load_dataset(...).save_to_disk(DIR)`, copy DIR here "
+                     f"and pass hf:DIR")
 
 
 def _load_files(domain: str, path: str, datasets: Any):
     """`load_dataset(path, streaming=True)`: an IterableDatasetDict, read lazily from the data files."""
     try:
         return datasets.load_dataset(path, streaming=True)
-    except (FileNotFoundError, ValueError) as e:  # DataFilesNotFoundError, EmptyDatasetError, bad configs
+    except FileNotFoundError:  # DataFilesNotFoundError, EmptyDatasetError
+        raise _not_a_dataset(domain, path, "neither a save_to_disk directory nor one with data files `datasets` "
+                                           "can read") from None
+    except ValueError as e:  # e.g. data files of several formats, a malformed README config
         raise _not_a_dataset(domain, path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
