@@ -180,3 +180,21 @@ def test_a_non_utf8_arrow_column_is_skipped_like_a_file(tmp_path, tokenizer_dir)
                       val_fraction=0.1)
     assert out["domains"][0]["skipped_files"] == 1
     assert out["domains"][0]["train"]["documents"] + out["domains"][0]["val"]["documents"] == 30
+
+
+def test_a_damaged_data_file_met_mid_stream_is_one_data_error(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setattr(hf, "_BATCH_ROWS", 4)
+    (tmp_path / "ds").mkdir()
+    good = write_docs(tmp_path / "ds" / "train.jsonl", paragraphs(7, 20)).read_text()
+    (tmp_path / "ds" / "train.jsonl").write_text(good + '{"text": "unterminated\n')
+    with pytest.raises(DataError) as err:
+        run_prepare(tokenizer_dir, tmp_path / "out", {"d": [f"hf:{tmp_path / 'ds'}"]}, val_fraction=0.1)
+    assert str(err.value).startswith(f"domain 'd': cannot read dataset {tmp_path / 'ds'} (split 'train') (")
+    assert str(err.value).endswith("); a data file is corrupt or truncated: replace or remove it")
+
+
+def test_a_plain_file_is_not_a_dataset(tmp_path):
+    p = write_docs(tmp_path / "a.jsonl", ["x", "y"])
+    with pytest.raises(DataError, match=f"domain 'd': {p} is not a dataset \\(a file that is not .arrow; to read "
+                                        "a data file as it is, pass its path without hf:\\)"):
+        pipeline.list_domain_files("d", [f"hf:{p}"], ())

@@ -159,7 +159,7 @@ def _not_a_dataset(domain: str, path: str, why: str) -> DataError:
                      f"directory, a directory of data files (parquet, jsonl, arrow, csv) or .arrow files")
 
 
-def _saved_splits(path: str) -> list[str] | None:
+def _saved_splits(domain: str, path: str) -> list[str] | None:
     """The splits of a `save_to_disk` DatasetDict, or None for another directory."""
     try:
         with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as f:
@@ -167,8 +167,8 @@ def _saved_splits(path: str) -> list[str] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{os.path.join(path, 'dataset_dict.json')} is unreadable ({e}); save the dataset "
-                        f"again with save_to_disk") from None
+        raise DataError(f"domain {domain!r}: {os.path.join(path, 'dataset_dict.json')} is unreadable ({e}); "
+                        f"save the dataset again with save_to_disk") from None
 
 
 def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource]]:
@@ -194,8 +194,9 @@ def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource
     if not os.path.exists(path):
         raise _missing(domain, raw, path)
     if not os.path.isdir(path):
-        raise _not_a_dataset(domain, path, "a file that is not .arrow")
-    splits = _saved_splits(path)
+        raise _not_a_dataset(domain, path, "a file that is not .arrow; to read a data file as it is, pass its path "
+                                           "without hf:")
+    splits = _saved_splits(domain, path)
     if splits is not None:
         split = _choose_split(domain, path, splits, split)
         src = HFSource("saved", split, field, _stat_files(os.path.join(path, split)))
@@ -259,12 +260,19 @@ def _batches(domain: str, path: str, src: HFSource) -> Iterator[Any]:
     with _offline() as datasets, _open(domain, path, src) as ds:
         ds = ds.select_columns([src.field])
         if isinstance(ds, datasets.Dataset):
-            # A Dataset: Arrow batches straight from the memory map, no Python objects for the other rows.
-            for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS):
-                yield table.column(0)
+            # Arrow batches sliced from the memory map: no Python objects but this batch's texts.
+            batches = (table.column(0) for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS))
         else:
-            for batch in ds.iter(batch_size=_BATCH_ROWS):
-                yield batch[src.field]
+            batches = (batch[src.field] for batch in ds.iter(batch_size=_BATCH_ROWS))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # a damaged data file met mid-stream (JSON, Parquet, Arrow errors)
+                raise DataError(f"domain {domain!r}: cannot read {_where(path, src.split)} ({type(e).__name__}: "
+                                f"{e}); a data file is corrupt or truncated: replace or remove it") from None
+            yield batch
 
 
 def is_utf8(domain: str, path: str, src: HFSource) -> bool:
