@@ -3,6 +3,7 @@ as the same documents in files, stream in bounded batches, reuse finished domain
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -198,3 +199,19 @@ def test_a_plain_file_is_not_a_dataset(tmp_path):
     with pytest.raises(DataError, match=f"domain 'd': {p} is not a dataset \\(a file that is not .arrow; to read "
                                         "a data file as it is, pass its path without hf:\\)"):
         pipeline.list_domain_files("d", [f"hf:{p}"], ())
+
+
+def test_cli_flag_and_yaml_domains_take_hf_specs(tmp_path, tokenizer_dir, monkeypatch):
+    """`--domain NAME=hf:...` and `prepare.domains` in YAML (relative to the working directory) both read it."""
+    from velocitune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _save(tmp_path / "ds", None, train={"text": paragraphs(8, 30)}, test={"text": ["x", "y"]})
+    (tmp_path / "cpt.yaml").write_text(
+        f"data: {{path: prepared}}\nmodel: {{tokenizer: {tokenizer_dir}}}\n"
+        "prepare:\n  domains:\n    a: hf:ds\n  val_fraction: 0.2\n  workers: 1\nlog: {progress: false}\n")
+    assert main(["prepare", "cpt.yaml", "--domain", "b=hf:ds:train:text"]) == 0
+    m = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert [e["sources"] for e in m["domains"]] == [[f"hf:{tmp_path / 'ds'}:train:text"]] * 2
+    tree = read_tree(tmp_path / "prepared")
+    assert tree["a/train_00000.bin"] == tree["b/train_00000.bin"] and tree["a/val_00000.bin"] == tree["b/val_00000.bin"]
