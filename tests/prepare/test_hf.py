@@ -215,3 +215,16 @@ def test_cli_flag_and_yaml_domains_take_hf_specs(tmp_path, tokenizer_dir, monkey
     assert [e["sources"] for e in m["domains"]] == [[f"hf:{tmp_path / 'ds'}:train:text"]] * 2
     tree = read_tree(tmp_path / "prepared")
     assert tree["a/train_00000.bin"] == tree["b/train_00000.bin"] and tree["a/val_00000.bin"] == tree["b/val_00000.bin"]
+
+
+def test_sharded_prepare_of_a_dataset_merges_to_the_one_machine_result(tmp_path, tokenizer_dir):
+    from velocitune.prepare import merge_prepared
+
+    domains = {"web": [f"hf:{_save(tmp_path / 'ds', {'text': paragraphs(9, 60)})}"]}
+    kw = dict(val_fraction=0.1, shard_tokens=400)
+    run_prepare(tokenizer_dir, tmp_path / "single", domains, **kw)
+    parts = [tmp_path / f"p{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        run_prepare(tokenizer_dir, p, domains, num_shards=3, shard_index=i, **kw)
+    merge_prepared(parts, tmp_path / "merged", progress=False)
+    assert read_tree(tmp_path / "merged") == read_tree(tmp_path / "single")
