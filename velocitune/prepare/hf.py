@@ -145,7 +145,7 @@ def _check_field(domain: str, where: str, features: Any, field: str) -> None:
         raise DataError(f"domain {domain!r}: {where} has no column {field!r}; its columns are {list(features)}. "
                         f"Pass {_GRAMMAR} with FIELD (or --text-field NAME) to read another column")
     feature = features[field]
-    if getattr(feature, "dtype", None) not in ("string", "large_string") or type(feature).__name__ != "Value":
+    if not isinstance(feature, _import_datasets().Value) or feature.dtype not in ("string", "large_string"):
         raise DataError(f"domain {domain!r}: column {field!r} of {where} has type {feature}, expected strings; "
                         f"pass {_GRAMMAR} with FIELD (or --text-field NAME) to read another column")
 
