@@ -229,6 +229,69 @@ def _parquet_wrong_column(c: Ctx):
                                    "Pass --text-field NAME to read another column")
 
 
+def _hf_dataset(c: Ctx, name: str, **splits) -> Path:
+    """A `save_to_disk` directory: a DatasetDict of `splits`, or a Dataset when only `data` is given."""
+    import datasets
+
+    path = c.tmp / name
+    if list(splits) == ["data"]:
+        datasets.Dataset.from_dict(splits["data"]).save_to_disk(path)
+    else:
+        datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(path)
+    return path
+
+
+def _hf_missing(c: Ctx):
+    p = c.tmp / "code-ds"
+    return c.prepare(f"web=hf:{p}"), (
+        f"error: domain 'web': dataset path {p} does not exist. hf: reads local datasets only: on a machine with "
+        "access run `datasets.load_dataset(...).save_to_disk(DIR)`, copy DIR here and pass hf:DIR")
+
+
+def _hf_hub_id(c: Ctx):
+    return c.prepare("web=hf:bigcode/the-stack"), (
+        f"error: domain 'web': dataset path {Path.cwd() / 'bigcode/the-stack'} does not exist. It looks like a "
+        "Hugging Face Hub id, not a local path. hf: reads local datasets only: on a machine with access run "
+        "`datasets.load_dataset(...).save_to_disk(DIR)`, copy DIR here and pass hf:DIR")
+
+
+def _hf_not_a_dataset(c: Ctx):
+    c.file("notes/readme.bin", b"\x00\x01")
+    p = c.tmp / "notes"
+    return c.prepare(f"web=hf:{p}"), (
+        f"error: domain 'web': {p} is not a dataset (neither a save_to_disk directory nor one with data files "
+        "`datasets` can read); hf: reads a `save_to_disk` directory, a directory of data files (parquet, jsonl, "
+        "arrow, csv) or .arrow files")
+
+
+def _hf_missing_split(c: Ctx):
+    p = _hf_dataset(c, "ds", train={"text": ["a", "b"]}, test={"text": ["c"]})
+    return c.prepare(f"web=hf:{p}:validation"), (
+        f"error: domain 'web': dataset {p} has no split 'validation'; its splits are ['train', 'test']. Name one of "
+        f"them: hf:{p}:SPLIT")
+
+
+def _hf_no_default_split(c: Ctx):
+    p = _hf_dataset(c, "ds", en={"text": ["a", "b"]}, fr={"text": ["c", "d"]})
+    return c.prepare(f"web=hf:{p}"), (
+        f"error: domain 'web': dataset {p} has splits ['en', 'fr'] and none is 'train'; name the one to read: "
+        f"hf:{p}:SPLIT")
+
+
+def _hf_missing_field(c: Ctx):
+    p = _hf_dataset(c, "ds", data={"content": ["a b", "c d"], "id": [0, 1]})
+    return c.prepare(f"web=hf:{p}"), (
+        f"error: domain 'web': dataset {p} has no column 'text'; its columns are ['content', 'id']. Pass "
+        "hf:PATH[:SPLIT][:FIELD] with FIELD (or --text-field NAME) to read another column")
+
+
+def _hf_field_not_text(c: Ctx):
+    p = _hf_dataset(c, "ds", train={"text": ["a b", "c d"], "id": [0, 1]})
+    return c.prepare(f"web=hf:{p}::id"), (
+        f"error: domain 'web': column 'id' of dataset {p} (split 'train') has type Value('int64'), expected "
+        "strings; pass hf:PATH[:SPLIT][:FIELD] with FIELD (or --text-field NAME) to read another column")
+
+
 def _missing_config(c: Ctx):
     return ["train", c.tmp / "run.yaml"], f"error: config file '{c.tmp / 'run.yaml'}' does not exist"
 
@@ -441,6 +504,14 @@ ROWS: list[Row] = [
     ("parquet-garbage", "a .parquet file that is not Parquet", _parquet_garbage),
     ("parquet-truncated", "a truncated Parquet file", _parquet_truncated),
     ("parquet-wrong-column", "a Parquet file without the text column", _parquet_wrong_column),
+    ("hf-missing", "an hf: dataset path that does not exist", _hf_missing),
+    ("hf-hub-id", "a Hub dataset id as an hf: source", _hf_hub_id),
+    ("hf-not-a-dataset", "an hf: directory that holds no dataset", _hf_not_a_dataset),
+    ("hf-missing-split", "an hf: split the dataset does not have", _hf_missing_split),
+    ("hf-no-default-split", "an hf: dataset with several splits, none of them train, and no split given",
+     _hf_no_default_split),
+    ("hf-missing-field", "an hf: dataset without the text column", _hf_missing_field),
+    ("hf-field-not-text", "an hf: text column that does not hold strings", _hf_field_not_text),
     ("config-missing", "a config file that does not exist", _missing_config),
     ("config-invalid-yaml", "a config file that is not valid YAML", _invalid_yaml),
     ("config-not-mapping", "a config file that is a list", _yaml_not_mapping),
@@ -576,6 +647,15 @@ def test_tokenizer_path_missing(ctx, capsys):
     p = ctx.tmp / "tok"
     expect_error(["train", ctx.config(), f"--model.tokenizer={p}"], capsys,
                  f"error: tokenizer path '{p}' does not exist.")
+
+
+def test_hf_source_without_datasets_installed(ctx, capsys, monkeypatch):
+    import sys
+
+    p = _hf_dataset(ctx, "ds", data={"text": ["a", "b"]})
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` meets when it is not installed
+    expect_error(ctx.prepare(f"web=hf:{p}"), capsys,
+                 "error: reading hf: sources needs the `datasets` package; pip install 'velocitune[hf]'")
 
 
 def test_disk_full_during_a_log_write(ctx, capsys, monkeypatch):

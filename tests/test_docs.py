@@ -144,6 +144,7 @@ def test_every_documented_command_is_covered():
 @pytest.fixture(scope="module")
 def base_workspace(tmp_path_factory, tiny_prepared, tiny_tokenizer, tiny_corpus) -> Path:
     """What the documented commands name, built once: configs, models, corpora, prepared data, targets."""
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
@@ -168,6 +169,11 @@ def base_workspace(tmp_path_factory, tiny_prepared, tiny_tokenizer, tiny_corpus)
     lines = "".join(json.dumps({"text": t}) + "\n" for t in texts["math"]).encode()
     (ws / "corpora" / "math.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     pq.write_table(pa.table({"text": texts["prose"]}), ws / "corpora" / "general.parquet")
+    # The code documents again as a save_to_disk dataset (`hf:corpora/code-hf`), in the order of corpora/code/,
+    # so that a prepare from either writes the same shards.
+    datasets.disable_progress_bars()
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts["code"]})}).save_to_disk(
+        ws / "corpora" / "code-hf")
     (ws / "corpus").mkdir()
     for name, src in (("code", "code"), ("math", "math"), ("sci", "prose"), ("replay", "prose")):
         shutil.copy(tiny_corpus[src], ws / "corpus" / f"{name}.jsonl")

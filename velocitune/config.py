@@ -156,12 +156,13 @@ class PrepareConfig:
     """`velocitune prepare`: corpora -> token shards in data.path (flags such as --domain set these keys)."""
 
     tokenizer: str | None = None  # local HF tokenizer directory; default: model.tokenizer, else model.path
-    # Each domain's inputs: files, directories (read recursively) or glob patterns; one path or a list.
+    # Each domain's inputs: files, directories (read recursively), glob patterns or local datasets
+    # (hf:PATH[:SPLIT][:FIELD], read through `datasets`); one path or a list.
     domains: dict[str, list[str] | str] = field(default_factory=dict)
     val_fraction: float = 0.01  # share of documents eligible for the validation split
     val_tokens: int = 1_000_000  # cap on validation tokens per domain
     workers: int | None = None  # tokenizer processes; default: number of CPUs; 1 = in this process
-    text_field: str = "text"  # JSON field / Parquet column holding the text
+    text_field: str = "text"  # JSON field / Parquet or dataset column holding the text
     extensions: list[str] = field(default_factory=list)  # extra extensions read as plain text, e.g. [.c, .h]
     strict: bool = False  # fail on a file that is not UTF-8 instead of skipping it with a warning
     shard_tokens: int = 100_000_000  # tokens per output shard file

@@ -67,7 +67,8 @@ def test_cli_help_mentions_every_option(capsys):
     text = capsys.readouterr().out
     for flag in ["--tokenizer", "--out", "--domain", "--val-tokens", "--val-fraction", "--workers",
                  "--text-field", "--ext", "--strict", "--shard-tokens", "--num-shards", "--shard-index",
-                 "--merge", "--no-progress", "--help-config", "config", ".jsonl.zst", "Parquet", "prepare.domains"]:
+                 "--merge", "--no-progress", "--help-config", "config", ".jsonl.zst", "Parquet", "prepare.domains",
+                 "hf:PATH[:SPLIT][:FIELD]"]:
         assert flag in text, flag
     with pytest.raises(SystemExit):
         cli(["prepare", "--help-config"])

@@ -1,1 +1,1 @@
-"""Integrations with other training stacks (transformers.Trainer)."""
+"""Integrations with other training stacks: transformers.Trainer (`hf_trainer`) and `datasets` pipelines (`hf_datasets`)."""

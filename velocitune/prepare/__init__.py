@@ -1,14 +1,16 @@
 """`velocitune prepare`: tokenize per-domain corpora into token shards with a fixed held-out val split.
 
-Each domain's input files (text, JSON Lines, Parquet) are read as documents, tokenized with a local
-Hugging Face tokenizer (EOS after every document) and written as headered token shards: the documents
-with the lowest text hashes are the domain's validation split, the others its train split; a
-manifest.json describes the result. Output layout and manifest: docs/contracts.md. It can run sharded
-over N machines, whose parts `merge_prepared` combines into what one machine writes.
+Each domain's input files (text, JSON Lines, Parquet) or local datasets (`hf:PATH`) are read as
+documents, tokenized with a local Hugging Face tokenizer (EOS after every document) and written as
+headered token shards: the documents with the lowest text hashes are the domain's validation split, the
+others its train split; a manifest.json describes the result. Output layout and manifest:
+docs/contracts.md. It can run sharded over N machines, whose parts `merge_prepared` combines into what
+one machine writes.
 
-Modules, one job each: `sources` (input files and their documents), `encode` (the tokenizer and its
-worker processes), `split` (the val split and the token shards), `pipeline` (`prepare_corpus`:
-settings, reruns, manifest), `merge` (`merge_prepared`), `command` (the command line).
+Modules, one job each: `sources` (input files and their documents), `hf` (local datasets through the
+`datasets` library), `encode` (the tokenizer and its worker processes), `split` (the val split and the
+token shards), `pipeline` (`prepare_corpus`: settings, reruns, manifest), `merge` (`merge_prepared`),
+`command` (the command line).
 """
 
 from velocitune.prepare.command import add_arguments, load_config, main

@@ -31,7 +31,10 @@ Tokenize per-domain corpora into token shards with a fixed held-out validation s
 Inputs per domain: files, directories (read recursively) or glob patterns of
   text files (.txt .md .rst .py .tex, more with --ext): one file = one document;
   JSON Lines (.jsonl .jsonl.gz .jsonl.zst): one line = one document, text in field "text";
-  Parquet (.parquet): one row = one document, text in column "text".
+  Parquet (.parquet): one row = one document, text in column "text";
+  or a local dataset, hf:PATH[:SPLIT][:FIELD] (a save_to_disk directory, a directory of data
+  files or .arrow files, read offline through `datasets`): one row = one document; SPLIT
+  defaults to train (or the only split), FIELD to --text-field; hf:PATH::FIELD skips the split.
 Each document is encoded without special tokens and followed by the tokenizer's EOS token.
 
 Validation split: the documents with the lowest text hashes, i.e. those whose hash falls under
@@ -49,6 +52,7 @@ directory) and `log.progress`. Relative paths are relative to the working direct
 EPILOG = """\
 examples:
   velocitune prepare --tokenizer tok/ --out data/ --domain code=src/ --domain math=math.jsonl.zst
+  velocitune prepare --tokenizer tok/ --out data/ --domain web=hf:datasets/web:train:text
   velocitune prepare cpt.yaml --workers 8
 where cpt.yaml holds, besides the training sections,
   data: {path: data/}
@@ -66,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: model.tokenizer, else model.path)")
     parser.add_argument("--out", metavar="DIR", help="output directory, created if needed (data.path)")
     parser.add_argument("--domain", action="append", metavar="NAME=PATH",
-                        help="a domain and one input (file, directory or glob); repeat the flag for more "
+                        help="a domain and one input (file, directory, glob, or hf:PATH[:SPLIT][:FIELD] for a local "
+                             "dataset); repeat the flag for more "
                              "domains, or with the same NAME to add inputs to a domain (prepare.domains)")
     parser.add_argument("--val-tokens", type=int, metavar="N",
                         help=f"cap on val tokens per domain (prepare.val_tokens, default {DEFAULT_VAL_TOKENS:,})")
@@ -75,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="tokenizer processes (prepare.workers; default: number of CPUs; 1 = in this process)")
     parser.add_argument("--text-field", metavar="NAME",
-                        help='JSON field / Parquet column holding the text (prepare.text_field, default "text")')
+                        help='JSON field / Parquet or dataset column holding the text (prepare.text_field, default "text")')
     parser.add_argument("--ext", action="append", metavar="EXT",
                         help="extra extension(s) to read as plain text, e.g. --ext .c --ext .h or --ext c,h "
                              "(prepare.extensions)")

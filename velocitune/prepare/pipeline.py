@@ -86,7 +86,8 @@ def make_settings(val_fraction: float = DEFAULT_VAL_FRACTION, val_tokens: int = 
 
 
 def inputs_hash(files: list[SourceFile], tokenizer_hash: str, eos_token_id: int, settings: Settings) -> str:
-    """sha256 of what the domain's output depends on: file paths, sizes and mtimes, tokenizer, settings.
+    """sha256 of what the domain's output depends on: file paths, sizes and mtimes, tokenizer, settings;
+    for a dataset (kind "hf") also its split, column and every file behind them.
 
     The part index of a sharded prepare is not included: every part of a domain shares this hash.
     """
@@ -96,6 +97,8 @@ def inputs_hash(files: list[SourceFile], tokenizer_hash: str, eos_token_id: int,
     h.update(json.dumps(head, sort_keys=True).encode())
     for f in files:
         h.update(json.dumps([f.path, f.kind, f.size, f.mtime_ns]).encode())
+        if f.dataset is not None:  # absent for plain files, so their hashes stay those of earlier versions
+            h.update(json.dumps(asdict(f.dataset)).encode())
     return h.hexdigest()
 
 
@@ -191,7 +194,7 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     plans = []  # (name, files, abs sources, inputs hash), in the user's domain order
     for name, sources in named.items():
-        files, abs_sources = list_domain_files(name, sources, settings.extensions)
+        files, abs_sources = list_domain_files(name, sources, settings.extensions, settings.text_field)
         plans.append((name, files, abs_sources,
                       inputs_hash(files, tok.hash, tok.eos_token_id, settings)))
     entries = {name: _reusable_entry(out, name, digest, part) for name, _, _, digest in plans}

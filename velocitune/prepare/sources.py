@@ -3,7 +3,9 @@
 Discovery: each source of a domain is a file, a directory (read recursively, hidden files skipped) or a
 glob pattern; a file's name says how to read it (`file_kind`). Reading: text files are one document
 each, JSON Lines (plain, .gz, .zst) one document per line, Parquet one per row (`iter_documents`);
-`is_utf8` checks a whole file first so that a bad one is skipped whole.
+`is_utf8` checks a whole file first so that a bad one is skipped whole. A source `hf:PATH[:SPLIT][:FIELD]` is a
+local dataset read through the `datasets` library (`velocitune.prepare.hf`): one `SourceFile` of kind "hf"
+(one per file for a glob of .arrow files), whose rows are its documents.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from velocitune.errors import DataError
+from velocitune.prepare import hf
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".tex")
 JSONL_EXTENSIONS = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -30,12 +33,13 @@ _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file: how to read it, and what identifies its version (size, mtime)."""
+    """One input file (or dataset): how to read it, and what identifies its version (size, mtime)."""
 
     path: str
-    kind: str  # "text" | "jsonl" | "parquet"
-    size: int
-    mtime_ns: int
+    kind: str  # "text" | "jsonl" | "parquet" | "hf"
+    size: int  # kind "hf": the total of its files'
+    mtime_ns: int  # kind "hf": the newest of its files'
+    dataset: hf.HFSource | None = None  # kind "hf": the split and column read, and every file behind them
 
 
 def normalize_domains(domains: dict[str, Any] | list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -85,19 +89,27 @@ def _walk(root: str) -> Iterator[str]:
                 yield os.path.join(dirpath, f)
 
 
-def list_domain_files(name: str, sources: list[str],
-                      extensions: tuple[str, ...]) -> tuple[list[SourceFile], list[str]]:
+def list_domain_files(name: str, sources: list[str], extensions: tuple[str, ...],
+                      text_field: str = "text") -> tuple[list[SourceFile], list[str]]:
     """A domain's input files in their deterministic order, and its sources as absolute paths.
 
-    Each source is a file, a directory (read recursively) or a glob pattern; within a source files are
-    sorted by path; sources keep the order given; a file reached twice is read once.
+    Each source is a file, a directory (read recursively), a glob pattern or a dataset (`hf:PATH...`, whose
+    column defaults to `text_field`; recorded as its resolved spec); within a source files are sorted by path;
+    sources keep the order given; a file reached twice is read once.
     """
     files: list[SourceFile] = []
-    seen: set[str] = set()
+    seen: set = set()
     ignored: dict[str, int] = {}
     abs_sources = []
     supported = ", ".join(TEXT_EXTENSIONS + extensions + JSONL_EXTENSIONS + PARQUET_EXTENSIONS)
     for src in sources:
+        if hf.is_spec(src):
+            for path, info in hf.resolve(name, src, text_field):
+                if ("hf", path, info.split, info.field) not in seen:
+                    seen.add(("hf", path, info.split, info.field))
+                    files.append(_dataset_file(path, info))
+            abs_sources.append(hf.spec_string(name, src, info))
+            continue
         src_abs = os.path.abspath(os.path.expanduser(src))
         abs_sources.append(src_abs)
         if os.path.isfile(src_abs):
@@ -147,6 +159,11 @@ def list_domain_files(name: str, sources: list[str],
             f"supported: {supported}"
         )
     return files, abs_sources
+
+
+def _dataset_file(path: str, info: hf.HFSource) -> SourceFile:
+    return SourceFile(path, "hf", sum(size for _, size, _ in info.files),
+                      max((mtime for *_, mtime in info.files), default=0), info)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +259,7 @@ def _parquet_batches(path: str, field: str, domain: str) -> Iterator[tuple[Any, 
 
 
 def is_utf8(f: SourceFile, text_field: str, domain: str) -> bool:
-    """Whether a JSON Lines or Parquet file is valid UTF-8 throughout (checked before reading it,
+    """Whether a JSON Lines, Parquet file or dataset column is valid UTF-8 throughout (checked before reading it,
     so that a bad file is skipped whole rather than after some of its documents were counted)."""
     if f.kind == "jsonl":
         decoder = codecs.getincrementaldecoder("utf-8")()
@@ -266,14 +283,18 @@ def is_utf8(f: SourceFile, text_field: str, domain: str) -> bool:
             except pa.ArrowInvalid:
                 return False
         return True
-    raise ValueError(f"is_utf8 checks jsonl and parquet files, not {f.kind}")
+    if f.kind == "hf":
+        assert f.dataset is not None
+        return hf.is_utf8(domain, f.path, f.dataset)
+    raise ValueError(f"is_utf8 checks jsonl, parquet and hf sources, not {f.kind}")
 
 
 def iter_documents(f: SourceFile, text_field: str, domain: str) -> Iterator[tuple[int, str | None]]:
-    """(location, text) for every document of a file; location = line (jsonl) or row (parquet) number.
+    """(location, text) for every document of a file; location = line (jsonl) or row (parquet, hf) number.
 
     Text files are one document (location 0) and raise _NotUtf8 before yielding if they do not decode.
-    `text` is None for a null field; empty and null documents are the caller's to skip.
+    `text` is None for a null field; empty and null documents are the caller's to skip. A dataset (kind
+    "hf") reads its own column (`f.dataset.field`), not `text_field`.
     """
     if f.kind == "text":
         try:
@@ -302,6 +323,9 @@ def iter_documents(f: SourceFile, text_field: str, domain: str) -> Iterator[tupl
             for text in (col.cast(pa.large_string()) if is_binary else col).to_pylist():
                 yield row, text
                 row += 1
+    elif f.kind == "hf":
+        assert f.dataset is not None
+        yield from hf.iter_documents(domain, f.path, f.dataset)
     else:
         raise ValueError(f"unknown file kind {f.kind!r}")
 
