@@ -38,6 +38,8 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 TENSORBOARD_DIR = "tb"
+WANDB_RUN_FILE = "wandb.json"  # the W&B run id that `--resume` continues (log.wandb)
+WANDB_DIR = "wandb"  # W&B's own local files (offline runs, media), unless $WANDB_DIR says elsewhere
 LOG_FILES = (METRICS_FILE, EVAL_FILE, MIXTURE_FILE)
 
 
@@ -130,7 +132,11 @@ PLAN = Format("plan", 1, {
     "init": _PER_DOMAIN, "recommended": _PER_DOMAIN, "predicted": _PER_DOMAIN,
     "predicted_w0": _PER_DOMAIN, "warnings": Field("list"),
 }, "re-run `velocitune plan` (or `velocitune plan --collect` once its proxies have finished)")
-FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN)}
+WANDB_RUN = Format("wandb-run", 1, {
+    # W&B's id of the run this directory logs to; project and entity it was created in (entity null: the default).
+    "run_id": Field("text"), "project": Field("text"), "entity": Field("text", nullable=True),
+}, "delete it: the next start or --resume logs to a new W&B run")
+FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, WANDB_RUN)}
 
 
 def _is_number(v: Any) -> bool:
@@ -322,6 +328,18 @@ def read_plan(path: str | os.PathLike, names: Sequence[str] | None = None) -> di
             f"`velocitune plan` on this data"
         )
     return doc
+
+
+def write_wandb_run(path: str | os.PathLike, run_id: str, project: str, entity: str | None) -> None:
+    """wandb.json: the W&B run this run directory logs to, written when the run starts so `--resume` continues it."""
+    doc = _stamped(WANDB_RUN, {"run_id": run_id, "project": project, "entity": entity})
+    check_record(doc, WANDB_RUN, str(path))
+    atomic_write_json(Path(path), doc)
+
+
+def read_wandb_run(path: str | os.PathLike) -> dict:
+    """wandb.json checked against its schema: {run_id, project, entity}."""
+    return _read_doc(Path(path), WANDB_RUN, "W&B run file")
 
 
 def write_summary(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
