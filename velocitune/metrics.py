@@ -335,6 +335,12 @@ class WandbLogger:
         if self._run is not None:
             run, self._run = self._run, None
             run.finish(exit_code=exit_code)
+            if self._wandb.run is None:
+                # W&B's service process closes the run's files on its own schedule, after finish() returns (seen:
+                # an offline transaction log still empty when read right after). With no other W&B run in this
+                # process, shut the service down (it waits for them), so the files are complete when training
+                # returns; the next wandb.init starts a new service.
+                self._wandb.teardown()
 
 
 def _is_number(value: Any) -> bool:

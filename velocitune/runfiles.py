@@ -1,7 +1,8 @@
 """The run directory's files: one writer and one reader per format, each versioned and checked on read.
 
 A run directory (docs/design.md §5, docs/contracts.md) holds `config.yaml`, three JSON-lines logs
-(`metrics.jsonl`, `eval.jsonl`, `mixture.jsonl`), `init_loss.json`, `targets.json` and `summary.json`.
+(`metrics.jsonl`, `eval.jsonl`, `mixture.jsonl`), `init_loss.json`, `targets.json`, `summary.json` and, with
+log.wandb, `wandb.json` (the W&B run that `--resume` continues).
 Every stage that writes or reads one of them goes through this module, so each format has one owner: its
 writer stamps the format's name and version and checks the document against its schema before it is
 written (atomically); its reader checks the version and the schema, so that a truncated, hand-edited or
