@@ -207,6 +207,18 @@ def test_wandb_disabled_is_a_no_op_and_missing_package_a_config_error(monkeypatc
     assert len(ids) == 50 and all(len(i) == 12 and i == i.lower() and i.isalnum() for i in ids)
 
 
+def test_wandb_refusing_to_start_is_a_config_error_saying_what_to_do(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ConfigError, match=r"could not start the run \(api_key not configured \(no-tty\)\); run "
+                                          r"`wandb login`.*log.wandb_mode=offline"):
+        WandbLogger(enabled=True, run_id="abc", local_dir=tmp_path / "w")
+
+
 def test_format_weights():
     assert format_weights(["code", "math", "prose"], np.array([0.41, 0.2249, 0.3651])) == "code .41 math .22 prose .37"
     assert format_weights(["a", "b", "c"], [1.0, 0.0, 0.004]) == "a 1.00 b .00 c <.01"

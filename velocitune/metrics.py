@@ -296,9 +296,15 @@ class WandbLogger:
             Path(local_dir).mkdir(parents=True, exist_ok=True)  # W&B refuses a `dir` that does not exist
         # resume="allow": the id is ours (new_wandb_run_id), so the first start creates the run and `--resume`
         # continues it; "must" would refuse to resume online a run whose first process logged offline.
-        self._run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, name=name, group=group,
-                               tags=list(tags), mode=None if mode == "auto" else mode,
-                               dir=None if local_dir is None else str(local_dir))
+        try:
+            self._run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, name=name, group=group,
+                                   tags=list(tags), mode=None if mode == "auto" else mode,
+                                   dir=None if local_dir is None else str(local_dir))
+        except wandb.errors.Error as exc:  # not logged in, no network, a project or entity W&B refuses, ...
+            raise ConfigError(
+                f"Weights & Biases could not start the run ({exc}); run `wandb login`, check log.wandb_project and "
+                "log.wandb_entity, or log without network with log.wandb_mode=offline (upload later: `wandb sync`)"
+            ) from exc
         if config is not None:
             # Not through init(config=...): a resumed run may have changed log.* keys, and W&B refuses a changed
             # config value on a resumed run unless told the change is wanted.

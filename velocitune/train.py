@@ -492,7 +492,7 @@ class Trainer:
             rec["peak_flops"] = self.peak_name
         self.metrics_log.write(rec)
         self._scalars("train", {k: v for k, v in (("loss", loss), ("lr", lr), ("tok_per_s", stats.tok_per_s))
-                                  if v is not None}, done)
+                                if v is not None}, done)
         self._scalars("train_domain_loss", {n: v for n, v in rec["domain_loss"].items() if v is not None}, done)
         w_hat = st.mixing.sampler.plan(done - 1).sampling_weights
         shown = "n/a" if loss is None else f"{loss:.3f}"
