@@ -51,6 +51,13 @@ def test_file_then_overrides(tmp_path):
         ("--data.subsample=0", "config key 'data.subsample' must be in (0, 1]"),
         ("--mixing.rule=replay", "config key 'mixing.replay_from' is required by rule 'replay'"),
         ("train.lr", "must look like --section.key=value"),
+        ("--log.wandb_projet=cpt", "unknown config key 'log.wandb_projet'. Did you mean 'log.wandb_project'?"),
+        ("--log.wandb_mode=ofline", "config key 'log.wandb_mode' is 'ofline'; allowed: auto, online, offline, disabled. "
+                                    "Did you mean 'offline'?"),
+        ("--log.wandb_tags=cpt", "config key 'log.wandb_tags' must be a list, got 'cpt'"),
+        ("--log.wandb=yes please", "config key 'log.wandb' must be true or false"),
+        ("--log.wandb_project=", "config key 'log.wandb_project' must be a string, got None"),
+        ("--log.wandb_project='  '", "config key 'log.wandb_project' must name a W&B project"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -87,6 +94,15 @@ def test_parse_override_types():
     assert parse_override("--a.b=true") == ("a.b", True)
     assert parse_override("--a.b=null") == ("a.b", None)
     assert parse_override("--a.b=x") == ("a.b", "x")
+
+
+def test_wandb_keys_parse_from_the_command_line():
+    cfg = load_config(None, ["--log.wandb=true", "--log.wandb_project=cpt", "--log.wandb_tags=[a, b]",
+                             "--log.wandb_mode=offline", "--log.wandb_entity=team"])
+    log = cfg.log
+    assert (log.wandb, log.wandb_project, log.wandb_tags, log.wandb_mode, log.wandb_entity, log.wandb_name) == \
+        (True, "cpt", ["a", "b"], "offline", "team", None)
+    assert "wandb_mode: 'auto'   # one of: auto, online, offline, disabled" in help_text()
 
 
 def test_help_lists_every_key():

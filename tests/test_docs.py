@@ -208,6 +208,14 @@ def workspace(base_workspace, tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(ws)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The documented `--log.wandb=true` runs log offline (log.wandb_mode auto follows $WANDB_MODE), with W&B's
+    # settings and cache in the workspace: no account, no network.
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+        (tmp_path / "wandb-home" / sub).mkdir(parents=True)
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     return ws
 
 

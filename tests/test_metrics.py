@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from velocitune.errors import ConfigError
-from velocitune.metrics import TensorBoardLogger, Throughput, Timers, flops_per_token, format_weights, peak_flops
+from velocitune.metrics import (
+    TensorBoardLogger,
+    Throughput,
+    Timers,
+    WandbLogger,
+    flat_scalars,
+    flops_per_token,
+    format_weights,
+    new_wandb_run_id,
+    peak_flops,
+)
 
 
 class FakeClock:
@@ -173,6 +183,40 @@ def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'velocitune\[tensorboard\]'"):
         TensorBoardLogger(tmp_path / "tb", enabled=True)
     TensorBoardLogger(tmp_path / "tb", enabled=False)  # fine when off
+
+
+def test_flat_scalars_names_as_tensorboard_does():
+    record = {"loss": torch.tensor(2.5), "rule": "velocitune", "mfu": None, "flag": True, "guarded": ["a"],
+              "weights": {"math": np.float64(0.25), "code": 0.75, "gone": None}}
+    assert flat_scalars("train", record) == {"train/loss": 2.5, "train/weights/math": 0.25, "train/weights/code": 0.75}
+    assert flat_scalars("", {"lr": 1e-3}) == {"lr": 1e-3}
+
+
+def test_wandb_disabled_is_a_no_op_and_missing_package_a_config_error(monkeypatch):
+    wb = WandbLogger(enabled=False)
+    wb.scalars("train", {"loss": 1.0}, step=1)
+    wb.summary("final", {"a": 1.0})
+    wb.images({"plots/x": ("missing.png", "")}, step=1)
+    wb.close()
+    assert wb.run_id is None
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(ConfigError, match=r"log.wandb: true.*pip install 'velocitune\[wandb\]', or set log.wandb=false"):
+        WandbLogger(enabled=True, run_id=new_wandb_run_id())
+    WandbLogger(enabled=False)  # fine when off
+    ids = {new_wandb_run_id() for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) == 12 and i == i.lower() and i.isalnum() for i in ids)
+
+
+def test_wandb_refusing_to_start_is_a_config_error_saying_what_to_do(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ConfigError, match=r"could not start the run \(api_key not configured \(no-tty\)\); run "
+                                          r"`wandb login`.*log.wandb_mode=offline"):
+        WandbLogger(enabled=True, run_id="abc", local_dir=tmp_path / "w")
 
 
 def test_format_weights():

@@ -202,3 +202,19 @@ def test_lock_refuses_a_second_holder_and_is_released_when_the_holder_dies(tmp_p
         pass
 
 
+
+
+def test_wandb_run_file_round_trips_and_names_what_is_wrong(tmp_path):
+    path = tmp_path / runfiles.WANDB_RUN_FILE
+    runfiles.write_wandb_run(path, "3f9c0a1b2c4d", "cpt", None)
+    doc = json.loads(path.read_text())
+    assert doc == {"format": "velocitune-wandb-run", "version": 1, "run_id": "3f9c0a1b2c4d", "project": "cpt",
+                   "entity": None}
+    assert runfiles.read_wandb_run(path)["run_id"] == "3f9c0a1b2c4d"
+    path.write_text(json.dumps({**doc, "run_id": 42}))
+    with pytest.raises(DataError, match=r"wandb\.json: 'run_id' must be a string, got 42.*delete it: the next start"):
+        runfiles.read_wandb_run(path)
+    path.write_text(json.dumps({**doc, "version": 2}))
+    with pytest.raises(DataError, match=r"wandb-run format version 2, but this velocitune reads version 1; it was "
+                                        r"written by a newer velocitune"):
+        runfiles.read_wandb_run(path)

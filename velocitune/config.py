@@ -133,8 +133,16 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     interval: int = 10  # optimizer steps between metrics.jsonl records
-    tensorboard: bool = False
+    tensorboard: bool = False  # TensorBoard scalars in RUN/tb/ (extra velocitune[tensorboard])
     progress: bool = True
+    # Weights & Biases (extra velocitune[wandb]; rank 0 only): the TensorBoard scalars, the config, the final
+    # losses and the report's plots; `--resume` continues the same W&B run (its id is kept in RUN/wandb.json).
+    wandb: bool = False
+    wandb_project: str = "velocitune"
+    wandb_entity: str | None = None  # team or user; None: W&B's default entity
+    wandb_name: str | None = None  # the run's display name; None: the run directory's name
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: str = "auto"  # auto (W&B's: $WANDB_MODE, else online) | online | offline (no network; `wandb sync` later) | disabled
 
 
 @dataclass
@@ -239,6 +247,7 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"),
+    "log.wandb_mode": ("auto", "online", "offline", "disabled"),
     "dist.strategy": ("ddp", "fsdp2"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "targets.predictor": ("cpt_law", "chinchilla", "auto"),
@@ -518,6 +527,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(cfg.log.interval >= 1, "log.interval", "must be >= 1")
+    _check(bool(cfg.log.wandb_project.strip()), "log.wandb_project", "must name a W&B project, got an empty string")
     _check(cfg.checkpoint.interval is None or cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     # prepare.* is checked by `velocitune.prepare` itself (the library call checks the same values).
@@ -574,6 +584,15 @@ def check_resume_config(saved: dict, now: dict) -> None:
         )
 
 
+# One-line notes `--help-config` adds after a key's default, where the name and the default do not say enough.
+HELP_NOTES = {
+    "log.wandb": "   # Weights & Biases logging (pip install 'velocitune[wandb]'); rank 0 only; --resume continues the run",
+    "log.wandb_entity": "   # null: W&B's default entity",
+    "log.wandb_name": "   # null: the run directory's name",
+    "log.wandb_mode": " (auto: $WANDB_MODE, else online; offline writes RUN/wandb/ for `wandb sync`)",
+}
+
+
 def help_text() -> str:
     """Every key with its default, for `velocitune train --help-config`."""
     lines = []
@@ -588,5 +607,6 @@ def help_text() -> str:
                 extra += " (auto: the rule's, train for odm, eval for the others)"
             if f"{section.name}.{f.name}" == "mixing.pace":
                 extra += "   # null: true for velocitune's robust preset, false for faithful and the baselines"
+            extra += HELP_NOTES.get(f"{section.name}.{f.name}", "")
             lines.append(f"  {f.name}: {v!r}{extra}")
     return "\n".join(lines)

@@ -142,7 +142,7 @@ class MixingController:
     signal: "eval" (the caller evaluates the val sets at update points) or "train" (the per-domain losses
     of the training batches since the last update, accumulated here with `observe`). targets: ℓ_target,
     (k,) or None. seq_len: tokens per sequence (for tokens per domain). log: the mixture.jsonl writer
-    (None on ranks that write no files). scalars: where weights and velocities go as scalars. pace: spread
+    (None on ranks that write no files). scalars: where weights, velocities and targets go as scalars. pace: spread
     every domain's repetition allowance over the rest of the run (mixing.pace; `paced`).
     """
 
@@ -286,6 +286,8 @@ class MixingController:
             self.scalars("weight", named(w_hat), step)
             if velocity is not None:
                 self.scalars("velocity", named(velocity), step)
+            if self.targets is not None:  # constant, but beside the losses in the same charts is where they help
+                self.scalars("target", named(self.targets), step)
 
     def resume_log(self, records: Sequence[Mapping[str, Any]]) -> None:
         """After a resume: the newest record's ŵ is what the file says (records of later steps were dropped)."""

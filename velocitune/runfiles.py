@@ -1,7 +1,8 @@
 """The run directory's files: one writer and one reader per format, each versioned and checked on read.
 
 A run directory (docs/design.md §5, docs/contracts.md) holds `config.yaml`, three JSON-lines logs
-(`metrics.jsonl`, `eval.jsonl`, `mixture.jsonl`), `init_loss.json`, `targets.json` and `summary.json`.
+(`metrics.jsonl`, `eval.jsonl`, `mixture.jsonl`), `init_loss.json`, `targets.json`, `summary.json` and, with
+log.wandb, `wandb.json` (the W&B run that `--resume` continues).
 Every stage that writes or reads one of them goes through this module, so each format has one owner: its
 writer stamps the format's name and version and checks the document against its schema before it is
 written (atomically); its reader checks the version and the schema, so that a truncated, hand-edited or
@@ -39,6 +40,8 @@ DOWNSTREAM_FILE = "downstream.json"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 TENSORBOARD_DIR = "tb"
+WANDB_RUN_FILE = "wandb.json"  # the W&B run id that `--resume` continues (log.wandb)
+WANDB_DIR = "wandb"  # W&B's own local files (offline runs, media), unless $WANDB_DIR says elsewhere
 LOG_FILES = (METRICS_FILE, EVAL_FILE, MIXTURE_FILE)
 
 
@@ -136,7 +139,11 @@ DOWNSTREAM = Format("downstream", 1, {
     # "max_length", "include", "seconds"}}, one entry per lm-eval task evaluated (later evaluations add to it).
     "model": Field("text"), "lm_eval_version": Field("text"), "tasks": Field("mapping"),
 }, "re-run `velocitune eval` on the run (delete the file first)")
-FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, DOWNSTREAM)}
+WANDB_RUN = Format("wandb-run", 1, {
+    # W&B's id of the run this directory logs to; project and entity it was created in (entity null: the default).
+    "run_id": Field("text"), "project": Field("text"), "entity": Field("text", nullable=True),
+}, "delete it: the next start or --resume logs to a new W&B run")
+FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, DOWNSTREAM, WANDB_RUN)}
 
 
 def _is_number(v: Any) -> bool:
@@ -328,6 +335,18 @@ def read_plan(path: str | os.PathLike, names: Sequence[str] | None = None) -> di
             f"`velocitune plan` on this data"
         )
     return doc
+
+
+def write_wandb_run(path: str | os.PathLike, run_id: str, project: str, entity: str | None) -> None:
+    """wandb.json: the W&B run this run directory logs to, written when the run starts so `--resume` continues it."""
+    doc = _stamped(WANDB_RUN, {"run_id": run_id, "project": project, "entity": entity})
+    check_record(doc, WANDB_RUN, str(path))
+    atomic_write_json(Path(path), doc)
+
+
+def read_wandb_run(path: str | os.PathLike) -> dict:
+    """wandb.json checked against its schema: {run_id, project, entity}."""
+    return _read_doc(Path(path), WANDB_RUN, "W&B run file")
 
 
 def write_summary(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,17 @@ from velocitune.errors import ConfigError, DataError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
 from velocitune.losses import check_loss_path, forward_losses
-from velocitune.metrics import TensorBoardLogger, Throughput, Timers, flops_per_token, format_weights, peak_flops
+from velocitune.metrics import (
+    TensorBoardLogger,
+    Throughput,
+    Timers,
+    WandbLogger,
+    flops_per_token,
+    format_weights,
+    import_wandb,
+    new_wandb_run_id,
+    peak_flops,
+)
 from velocitune.model import load_tokenizer, make_model, unwrap_model
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import (
@@ -160,9 +171,13 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
     try:
         trainer = Trainer(cfg, env)
         with trainer.lock():
-            trainer.start(resume)
-            trainer.fit()
-            return trainer.finish()
+            try:
+                trainer.start(resume)
+                trainer.fit()
+                return trainer.finish()
+            except BaseException:
+                trainer.close_loggers(failed=True)  # what TensorBoard and W&B were given reaches their files
+                raise
     finally:
         dist.shutdown(env)
 
@@ -206,6 +221,9 @@ class Trainer:
                                       pace=cfg.mixing.pace)
         self.state = TrainState(controller, lay.k, env.device)
         self.tb = TensorBoardLogger(self.out / runfiles.TENSORBOARD_DIR, enabled=False)
+        self.wb = WandbLogger(enabled=False)
+        if cfg.log.wandb and self.main:
+            import_wandb()  # a missing package fails here, before the run directory is touched
         self.metrics_log = self.eval_log = None
 
     def _set_up_model(self) -> None:
@@ -272,12 +290,37 @@ class Trainer:
             self.eval_log = runfiles.RunLog(out / runfiles.EVAL_FILE, runfiles.EVAL, names)
             mix.log = runfiles.RunLog(out / runfiles.MIXTURE_FILE, runfiles.MIXTURE, names)
             self.tb = TensorBoardLogger(out / runfiles.TENSORBOARD_DIR, enabled=cfg.log.tensorboard)
-            mix.scalars = self.tb.scalars
+            self.wb = self._open_wandb(resumed)
+            mix.scalars = self._scalars
             if resumed:
                 mix.resume_log(runfiles.read_log(out / runfiles.MIXTURE_FILE, runfiles.MIXTURE, names))
         if not resumed:
             self._measure_init()
         self._announce()
+
+    def _open_wandb(self, resumed: bool) -> WandbLogger:
+        """The W&B run (log.wandb; rank 0): the one wandb.json names when resuming, so W&B shows one run; a new
+        one otherwise (a `--resume` that found no checkpoint starts over, and so does its W&B run)."""
+        lc, path = self.cfg.log, self.out / runfiles.WANDB_RUN_FILE
+        if not lc.wandb:
+            return WandbLogger(enabled=False)
+        run_id = runfiles.read_wandb_run(path)["run_id"] if resumed and path.is_file() else new_wandb_run_id()
+        # Saved before wandb.init: a crash during the first start still leaves the id a resume continues.
+        runfiles.write_wandb_run(path, run_id, lc.wandb_project, lc.wandb_entity)
+        return WandbLogger(True, run_id=run_id, project=lc.wandb_project, entity=lc.wandb_entity,
+                           name=lc.wandb_name or self.out.resolve().name, group=default_arm(self.cfg),
+                           tags=lc.wandb_tags, mode=lc.wandb_mode, config=to_dict(self.cfg),
+                           local_dir=os.environ.get("WANDB_DIR") or self.out)
+
+    def _scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
+        """Scalars to every logger that is on (TensorBoard, W&B), under the same names; rank 0 calls it."""
+        self.tb.scalars(prefix, values, step)
+        self.wb.scalars(prefix, values, step)
+
+    def close_loggers(self, failed: bool = False) -> None:
+        """Flush and close TensorBoard and W&B (a failed run is marked failed in W&B; --resume continues it)."""
+        self.tb.close()
+        self.wb.close(exit_code=1 if failed else 0)
 
     def _resume(self) -> bool:
         """Load the newest valid checkpoint, if any; logs are cut back to its step. True if one was loaded."""
@@ -448,9 +491,9 @@ class Trainer:
             rec["mfu"] = stats.mfu
             rec["peak_flops"] = self.peak_name
         self.metrics_log.write(rec)
-        self.tb.scalars("train", {k: v for k, v in (("loss", loss), ("lr", lr), ("tok_per_s", stats.tok_per_s))
-                                  if v is not None}, done)
-        self.tb.scalars("train_domain_loss", {n: v for n, v in rec["domain_loss"].items() if v is not None}, done)
+        self._scalars("train", {k: v for k, v in (("loss", loss), ("lr", lr), ("tok_per_s", stats.tok_per_s))
+                                if v is not None}, done)
+        self._scalars("train_domain_loss", {n: v for n, v in rec["domain_loss"].items() if v is not None}, done)
         w_hat = st.mixing.sampler.plan(done - 1).sampling_weights
         shown = "n/a" if loss is None else f"{loss:.3f}"
         bar.set_postfix_str(f"loss {shown} | {stats.tok_per_s:,.0f} tok/s | {format_weights(lay.names, w_hat)}")
@@ -466,7 +509,7 @@ class Trainer:
                                  "losses": dict(zip(names, losses.tolist())),
                                  "tokens_evaluated": dict(zip(names, self.val.tokens.tolist())),
                                  "elapsed_s": time.perf_counter() - self.t_start})
-            self.tb.scalars("val_loss", dict(zip(names, losses.tolist())), step)
+            self._scalars("val_loss", dict(zip(names, losses.tolist())), step)
         return losses
 
     def _update_mixture(self, done: int, plan: Plan) -> None:
@@ -512,7 +555,7 @@ class Trainer:
         if self.main:
             for log in (self.metrics_log, self.eval_log, mix.log):
                 log.close()  # syncs; left open, a process running many trainings leaks three files per run
-            runfiles.write_summary(self.out / runfiles.SUMMARY_FILE, {
+            summary = {
                 "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
                 "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
                 "steps": lay.steps, "tokens": lay.steps * lay.tokens_per_step,
@@ -524,13 +567,35 @@ class Trainer:
                 "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
                 "skipped_steps": st.skipped, "world_size": self.env.world_size, "estimated_overhead": self.overhead,
                 "estimated_overhead_flops": self.overhead_flops, "measured_overhead": measured, "complete": True,
-            })
+            }
+            runfiles.write_summary(self.out / runfiles.SUMMARY_FILE, summary)
             if cfg.checkpoint.save_final:
                 save_final(unwrap_model(self.model), self.tokenizer, self.out / runfiles.FINAL_DIR, final_sd)
-            self.tb.close()
+            self._wandb_end(summary)
+            self.close_loggers()
             self._closing_lines(final, wall, measured)
         dist.barrier(self.env)
         return RunResult(self.out, lay.steps, dict(zip(names, final.tolist())), dict(zip(names, mix.weights().tolist())))
+
+    def _wandb_end(self, summary: dict[str, Any]) -> None:
+        """W&B's run summary (final, initial and target losses, tokens per domain, times) and the report's plots."""
+        if not self.wb.enabled:
+            return
+        for key in ("final_val_loss", "init_loss", "targets", "tokens_per_domain", "epochs_per_domain"):
+            self.wb.summary(key, summary[key] or {})
+        self.wb.summary("", {k: summary[k] for k in ("wall_time_s", "time_eval_s", "time_update_s", "time_data_s",
+                                                     "time_checkpoint_s", "measured_overhead", "estimated_overhead")})
+        from velocitune.report.plots import run_plots  # matplotlib: only when the plots are wanted
+
+        with tempfile.TemporaryDirectory(prefix="velocitune-plots-") as tmp:
+            try:
+                written = run_plots(self.out, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - the run is complete and saved; a plot is not worth failing it
+                self._say(f"warning: the report's plots were not logged to W&B ({exc}); "
+                          f"draw them with `velocitune report {self.out}`")
+                return
+            self.wb.images({f"plots/{Path(n).stem}": (Path(tmp) / n, caption) for n, caption in written.items()},
+                           step=self.layout.steps)
 
     def _closing_lines(self, final: np.ndarray, wall: float, measured: float) -> None:
         lay, timers = self.layout, self.state.timers

@@ -14,6 +14,7 @@ from velocitune.report.plots import (
     plot_val_loss,
     plot_velocity,
     plot_weights,
+    run_plots,
     targets_figure,
 )
 from velocitune.report.runs import (
@@ -44,5 +45,5 @@ __all__ = [
     "Difference", "Run", "RunNumbers", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
     "domain_colours", "group_arms", "load_run", "load_runs", "main", "make_plots", "make_report", "mean_sd",
     "normalised_progress", "plot_plan", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "reweight_share",
-    "run_result", "run_table", "static_arm", "targets_figure", "targets_table",
+    "run_plots", "run_result", "run_table", "static_arm", "targets_figure", "targets_table",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from velocitune.report.runs import Run, reference_targets
+from velocitune.report.runs import Run, load_run, reference_targets
 
 PLOT_FILES = ("weights.png", "val_loss.png", "velocity.png", "targets.png")
 PLOT_DPI = 110
@@ -381,3 +381,10 @@ def make_plots(runs: Sequence[Run], arms: dict[str, list[Run]], domains: Sequenc
         if name not in written:
             (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
     return written
+
+
+def run_plots(run_dir: Path, out_dir: Path) -> dict[str, str]:
+    """The report's plots of one finished run (weights, validation loss, velocity and target fits where the run
+    has them) into out_dir; {file name: caption}. Training logs them to W&B at its end (log.wandb)."""
+    run = load_run(Path(run_dir))
+    return make_plots([run], {run.arm: [run]}, run.domains, None, Path(out_dir))
