@@ -21,7 +21,8 @@ def test_demo_pipeline_at_toy_size(tmp_path, toy_demo):
 
     for run in ("static", "velocitune"):
         tasks = json.loads((out / "runs" / run / "seed0" / "downstream.json").read_text())["tasks"]
-        assert {t: v["samples"] for t, v in tasks.items()} == {"demo_math_answer": 12, "demo_code_next_line": 12}
+        assert {t: v["samples"] for t, v in tasks.items()} == {"demo_math_answer": 12, "demo_math_method": 12,
+                                                               "demo_code_next_line": 12}
         row = next(r for r in table_with(text, "demo_code_next_line acc") if r["run"] == f"{run}/seed0")
         assert float(row["demo_code_next_line acc"]) == pytest.approx(tasks["demo_code_next_line"]["metrics"]["acc"], abs=5e-4)
     for png in ("weights.png", "val_loss.png", "velocity.png", "targets.png"):

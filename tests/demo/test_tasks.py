@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import yaml
@@ -27,6 +28,23 @@ def test_math_questions_are_held_out_and_answer_their_own_problem(demo_corpus):
         assert r["prompt"].endswith("\nAnswer:") and r["answer"] and "\n" not in r["answer"]
         assert r["prompt"] + " " + r["answer"] in docs  # the prompt and answer make one whole generated document
     assert len({r["prompt"] for r in rows}) == 50
+
+
+def test_method_questions_offer_first_steps_of_other_kinds(demo_corpus):
+    corpus = set(jsonl_texts(demo_corpus["math"]))
+    rows = tasks.method_examples(corpus, n=40)
+    statements = {d.split("\n\nSolution:")[0] for d in corpus}
+    heldout = math_documents(tasks.HELDOUT_MATH_SEED)
+    first_steps = {}
+    for doc in (next(heldout) for _ in range(400)):
+        first_steps[doc.split("\n\nSolution:")[0]] = doc.split("\n\nSolution:\n")[1].split("\n")[0]
+    for r in rows:
+        statement = r["context"].removesuffix("\n\nSolution:\n")
+        assert statement not in statements and r["context"].endswith("\n\nSolution:\n")
+        assert r["choices"][r["label"]] == first_steps[statement]  # the true first step of this problem
+        masked = [re.sub(r"\d+", "0", c) for c in r["choices"]]
+        assert len(set(masked)) == tasks.CHOICES  # four different kinds of step
+    assert len({r["label"] for r in rows}) > 1 and tasks.method_examples(corpus, n=40) == rows
 
 
 def test_code_questions_come_from_files_outside_the_corpus(demo_corpus):

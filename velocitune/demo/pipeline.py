@@ -184,8 +184,9 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
         dirs += run_arms(config_path, replay, out / "runs", parallel=parallel, threads=1)
 
     _stage(6, "downstream evaluation",
-           "lm-evaluation-harness scores each final model on two tasks over held-out text: exact match of the "
-           "answer of generated math problems, and picking a code file's true next line among four.")
+           "lm-evaluation-harness scores each final model on three tasks over held-out text: exact match of the "
+           "answer of generated math problems, picking a problem's first step among steps of other kinds, and "
+           "picking a code file's true next line among four of its lines.")
     from velocitune.demo.tasks import TASKS, write_tasks
     from velocitune.downstream import evaluate_runs, evaluated_tasks
 

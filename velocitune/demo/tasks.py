@@ -1,10 +1,14 @@
 """Downstream tasks for the demo's domains: lm-evaluation-harness task files over local JSON Lines.
 
-Two tasks, each on text the demo never trains on:
-- `demo_math_answer`: problems from the math generator under another seed, any problem whose statement is
-  in the corpus dropped. The prompt is the problem and its worked solution up to "Answer:"; the score is
-  the exact match of the greedy completion (to the end of the line) with the answer. It asks whether the
-  model learned the documents' closing convention and carries the result of the last step into it.
+Three tasks, each on text the demo never trains on (held-out math problems come from the generator under
+another seed, any problem whose statement is in the corpus dropped):
+- `demo_math_answer`: the prompt is a problem and its worked solution up to "Answer:"; the score is the
+  exact match of the greedy completion (to the end of the line) with the answer: whether the model carries
+  the last step's result into the closing line. (The demo's 1.9M-parameter model scores 0 here: it cannot
+  yet copy a multi-digit number; the task is for larger models.)
+- `demo_math_method`: the prompt is a problem and "Solution:"; the choices are its true first step and the
+  first steps of three problems of other kinds (other templates once digits are masked); the score is how
+  often the true step has the highest log-likelihood: whether the model tells which method a problem needs.
 - `demo_code_next_line`: standard-library files past the code domain's budget (the code stream goes on
   where the corpus stopped, so no file is in it). The prompt is up to `CONTEXT_LINES` lines of a file; the
   choices are the true next line and three other lines of the same file; the score is how often the
@@ -18,9 +22,11 @@ lm-eval resolves `data_files` against the working directory) into `out_dir`, whi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +37,9 @@ from velocitune.demo.math_problems import MATH_SEED, math_documents
 from velocitune.fileio import atomic_write_text, output_dir
 
 MATH_TASK = "demo_math_answer"
+METHOD_TASK = "demo_math_method"
 CODE_TASK = "demo_code_next_line"
-TASKS = (MATH_TASK, CODE_TASK)
+TASKS = (MATH_TASK, METHOD_TASK, CODE_TASK)
 N_EXAMPLES = 200  # per task, unless told otherwise
 CONTEXT_LINES = 6
 MIN_LINE_CHARS = 8  # lines shorter than this ("else:", ")") are neither asked for nor offered as choices
@@ -51,20 +58,54 @@ def _problem_statement(doc: str) -> str:
     return doc.split("\n\nSolution:", 1)[0]
 
 
-def math_examples(corpus_math: set[str], n: int = N_EXAMPLES) -> list[dict]:
-    """{"prompt", "answer"} for `n` held-out problems (none whose statement is in the corpus)."""
+def heldout_math_documents(corpus_math: set[str]) -> Iterator[str]:
+    """Worked problems from the held-out stream whose statements are neither in the corpus nor repeated."""
     seen = {_problem_statement(d) for d in corpus_math}
-    out: list[dict] = []
     for doc in math_documents(HELDOUT_MATH_SEED):
         statement = _problem_statement(doc)
-        if statement in seen:
-            continue
-        seen.add(statement)
+        if statement not in seen:
+            seen.add(statement)
+            yield doc
+
+
+def math_examples(corpus_math: set[str], n: int = N_EXAMPLES) -> list[dict]:
+    """{"prompt", "answer"} for `n` held-out problems (none whose statement is in the corpus)."""
+    out = []
+    for doc in itertools.islice(heldout_math_documents(corpus_math), n):
         body, answer = doc.rsplit("\nAnswer: ", 1)
         out.append({"prompt": body + "\nAnswer:", "answer": answer.strip()})
-        if len(out) == n:
-            return out
-    raise AssertionError("unreachable: the math stream is endless")
+    return out
+
+
+def _first_step(doc: str) -> str:
+    return doc.split("\n\nSolution:\n", 1)[1].split("\n", 1)[0]
+
+
+def _template(line: str) -> str:
+    """A line with its numbers masked: the same for every problem of one kind."""
+    return re.sub(r"\d+", "0", line)
+
+
+def method_examples(corpus_math: set[str], n: int = N_EXAMPLES, pool: int = 4) -> list[dict]:
+    """{"context", "choices", "label"}: a held-out problem, its true first step among three first steps of
+    problems of other kinds (drawn from `pool`·n other held-out problems)."""
+    docs = list(itertools.islice(heldout_math_documents(corpus_math), (pool + 1) * n))
+    questions, others = docs[:n], docs[n:]
+    rng = random.Random(HELDOUT_MATH_SEED)
+    out = []
+    for doc in questions:
+        step = _first_step(doc)
+        candidates = sorted({_first_step(o) for o in others if _template(_first_step(o)) != _template(step)})
+        distractors: list[str] = []
+        for c in rng.sample(candidates, len(candidates)):  # three steps of three different kinds
+            if all(_template(c) != _template(d) for d in distractors):
+                distractors.append(c)
+            if len(distractors) == CHOICES - 1:
+                break
+        label = rng.randrange(CHOICES)
+        out.append({"context": _problem_statement(doc) + "\n\nSolution:\n",
+                    "choices": distractors[:label] + [step] + distractors[label:], "label": label})
+    return out
 
 
 def _eligible(lines: list[str]) -> list[int]:
@@ -134,9 +175,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_tasks(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = N_EXAMPLES) -> Path:
     """The demo's task data and lm-eval YAML files in `out_dir` (given to `velocitune eval --include`)."""
     corpus_dir, out = Path(corpus_dir), output_dir(Path(out_dir).resolve(), "the task directory")
-    math_rows = math_examples(_corpus_texts(corpus_dir / "math.jsonl"), n)
-    code_rows = code_examples(_corpus_texts(corpus_dir / "code.jsonl"), n)
-    for name, rows, kind in ((MATH_TASK, math_rows, "answer"), (CODE_TASK, code_rows, "choice")):
+    corpus_math = _corpus_texts(corpus_dir / "math.jsonl")
+    tasks = ((MATH_TASK, math_examples(corpus_math, n), "answer"),
+             (METHOD_TASK, method_examples(corpus_math, n), "choice"),
+             (CODE_TASK, code_examples(_corpus_texts(corpus_dir / "code.jsonl"), n), "choice"))
+    for name, rows, kind in tasks:
         data = out / f"{name}.jsonl"
         _write_jsonl(data, rows)
         atomic_write_text(out / f"{name}.yaml", yaml.safe_dump(_task_yaml(name, data, kind), sort_keys=False))
@@ -148,4 +191,5 @@ def tasks_are_written(out_dir: str | os.PathLike) -> bool:
     return all((out / f"{t}.yaml").is_file() and (out / f"{t}.jsonl").is_file() for t in TASKS)
 
 
-__all__ = ["TASKS", "write_tasks", "tasks_are_written", "math_examples", "code_examples", "code_examples_from_file"]
+__all__ = ["TASKS", "write_tasks", "tasks_are_written", "math_examples", "method_examples", "code_examples",
+           "code_examples_from_file"]
