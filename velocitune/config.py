@@ -155,6 +155,7 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     strategy: str = "ddp"  # ddp | fsdp2 (used only under torchrun)
+    fsdp_cpu_offload: bool = False  # fsdp2: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     check_weights: bool = False  # debug: assert identical mixture weights on every rank
 
@@ -530,6 +531,8 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.log.wandb_project.strip()), "log.wandb_project", "must name a W&B project, got an empty string")
     _check(cfg.checkpoint.interval is None or cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(not cfg.dist.fsdp_cpu_offload or cfg.dist.strategy == "fsdp2", "dist.fsdp_cpu_offload",
+           "needs dist.strategy=fsdp2 (DDP keeps a full replica on every device)")
     # prepare.* is checked by `velocitune.prepare` itself (the library call checks the same values).
     tc = cfg.targets
     _check(0 < tc.fraction <= 1, "targets.fraction", f"must be in (0, 1], got {tc.fraction}")

@@ -101,8 +101,16 @@ def barrier(env: DistEnv) -> None:
         tdist.barrier()
 
 
-def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, bf16: bool) -> torch.nn.Module:
-    """DDP, or FSDP2 with `fully_shard` on every transformer block and then the root."""
+def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, bf16: bool,
+               cpu_offload: bool = False) -> torch.nn.Module:
+    """DDP, or FSDP2 with `fully_shard` on every transformer block and then the root.
+
+    FSDP2's mixed precision under bf16: blocks compute with bf16 parameters (all-gathered in bf16, half the
+    traffic) while the sharded master parameters, the gradients' reduce-scatter and the optimizer stay fp32.
+    `cpu_offload` keeps the fp32 shards, their gradients and the optimizer state in host memory (FSDP2 moves
+    each block's shard to the device for its all-gather), trading PCIe traffic and a CPU optimizer step for
+    device memory.
+    """
     if not env.distributed:
         return model
     if strategy == "ddp":
@@ -110,13 +118,21 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, bf16: bool) 
 
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = fsdp_mixed_precision(bf16)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in transformer_blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def fsdp_mixed_precision(bf16: bool):
+    """bf16 parameters for compute, fp32 gradient reduction; the identity policy without bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

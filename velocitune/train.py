@@ -251,13 +251,15 @@ class Trainer:
             # Compile the decoder in place: the chunked loss calls it directly and runs the head itself.
             getattr(model, "base_model", model).compile()
         self.model = model
-        self.net = dist.wrap_model(model, cfg.dist.strategy, env, bf16)
+        offload = env.distributed and cfg.dist.fsdp_cpu_offload
+        self.net = dist.wrap_model(model, cfg.dist.strategy, env, bf16, cpu_offload=offload)
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda",
+            # The fused kernel needs device parameters; offloaded shards live on the host.
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda" and not offload,
         )
 
     # ------------------------------------------------------------------------------------ start
