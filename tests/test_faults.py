@@ -581,6 +581,25 @@ def test_preemption_stops_at_a_step_boundary_and_resumes_bit_identical(harness):
         print(f"  {a.how:<44} exit {a.rc:>3}  {a.seconds:5.2f}s  resumed from {a.resumed_from}")
 
 
+def test_preemption_guard_keeps_the_first_signal_and_restores_the_handlers():
+    import threading
+
+    from velocitune.preempt import PreemptionGuard
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled before os.kill returns to this (main) thread
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: ignored, not fatal
+        assert guard.signum == signal.SIGUSR1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    # Off the main thread Python cannot install handlers: the guard leaves them alone instead of failing.
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(PreemptionGuard().__enter__()._previous))
+    worker.start()
+    worker.join()
+    assert seen == [{}]
+
+
 def _corrupt_truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
