@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -291,6 +292,60 @@ def test_killed_ddp_run_resumes_exactly(runs, ddp2, tmp_path):
     run(torchrun(2, *train_args(runs / "run.yaml", out, "--resume")), tmp_path / "resume.log")
     assert "resumed from step" in (tmp_path / "resume.log").read_text()
     assert_same_run(out, ddp2, loss_tol=1e-6, weight_tol=1e-9)
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (read from the workers' environments)."""
+    for pid in descendants(launcher.pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("target", ["rank1", "launcher"])
+def test_preempted_ranks_stop_at_the_same_step_and_resume_exactly(runs, ddp2, tmp_path, target):
+    """SIGTERM to one worker only (rank 1: rank 0, which writes the checkpoint, never sees a signal and must
+    stop by the ranks' agreement), or to torchrun, which forwards it to every worker: both ranks stop at the
+    same step with a complete checkpoint there, and `--resume` ends equal to the uninterrupted run."""
+    out, log = tmp_path / "preempted", tmp_path / "preempted.log"
+    proc = start(torchrun(2, *train_args(runs / "run.yaml", out)), log)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while max(jsonl_steps(out / "metrics.jsonl"), default=0) < 3 and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-6000:]
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before the signal:\n{log.read_text()[-6000:]}"
+        os.kill(worker_pid(proc, 1) if target == "rank1" else proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=LAUNCH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    text = log.read_text()
+    # torchrun reports a worker's non-zero status (or its own signal) with status 1; the workers' own is 75.
+    assert rc == 1, text[-6000:]
+    if target == "rank1":
+        assert "exitcode  : 75" in text, text[-6000:]
+    stops = re.findall(r"preempted by SIGTERM at step (\d+): checkpoint written; continue with the same command "
+                       r"and --resume \(exit status 75\)", text)
+    assert len(stops) == 1, text[-6000:]  # rank 0 says it, once
+    step = int(stops[0])
+    assert 3 <= step < STEPS
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts[-1] == f"step_{step:08d}", ckpts  # written collectively: both ranks reached it
+    assert max(jsonl_steps(out / "metrics.jsonl")) == step and not (out / "summary.json").exists()
+
+    run(torchrun(2, *train_args(runs / "run.yaml", out, "--resume")), tmp_path / "resume.log")
+    assert f"resumed from step {step}" in (tmp_path / "resume.log").read_text()
+    assert_same_run(out, ddp2, loss_tol=0, weight_tol=0)
+    from safetensors.torch import load_file
+
+    got, ref = load_file(out / "final" / "model.safetensors"), load_file(ddp2 / "final" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 @pytest.mark.dist

@@ -86,6 +86,10 @@ def _arm(fault: dict) -> None:
         calls += 1
         if calls != fault["call"]:
             return real(*args, **kwargs)
+        if "signal" in fault:  # a preemption: the signal arrives as the call starts, and the call goes on
+            os.write(2, f"SIGNAL {fault['signal']} {fault['point']} #{calls}\n".encode())
+            os.kill(os.getpid(), getattr(signal, fault["signal"]))
+            return real(*args, **kwargs)
         if when == "before":
             _die(fault["point"], calls)
         if when == "torn":
@@ -261,6 +265,9 @@ def _attempt(server: ForkServer, argv: list, log: Path, *, fault: dict | None = 
     text = log.read_text(errors="replace") if log.exists() else ""
     if fault and rc == KILLED:
         assert f"FAULT {fault['point']} #{fault['call']}" in text, f"{how}: killed, not by the fault:\n{text[-3000:]}"
+    if fault and "signal" in fault:
+        how = f"{fault['signal']} at {how[len('fault '):]}"
+        assert f"SIGNAL {fault['signal']} {fault['point']} #{fault['call']}" in text, f"{how}: not sent:\n{text[-3000:]}"
     assert rc in expect, f"{how}: exit status {rc}, expected one of {expect}:\n{text[-3000:]}"
     return Attempt(how, rc, text, hit, time.perf_counter() - t0)
 
@@ -413,7 +420,7 @@ def _chain(h: Harness, ref: Reference, name: str,
         argv = ["train", cfg] + (["--resume"] if attempts else [])
         watch = (entry["watch"], watches[entry["watch"]]()) if "watch" in entry else None
         attempts.append(_attempt(h.server, argv, h.root / f"{name}-{len(attempts)}.log", fault=entry.get("fault"),
-                                 delay=entry.get("delay"), watch=watch))
+                                 delay=entry.get("delay"), watch=watch, expect=entry.get("expect", (0, KILLED))))
     attempts.append(_attempt(h.server, ["train", cfg, "--resume"], h.root / f"{name}-end.log"))
     assert attempts[-1].rc == 0
     assert_same_run(artifacts(run), ref.art, f"{name} ({', '.join(a.how for a in attempts[:-1])})")
@@ -531,6 +538,66 @@ def test_train_signal_run_survives_kills(harness):
     attempts = _chain(harness, ref, "train-signal", _plan(plan))
     assert sum(a.killed for a in attempts) >= 3
     _report("train-signal kills", attempts)
+
+
+# ---------------------------------------------------------------- preemption (SIGTERM / SIGUSR1)
+
+PREEMPTED = 75  # the documented exit status of a preempted run (velocitune.errors.PREEMPTED_EXIT), written out
+
+# One process per entry, each resumed from the checkpoint its predecessor wrote when it stopped. The process
+# sends the signal to itself as the named call starts, and the call goes on (a signal is not a kill). Call
+# numbers count from each process's start; a resumed process first runs the overhead probe (eval.forward
+# 1-3, PROBE_STEP_FORWARDS step forwards). With the tiny config (updates at 2, 6, 10, ..., curve evaluations
+# at 4, 8, 12, ..., checkpoints every 3 steps): (point, call, signal, the step the run must stop at).
+PREEMPTIONS = [
+    ("eval.forward", 1, "SIGTERM", 1),  # set-up (the ℓ_init evaluation): the first step runs, then it stops
+    ("eval.forward", 5, "SIGUSR1", 2),  # the update's evaluation at step 2 (the eval signal)
+    ("eval.forward", 5, "SIGTERM", 4),  # the curve evaluation at step 4
+    ("update.rule", 1, "SIGTERM", 6),  # the weight update at step 6, also a periodic checkpoint (written once)
+    ("checkpoint.part", 1, "SIGTERM", 9),  # the periodic checkpoint write at step 9: it completes
+    ("step.forward", PROBE_STEP_FORWARDS + 2, "SIGUSR1", 11),  # a plain step (10 -> 11)
+]
+
+
+def _preempted_line(sig: str, step: int) -> str:
+    return (f"preempted by {sig} at step {step}: checkpoint written; continue with the same command and --resume "
+            f"(exit status {PREEMPTED})")
+
+
+def test_preemption_stops_at_a_step_boundary_and_resumes_bit_identical(harness):
+    ref = harness.reference()
+    plan = [{"fault": {"point": p, "call": c, "signal": sig}, "expect": (PREEMPTED,)} for p, c, sig, _ in PREEMPTIONS]
+    attempts = _chain(harness, ref, "preempt", _plan(plan))
+    for a, (*_, sig, step) in zip(attempts, PREEMPTIONS):
+        assert a.rc == PREEMPTED, a.how
+        assert _preempted_line(sig, step) in a.log, f"{a.how}:\n{a.log[-3000:]}"
+        assert "Traceback" not in a.log and "error:" not in a.log
+    # Each process resumed from the checkpoint of the step its predecessor stopped at: the checkpoint was
+    # written there (the one interrupted at step 9 completed), and the whole chain ended bit-identical.
+    assert [a.resumed_from for a in attempts[1:]] == [step for *_, step in PREEMPTIONS]
+    print(f"\npreemption: {len(PREEMPTIONS)} signals sent (SIGTERM and SIGUSR1 during set-up, evaluation, "
+          f"update, checkpoint write and a step), each stopped at the next step boundary with status {PREEMPTED}")
+    for a in attempts:
+        print(f"  {a.how:<44} exit {a.rc:>3}  {a.seconds:5.2f}s  resumed from {a.resumed_from}")
+
+
+def test_preemption_guard_keeps_the_first_signal_and_restores_the_handlers():
+    import threading
+
+    from velocitune.preempt import PreemptionGuard
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled before os.kill returns to this (main) thread
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: ignored, not fatal
+        assert guard.signum == signal.SIGUSR1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    # Off the main thread Python cannot install handlers: the guard leaves them alone instead of failing.
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(PreemptionGuard().__enter__()._previous))
+    worker.start()
+    worker.join()
+    assert seen == [{}]
 
 
 def _corrupt_truncate(path: Path) -> None:

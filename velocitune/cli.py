@@ -1,7 +1,8 @@
 """The `velocitune` command line: one subcommand per pipeline stage (docs/design.md §2, §5).
 
 Training-style commands take a YAML config plus dotted overrides (`--train.steps=200`). Errors the user
-can fix (VelocituneError) print one clear message and exit with status 2, without a traceback.
+can fix (VelocituneError) print one clear message and exit with status 2, without a traceback. A training run
+stopped by SIGTERM/SIGUSR1 exits with status 75 (errors.PREEMPTED_EXIT) after its checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from velocitune import __version__
-from velocitune.errors import VelocituneError
+from velocitune.errors import PREEMPTED_EXIT, Preempted, VelocituneError
 
 CONFIG_HELP = (
     "A YAML config (sections run, data, model, train, mixing, eval, log, checkpoint, dist, prepare, targets, plan: "
@@ -178,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args, extra) or 0)
+    except Preempted:
+        # Training already said where it stopped and how to continue; the status lets a job script requeue.
+        return PREEMPTED_EXIT
     except VelocituneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

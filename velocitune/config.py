@@ -150,6 +150,9 @@ class CheckpointConfig:
     interval: int | None = None  # steps between checkpoints; default steps // 5; 0 disables
     keep: int = 2  # keep the newest K valid checkpoints
     save_final: bool = True  # write final/ (save_pretrained model + tokenizer)
+    # Under torchrun, the ranks agree every N steps on whether a SIGTERM/SIGUSR1 arrived (one all-reduce of one
+    # number on a CPU group, no GPU sync); a signal is acted on within N steps. One process checks every step.
+    preempt_check_interval: int = 1
 
 
 @dataclass
@@ -531,6 +534,7 @@ def validate(cfg: Config) -> None:
     _check(bool(cfg.log.wandb_project.strip()), "log.wandb_project", "must name a W&B project, got an empty string")
     _check(cfg.checkpoint.interval is None or cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.checkpoint.preempt_check_interval >= 1, "checkpoint.preempt_check_interval", "must be >= 1")
     _check(not cfg.dist.fsdp_cpu_offload or cfg.dist.strategy == "fsdp2", "dist.fsdp_cpu_offload",
            "needs dist.strategy=fsdp2 (DDP keeps a full replica on every device)")
     # prepare.* is checked by `velocitune.prepare` itself (the library call checks the same values).

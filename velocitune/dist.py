@@ -87,6 +87,24 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def control_group(env: DistEnv):
+    """A process group for small host-side decisions (the preemption flag): the default group when it is
+    gloo, else a gloo group beside NCCL, so that agreeing on a CPU value never waits for the GPU stream.
+    Collective: every rank must call it, in the same order. None in one process."""
+    if not env.distributed:
+        return None
+    if tdist.get_backend() == "gloo":
+        return tdist.group.WORLD
+    return tdist.new_group(backend="gloo")
+
+
+def all_reduce_max(t: torch.Tensor, env: DistEnv, group=None) -> torch.Tensor:
+    """The element-wise maximum of a small tensor over ranks, in place (a no-op in one process)."""
+    if env.distributed:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
+    return t
+
+
 def broadcast_object(obj, env: DistEnv):
     """Rank 0's `obj` on every rank (pickled; for small host objects only)."""
     if not env.distributed:

@@ -30,3 +30,19 @@ class TrainingError(VelocituneError):
 
 class FitError(VelocituneError):
     """A scaling-law fit cannot be made from the points given."""
+
+
+# EX_TEMPFAIL of sysexits.h, "a temporary failure; the user is invited to retry": distinct from success (0),
+# a failure (1), a usage or config error (2), Ctrl-C (130) and death by a signal (128+n in a shell, 143 for
+# SIGTERM), so a job script or a Kubernetes podFailurePolicy can requeue on it alone (docs/usage.md).
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary on SIGTERM/SIGUSR1 after writing a checkpoint; `--resume` continues.
+
+    Not a VelocituneError: nothing is wrong, and the CLI exits with PREEMPTED_EXIT, not 2."""
+
+    def __init__(self, signame: str, step: int):
+        self.signame, self.step = signame, step
+        super().__init__(f"preempted by {signame} at step {step}")

@@ -1,8 +1,8 @@
 """`velocitune train`: continual pre-training of a causal LM on a domain mixture that is re-weighted while it trains.
 
 `Trainer.fit` is the loop, top to bottom (docs/design.md §6): lr → micro-steps → clip → step → log →
-evaluate → update the mixture for the next step → checkpoint. Set-up (`Trainer.__init__`), resume and the
-first records (`Trainer.start`) and teardown (`Trainer.finish`) live in their own methods. Updating at the
+evaluate → update the mixture for the next step → checkpoint → stop here if SIGTERM/SIGUSR1 arrived
+(velocitune/preempt.py). Set-up (`Trainer.__init__`), resume and the first records (`Trainer.start`) and teardown (`Trainer.finish`) live in their own methods. Updating at the
 end of step t-1 is the same boundary as "before step t"; doing it before the checkpoint means every record
 of a step is on disk before its checkpoint. Everything that must survive a restart is one `TrainState`
 (progress, timers, the log window's sums and the mixing controller with its rule and sampler), so a
@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ from velocitune.metrics import (
     peak_flops,
 )
 from velocitune.model import load_tokenizer, make_model, unwrap_model
+from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import (
     ADAPTIVE_RULES,
@@ -169,15 +171,21 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
     """Set up, resume when asked, train, and write the summary and the final model of one run."""
     env = dist.init(cfg.train.device, cfg.dist.backend)
     try:
-        trainer = Trainer(cfg, env)
-        with trainer.lock():
-            try:
-                trainer.start(resume)
-                trainer.fit()
-                return trainer.finish()
-            except BaseException:
-                trainer.close_loggers(failed=True)  # what TensorBoard and W&B were given reaches their files
-                raise
+        # From set-up to the end: a SIGTERM/SIGUSR1 during set-up is acted on at the first step boundary.
+        with PreemptionGuard() as guard:
+            trainer = Trainer(cfg, env, guard)
+            with trainer.lock():
+                try:
+                    trainer.start(resume)
+                    trainer.fit()
+                    return trainer.finish()
+                except Preempted:
+                    trainer.close_logs()
+                    trainer.close_loggers(exit_code=PREEMPTED_EXIT)  # W&B shows it stopped early; resume continues it
+                    raise
+                except BaseException:
+                    trainer.close_loggers(exit_code=1)  # what TensorBoard and W&B were given reaches their files
+                    raise
     finally:
         dist.shutdown(env)
 
@@ -185,7 +193,7 @@ def train(cfg: Config, resume: bool = False) -> RunResult:
 class Trainer:
     """One training run: set-up in `__init__`, `start` (resume or step 0), `fit` (the loop), `finish`."""
 
-    def __init__(self, cfg: Config, env: dist.DistEnv):
+    def __init__(self, cfg: Config, env: dist.DistEnv, guard: PreemptionGuard | None = None):
         self.t_start = time.perf_counter()
         self.cfg, self.env = cfg, env
         self.out = Path(cfg.run.out_dir)
@@ -225,6 +233,8 @@ class Trainer:
         if cfg.log.wandb and self.main:
             import_wandb()  # a missing package fails here, before the run directory is touched
         self.metrics_log = self.eval_log = None
+        self.stop = StopAgreement(guard or PreemptionGuard(), env, cfg.checkpoint.preempt_check_interval)
+        self.last_checkpoint = -1  # the step of the checkpoint this process wrote last
 
     def _set_up_model(self) -> None:
         """Seeds, the model (and the tokenizer final/ ships with), autocast, wrapping and the optimizer."""
@@ -319,10 +329,16 @@ class Trainer:
         self.tb.scalars(prefix, values, step)
         self.wb.scalars(prefix, values, step)
 
-    def close_loggers(self, failed: bool = False) -> None:
-        """Flush and close TensorBoard and W&B (a failed run is marked failed in W&B; --resume continues it)."""
+    def close_loggers(self, exit_code: int = 0) -> None:
+        """Flush and close TensorBoard and W&B (exit_code != 0 marks the run failed in W&B; --resume continues it)."""
         self.tb.close()
-        self.wb.close(exit_code=1 if failed else 0)
+        self.wb.close(exit_code=exit_code)
+
+    def close_logs(self) -> None:
+        """Sync and close the JSONL logs (rank 0 opened them in `start`)."""
+        for log in (self.metrics_log, self.eval_log, self.state.mixing.log):
+            if log is not None:
+                log.close()
 
     def _resume(self) -> bool:
         """Load the newest valid checkpoint, if any; logs are cut back to its step. True if one was loaded."""
@@ -422,7 +438,22 @@ class Trainer:
             if lay.ckpt_every and done % lay.ckpt_every == 0 and done < lay.steps:
                 with st.timers("checkpoint"):
                     self._save_checkpoint(done)
+            # 8. preemption: a SIGTERM/SIGUSR1 received during this step (its evaluation, update or checkpoint
+            # included) stops the run here, on every rank at the same step
+            if signum := self.stop.agreed(done):
+                bar.close()
+                self._preempt(signum, done)
         bar.close()
+
+    def _preempt(self, signum: int, done: int) -> None:
+        """Checkpoint at step `done` (unless step 7 just wrote it), say how to continue, raise Preempted."""
+        if self.last_checkpoint != done:
+            with self.state.timers("checkpoint"):
+                self._save_checkpoint(done)
+        stop = Preempted(signal.Signals(signum).name, done)
+        self._say(f"{stop}: checkpoint written; continue with the same command and --resume "
+                  f"(exit status {PREEMPTED_EXIT})")
+        raise stop
 
     def _forward_backward(self, plan: Plan) -> torch.Tensor:
         """Gradients of this rank's share of the step; returns the step's mean loss (device, float64)."""
@@ -540,6 +571,7 @@ class Trainer:
                             keep=self.cfg.checkpoint.keep)
             dist.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
         dist.barrier(self.env)
+        self.last_checkpoint = step
 
     # ------------------------------------------------------------------------------------ the end
 
@@ -555,8 +587,7 @@ class Trainer:
         names = lay.names
         final_sd = dist.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if self.main:
-            for log in (self.metrics_log, self.eval_log, mix.log):
-                log.close()  # syncs; left open, a process running many trainings leaks three files per run
+            self.close_logs()  # syncs; left open, a process running many trainings leaks three files per run
             summary = {
                 "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
                 "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
