@@ -14,7 +14,8 @@ Both use AdamW (betas 0.9/0.95, weight decay 0.1 on >= 2-D parameters, which for
 Trainer's default excludes too: biases and norms), a constant LR of 1e-3, clip 1.0, the same saved fresh
 model. Step times: velocitune's from where train.py counts a step's tokens (`Throughput.add`, patched here),
 the Trainer's from `on_step_end`; the first `--skip` steps (start-up, the step-0 evaluation) are left out;
-tokens/s = tokens per step / median step time. Loss agreement: the mean training loss of each log window
+tokens/s = tokens per step / median step time, and over the window's total time (which includes the
+steps that carry a mixture update; the median leaves them out). Loss agreement: the mean training loss of each log window
 (metrics.jsonl vs the Trainer's log history), max relative difference.
 
     python benchmarks/hf_trainer.py [--steps 40] [--repeats 2] [--cache DIR]
@@ -138,16 +139,21 @@ def analyse(rounds: list[dict], s, skip: int) -> dict:
     for pair in ("static", "eval"):
         med = {side: statistics.median([t for r in rounds for t in step_times(r[pair][side]["step_ends"], skip)])
                for side in ("ours", "theirs")}
+        # Window totals include the steps that carry a mixture update (the median leaves those out).
+        total = {side: sum(sum(step_times(r[pair][side]["step_ends"], skip)) for r in rounds)
+                 / sum(len(step_times(r[pair][side]["step_ends"], skip)) for r in rounds) for side in ("ours", "theirs")}
         common = sorted(set(rounds[0][pair]["ours"]["losses"]) & set(rounds[0][pair]["theirs"]["losses"]))
         rel = [abs(r[pair]["ours"]["losses"][k] - r[pair]["theirs"]["losses"][k]) / r[pair]["theirs"]["losses"][k]
                for r in rounds for k in common]
         out[pair] = {"tok_per_s_ours": tokens / med["ours"], "tok_per_s_theirs": tokens / med["theirs"],
                      "median_step_s_ours": med["ours"], "median_step_s_theirs": med["theirs"],
-                     "speed_ratio": med["theirs"] / med["ours"], "loss_steps": common,
+                     "speed_ratio": med["theirs"] / med["ours"],
+                     "tok_per_s_ours_window": tokens / total["ours"], "tok_per_s_theirs_window": tokens / total["theirs"],
+                     "speed_ratio_window": total["theirs"] / total["ours"], "loss_steps": common,
                      "loss_rel_diff_max": max(rel) if rel else None,
                      "losses_ours": [rounds[0][pair]["ours"]["losses"][k] for k in common],
                      "losses_theirs": [rounds[0][pair]["theirs"]["losses"][k] for k in common]}
-        out[pair]["speed_ok"] = out[pair]["speed_ratio"] >= GOALS["speed_ratio"]
+        out[pair]["speed_ok"] = min(out[pair]["speed_ratio"], out[pair]["speed_ratio_window"]) >= GOALS["speed_ratio"]
         out[pair]["loss_ok"] = rel != [] and max(rel) < GOALS["loss_rel_diff"]
     return out
 
@@ -184,11 +190,13 @@ def main() -> None:
     res = analyse(rounds, s, args.skip)
     print(f"\nvelocitune train vs transformers.Trainer + MixtureDataset (demo Llama {s.hidden}x{s.layers}, "
           f"batch {s.batch}x{s.seq_len}, {args.steps} steps, {args.repeats} rounds, 1 thread)")
-    print(f"{'pair':>7} {'ours tok/s':>11} {'Trainer tok/s':>14} {'ratio':>6} {'max loss diff':>14}  goal")
+    print("tok/s from the median step time; 'window': from the window's total time, mixture updates included")
+    print(f"{'pair':>7} {'ours tok/s':>11} {'Trainer tok/s':>14} {'ratio':>6} {'window ratio':>13} {'max loss diff':>14}  goal")
     for pair, r in res.items():
         diff = "n/a" if r["loss_rel_diff_max"] is None else f"{100 * r['loss_rel_diff_max']:.2f} %"
         print(f"{pair:>7} {r['tok_per_s_ours']:>11,.0f} {r['tok_per_s_theirs']:>14,.0f} {r['speed_ratio']:>6.2f} "
-              f"{diff:>14}  speed {'met' if r['speed_ok'] else 'MISSED'}, losses {'met' if r['loss_ok'] else 'MISSED'}")
+              f"{r['speed_ratio_window']:>13.2f} {diff:>14}  speed {'met' if r['speed_ok'] else 'MISSED'}, "
+              f"losses {'met' if r['loss_ok'] else 'MISSED'}")
     import transformers
 
     path = save("hf_trainer", {"setup": {"steps": args.steps, "repeats": args.repeats, "skip": args.skip,

@@ -107,6 +107,8 @@ def kind(cmd: Command) -> str:
         return first
     if first == "pytest":
         return "pytest"
+    if first in ("bash", "sbatch") and words[1].startswith("examples/"):
+        return "launcher"
     return "unknown"
 
 
@@ -326,6 +328,8 @@ def run(cmd: Command, toy_demo=None) -> None:
         run_torchrun(words)
     elif k == "accelerate":
         run_subprocess([str(BIN / "accelerate"), *words[1:], *TINY])
+    elif k == "launcher":  # a cluster launch (GPUs, SLURM): here its script's syntax and its config's keys
+        run_launcher(words)
     elif k == "pytest":  # running the suite inside the suite would recurse: it must select tests
         done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
                                *[w for w in words[1:] if w != "-s"]], capture_output=True, text=True, cwd=REPO,
@@ -334,6 +338,18 @@ def run(cmd: Command, toy_demo=None) -> None:
         assert re.search(r"\d+ tests? collected", done.stdout), done.stdout
     else:
         raise AssertionError(f"no way to run {cmd}")
+
+
+def run_launcher(words: list[str]) -> None:
+    """`bash|sbatch examples/SCRIPT CONFIG ...`: the script exists, is executable and parses (bash -n), and
+    the config it is given loads with every key known and every value checked (velocitune.config)."""
+    from velocitune.config import load_config
+
+    script = REPO / words[1]
+    assert script.is_file() and os.access(script, os.X_OK), f"{script} is missing or not executable"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    load_config(REPO / words[2])
 
 
 def _params(want: str | None):
