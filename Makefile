@@ -53,7 +53,7 @@ test-gpu: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
-BENCHES := prepare sampler losses laws throughput allreduce hf_trainer
+BENCHES := prepare sampler losses laws throughput allreduce memory hf_trainer
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py"; OMP_NUM_THREADS=1 $(PY) benchmarks/$$b.py || exit 1; done

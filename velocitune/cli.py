@@ -60,7 +60,7 @@ def _run_train(args, extra) -> int:
     from velocitune.train import train
 
     cfg = _split_config(args, extra)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, dry_run=args.dry_run)
     return 0
 
 
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _config_command(sub, "train", "continual pre-training with a mixing rule",
                         "Continue pre-training a model on prepared domains, re-weighting them while it trains.")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config, data, model and targets; print the budget, memory and overhead estimates; "
+                        "exit without training or writing anything")
     p.set_defaults(handler=_run_train, takes_overrides=True)
 
     p = _config_command(sub, "init-loss", "the base model's per-domain validation loss (l_init)",

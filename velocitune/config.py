@@ -57,6 +57,9 @@ class ModelConfig:
     n_kv_heads: int | None = None
     intermediate_size: int | None = None
     tie_embeddings: bool = True
+    # Attention kernel, passed to transformers: sdpa (torch's fused attention) | eager (the explicit softmax; keeps a
+    # (batch, heads, T, T) matrix per layer) | flash_attention_2 (needs the flash_attn package and a CUDA GPU).
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -81,6 +84,9 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
     loss_chunk_tokens: int = 2048  # tokens per chunk of the memory-light cross-entropy
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    # off | block: recompute each decoder block in backward, keeping only its input (less memory, ~1/3 more compute).
+    activation_checkpointing: str = "off"
+    memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
 
 
 @dataclass
@@ -251,6 +257,8 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"),
+    "train.activation_checkpointing": ("off", "block"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "log.wandb_mode": ("auto", "online", "offline", "disabled"),
     "dist.strategy": ("ddp", "fsdp2"),
     "dist.backend": ("auto", "nccl", "gloo"),
@@ -558,6 +566,8 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.micro_batch_size",
     "train.compile",
+    "train.activation_checkpointing",  # the same gradients, recomputed: a resumed run may switch it
+    "train.memory_check",
     "eval.batch_size",
     "dist.",
     "run.out_dir",
@@ -596,6 +606,9 @@ HELP_NOTES = {
     "log.wandb": "   # Weights & Biases logging (pip install 'velocitune[wandb]'); rank 0 only; --resume continues the run",
     "log.wandb_entity": "   # null: W&B's default entity",
     "log.wandb_name": "   # null: the run directory's name",
+    "train.activation_checkpointing": " (block: recompute each decoder block in backward; less memory, ~1/3 more compute)",
+    "train.memory_check": "   # false: start even when the memory estimate exceeds the device's memory",
+    "model.attn_implementation": " (flash_attention_2 needs the flash_attn package and CUDA)",
     "log.wandb_mode": " (auto: $WANDB_MODE, else online; offline writes RUN/wandb/ for `wandb sync`)",
 }
 

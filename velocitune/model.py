@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +54,28 @@ def _local_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str, device: torch.device) -> None:
+    """ConfigError when `model.attn_implementation` cannot run here (flash_attention_2 without flash_attn or CUDA)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"config key 'model.attn_implementation' is '{name}'; allowed: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation is 'flash_attention_2' but the flash_attn package is not installed; "
+            "install it (`pip install flash-attn`, CUDA only) or use model.attn_implementation=sdpa (the default)"
+        )
+    if device.type != "cuda":
+        raise ConfigError(
+            f"model.attn_implementation is 'flash_attention_2' but training runs on {device.type} (flash-attention "
+            "needs a CUDA GPU); use model.attn_implementation=sdpa (the default) or eager"
+        )
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> nn.Module:
     """A Hugging Face causal LM from a local `save_pretrained` directory, in `dtype`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +83,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     if not (p / "config.json").is_file():
         raise ConfigError(f"'{p}' is not a model directory: it has no config.json. {_HOW_TO_GET_A_MODEL}")
     try:
-        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, **_dtype_kwargs(dtype))
+        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, attn_implementation=attn_implementation,
+                                                    **_dtype_kwargs(dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(
             f"could not load a causal language model from '{p}': {exc}. Check that the directory was "
@@ -97,6 +120,7 @@ def build_model(
     n_kv_heads: int | None = None,
     tie_embeddings: bool = True,
     seed: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> nn.Module:
     """A freshly initialised Llama-style model; the same arguments give the same weights.
 
@@ -129,6 +153,7 @@ def build_model(
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -250,6 +275,35 @@ def _unwrap_chain(model: nn.Module) -> tuple[nn.Module, nn.Module | None, bool]:
     return model, call_target, compiled
 
 
+def checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    """Activation checkpointing per decoder block (train.activation_checkpointing=block), in place.
+
+    Each block's `forward` is replaced, on the instance, by one that runs it under non-reentrant
+    `torch.utils.checkpoint` while training with gradients on: forward keeps only the block's inputs
+    (hidden states (B, T, H) and the shared rotary tables) and backward re-runs the block to get its
+    internals back, one block at a time. Why the instance's `forward` and not a wrapper module:
+    parameter names (checkpoints, FSDP2 shards, save_pretrained) stay the same, and module hooks run in
+    `__call__` around `forward`, so DDP's and FSDP2's hooks (FSDP2 swaps the block's class, the instance
+    attribute still wins) are not re-run by the recompute. Non-reentrant checkpointing supports keyword
+    arguments, inputs that need no gradient and DDP/FSDP2's gradient hooks; evaluation (eval mode or
+    no_grad) runs the block plainly. The RNG state is restored for the recompute (dropout draws the same).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        if getattr(block, "_velocitune_checkpointed", False):
+            continue
+        plain = block.forward  # the bound method of the block's class
+
+        def forward(*args, _plain=plain, _block=block, **kwargs):
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+        block._velocitune_checkpointed = True
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP / FSDP / torch.compile wrappers."""
     return _unwrap_chain(model)[0]
@@ -262,13 +316,13 @@ def make_model(cfg: Config, data: PreparedData) -> nn.Module:
     tokenizer final/ will ship with carry a vocabulary fingerprint, they must be the same tokenizer.
     """
     if cfg.model.path:
-        model = load_model(cfg.model.path)
+        model = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
     else:
         mc = cfg.model
         model = build_model(
             vocab_size=data.vocab_size, hidden_size=mc.hidden_size, n_layers=mc.n_layers, n_heads=mc.n_heads,
             intermediate_size=mc.intermediate_size, max_seq_len=max(cfg.data.seq_len, 64), n_kv_heads=mc.n_kv_heads,
-            tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed,
+            tie_embeddings=mc.tie_embeddings, seed=cfg.train.seed, attn_implementation=mc.attn_implementation,
         )
     fp_data = data.manifest["tokenizer"].get("vocab_fingerprint")
     tok_dir = cfg.model.tokenizer or cfg.model.path  # the tokenizer final/ will ship with

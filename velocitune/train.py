@@ -45,6 +45,7 @@ from velocitune.errors import ConfigError, DataError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
 from velocitune.losses import check_loss_path, forward_losses
+from velocitune.memory import ModelShape, check_fits, device_capacity, estimate_memory
 from velocitune.metrics import (
     TensorBoardLogger,
     Throughput,
@@ -56,7 +57,7 @@ from velocitune.metrics import (
     new_wandb_run_id,
     peak_flops,
 )
-from velocitune.model import load_tokenizer, make_model, unwrap_model
+from velocitune.model import check_attn_implementation, checkpoint_blocks, load_tokenizer, make_model, unwrap_model
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import (
@@ -167,13 +168,20 @@ class RunResult:
     weights: dict[str, float]
 
 
-def train(cfg: Config, resume: bool = False) -> RunResult:
-    """Set up, resume when asked, train, and write the summary and the final model of one run."""
+def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult | None:
+    """Set up, resume when asked, train, and write the summary and the final model of one run.
+
+    dry_run: set up (config, data, model, targets, budget, memory check), print the plan and return None
+    without training or writing anything.
+    """
     env = dist.init(cfg.train.device, cfg.dist.backend)
     try:
         # From set-up to the end: a SIGTERM/SIGUSR1 during set-up is acted on at the first step boundary.
         with PreemptionGuard() as guard:
             trainer = Trainer(cfg, env, guard)
+            if dry_run:
+                trainer.dry_run()
+                return None
             with trainer.lock():
                 try:
                     trainer.start(resume)
@@ -243,7 +251,13 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
         device = env.device
+        check_attn_implementation(cfg.model.attn_implementation, device)
         model = make_model(cfg, self.data)
+        blocks = dist.transformer_blocks(model)
+        if cfg.train.activation_checkpointing == "block":
+            checkpoint_blocks(blocks)
+        bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+        self._check_memory(model, blocks, bf16)  # before the model takes any device memory
         tok_dir = cfg.model.tokenizer or cfg.model.path or self.data.manifest["tokenizer"].get("name_or_path")
         self.tokenizer = None
         if cfg.model.tokenizer or (tok_dir and Path(tok_dir).is_dir()):
@@ -253,7 +267,6 @@ class Trainer:
         # Once, before any step: the chunked loss must equal the model's own logits (catches unknown heads).
         first = self.domains[self.layout.names[0]].windows(np.arange(1), self.layout.seq_len)[:, :-1]
         check_loss_path(model, torch.from_numpy(first).to(device))
-        bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.throughput = Throughput(flops_per_token(model, self.layout.seq_len), peak_flops(device)[0], env.world_size)
         self.peak_name = peak_flops(device)[1]
@@ -271,6 +284,24 @@ class Trainer:
             # The fused kernel needs device parameters; offloaded shards live on the host.
             lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda" and not offload,
         )
+
+    def _check_memory(self, model: torch.nn.Module, blocks: list[torch.nn.Module], bf16: bool) -> None:
+        """The memory estimate per device (printed by `_announce`); ConfigError when it exceeds the device's memory."""
+        cfg, env, lay = self.cfg, self.env, self.layout
+        strategy = cfg.dist.strategy if env.distributed else "single"
+        param_bytes = next(model.parameters()).element_size()
+        self.memory = estimate_memory(
+            ModelShape.from_model(model, blocks), micro_batch=lay.micro, seq_len=lay.seq_len,
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens, strategy=strategy, world_size=env.world_size,
+            param_bytes=param_bytes, act_bytes=2 if bf16 else param_bytes,
+            gather_bytes=2 if bf16 and strategy == "fsdp2" else None,  # dist.wrap_model's MixedPrecisionPolicy
+            checkpointing=cfg.train.activation_checkpointing, attn_implementation=cfg.model.attn_implementation,
+            cpu_offload=strategy == "fsdp2" and cfg.dist.fsdp_cpu_offload,
+        )
+        self.capacity, self.capacity_where = device_capacity(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if cfg.train.memory_check:
+            check_fits(self.memory, self.capacity, self.capacity_where, micro_batch=lay.micro,
+                       checkpointing=cfg.train.activation_checkpointing, strategy=strategy, world_size=env.world_size)
 
     # ------------------------------------------------------------------------------------ start
 
@@ -370,12 +401,16 @@ class Trainer:
         for warning in self.state.mixing.start(init):
             self._say(f"warning: {warning}")
 
-    def _announce(self) -> None:
-        """Print the resolved config, the budget and the estimated reweighting overhead."""
+    def _announce(self, timed: bool = True) -> None:
+        """Print the resolved config, the budget, the memory estimate and the estimated reweighting overhead.
+
+        timed=False (the dry run) leaves out the timed probe and gives the FLOPs estimate of the overhead alone.
+        """
         cfg, lay, env = self.cfg, self.layout, self.env
         # The eval signal's cost per training step: by FLOPs (a forward is a third of a step), and from clocks.
         self.overhead_flops = (self.val.tokens.sum() / (3 * lay.interval * lay.tokens_per_step)) if lay.eval_signal else 0.0
-        probe = probe_overhead(self.net, self.val, env, cfg, self.autocast, lay.micro, lay.n_micro) if lay.eval_signal else None
+        probe = (probe_overhead(self.net, self.val, env, cfg, self.autocast, lay.micro, lay.n_micro)
+                 if lay.eval_signal and timed else None)
         self.overhead = probe.eval_s / (lay.interval * probe.step_s) if probe else self.overhead_flops
         if not self.main:
             return
@@ -389,7 +424,14 @@ class Trainer:
               + (f"update every {lay.interval} steps from step {max(lay.first_update, lay.interval)}; "
                  if self.state.mixing.adaptive else f"{cfg.mixing.rule} weights; ")
               + f"{env.world_size} process(es), {lay.n_micro} micro-batch(es) of {lay.micro}")
-        if probe:
+        checked = "" if cfg.train.memory_check else " (train.memory_check=false: not enforced)"
+        print(f"estimated memory per device: {self.memory.line(self.capacity, self.capacity_where)}{checked}; "
+              f"micro-batch {lay.micro} x {lay.seq_len} tok, activation_checkpointing={cfg.train.activation_checkpointing}, "
+              f"attn={cfg.model.attn_implementation}")
+        if lay.eval_signal and not timed:
+            print(f"estimated reweighting overhead: {100 * self.overhead_flops:.1f}% (signal=eval; by FLOPs "
+                  f"k*val_tokens/(3*m*tokens_per_step); training times it before step 0)")
+        elif probe:
             print(f"estimated reweighting overhead: {100 * self.overhead:.1f}% (signal=eval; timed before training: "
                   f"one evaluation {probe.eval_s:.3g}s per {lay.interval} steps of {probe.step_s:.3g}s; "
                   f"by FLOPs k*val_tokens/(3*m*tokens_per_step) = {100 * self.overhead_flops:.1f}%)")
@@ -397,6 +439,15 @@ class Trainer:
             print(f"estimated reweighting overhead: 0.0% (signal={cfg.mixing.signal}: the training losses "
                   f"already computed" + (f"; one all-reduce of {2 * lay.k} numbers per update)" if env.distributed
                                          else ")"))
+
+    def dry_run(self) -> None:
+        """`velocitune train --dry-run`: the set-up has checked config, data, model and targets; say what a run
+        would do (config, budget, memory, FLOPs overhead) and write nothing to the run directory."""
+        self._announce(timed=False)
+        if self.main:
+            exists = (self.out / runfiles.METRICS_FILE).exists()
+            print(f"dry run: nothing trained or written; run.out_dir {self.out} "
+                  + ("already holds a run (start it with --resume, or set run.out_dir)" if exists else "is free"))
 
     # ------------------------------------------------------------------------------------ the loop
 
