@@ -70,6 +70,20 @@ class ModelShape:
                    vocab=config.vocab_size)
 
 
+def shape_from_config(config_path: str) -> ModelShape:
+    """The shape of the model a Hugging Face `config.json` describes, built on the meta device: parameters are
+    counted without allocating them, so an 8B model's estimate needs neither its weights nor its memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from velocitune.dist import transformer_blocks
+
+    config = AutoConfig.from_pretrained(config_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return ModelShape.from_model(model, transformer_blocks(model))
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per device of each component; `total` is their sum."""
