@@ -443,3 +443,66 @@ def test_single_chunk_fast_path_matches_recomputing_path():
         grads.append((nll.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.loss_kernel=liger: the fused linear cross-entropy run once per domain (fused_forward_losses)
+
+
+def _param_grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_fused_per_domain_path_equals_the_chunked_path_values_and_grads():
+    from velocitune.losses import chunked_nll_sum, fused_forward_losses
+
+    full = windows(b=5, t=9, seed=4)
+    inputs, labels = full[:, :-1], full[:, 1:].clone()
+    labels[1, :3] = IGNORE_INDEX
+    seq_domain = torch.tensor([2, 0, 2, 1, 0])
+    k = 4  # domain 3 absent
+    ref_model, model = tiny_model("llama-untied"), tiny_model("llama-untied")
+    ref = forward_losses(ref_model, inputs, labels, seq_domain, k, chunk_tokens=7)
+    ref.loss.backward()
+    out = fused_forward_losses(model, inputs, labels, seq_domain, seq_domain.numpy(), k, chunked_nll_sum(7))
+    out.loss.backward()
+    torch.testing.assert_close(out.nll_sum, ref.nll_sum, atol=1e-5, rtol=1e-6)
+    assert out.count.tolist() == ref.count.tolist() and out.nll_sum[3] == 0
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    for g, g_ref in zip(_param_grads(model), _param_grads(ref_model)):
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_liger_kernel_is_refused_clearly_where_it_cannot_run(make_config):
+    from velocitune.errors import ConfigError
+    from velocitune.losses import liger_nll_sum
+    from velocitune.train import train
+
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"needs the liger-kernel package \(pip install liger-kernel"):
+            liger_nll_sum()
+    with pytest.raises(ConfigError, match="train.loss_kernel=liger runs Liger Kernel's Triton kernels, on CUDA only"):
+        train(make_config(train={"loss_kernel": "liger"}))
+
+
+@pytest.mark.gpu
+def test_liger_kernel_gives_the_chunked_per_domain_losses_on_cuda():
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from velocitune.losses import fused_forward_losses, liger_nll_sum
+
+    full = windows(b=6, t=64, seed=5).cuda()
+    inputs, labels = full[:, :-1], full[:, 1:]
+    seq_domain = torch.tensor([0, 1, 1, 2, 0, 2])
+    ref_model, model = tiny_model("llama-untied").cuda(), tiny_model("llama-untied").cuda()
+    ref = forward_losses(ref_model, inputs, labels, seq_domain.cuda(), 3)
+    ref.loss.backward()
+    out = fused_forward_losses(model, inputs, labels, seq_domain.cuda(), seq_domain.numpy(), 3, liger_nll_sum())
+    out.loss.backward()
+    torch.testing.assert_close(out.nll_sum, ref.nll_sum, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(_param_grads(model), _param_grads(ref_model)):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)

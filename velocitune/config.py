@@ -86,6 +86,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     # off | block: recompute each decoder block in backward, keeping only its input (less memory, ~1/3 more compute).
     activation_checkpointing: str = "off"
+    loss_kernel: str = "chunked"  # chunked (any device) | liger (CUDA + liger-kernel: fused linear cross-entropy)
     memory_check: bool = True  # refuse to start when the memory estimate exceeds the device's memory
 
 
@@ -258,6 +259,7 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.nan_policy": ("stop", "skip"),
     "train.activation_checkpointing": ("off", "block"),
+    "train.loss_kernel": ("chunked", "liger"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "log.wandb_mode": ("auto", "online", "offline", "disabled"),
     "dist.strategy": ("ddp", "fsdp2"),
@@ -567,6 +569,7 @@ RESUMABLE_CHANGES = (
     "train.micro_batch_size",
     "train.compile",
     "train.activation_checkpointing",  # the same gradients, recomputed: a resumed run may switch it
+    "train.loss_kernel",  # the same loss by another kernel (to rounding): a resumed run may switch it
     "train.memory_check",
     "eval.batch_size",
     "dist.",

@@ -16,15 +16,17 @@ import functools
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from velocitune.errors import TrainingError
+from velocitune.errors import ConfigError, TrainingError
 from velocitune.model import _unwrap_chain, unwrap_model
 
 IGNORE_INDEX = -100
@@ -284,6 +286,71 @@ def forward_losses(
     token_domain = seq_domain.reshape(b, 1).expand(b, t).reshape(-1)  # (B·T,)
     nll_sum, count = domain_sums(nll, token_domain, k, valid)
     loss = nll.sum() / valid.sum().clamp(min=1)
+    return LossOutput(loss=loss, nll_sum=nll_sum, count=count)
+
+
+# A fused linear cross-entropy: (hidden (n, H), weight (V, H), labels (n,), bias | None) -> the summed NLL of
+# the valid labels, a differentiable scalar (Liger Kernel's on CUDA; `chunked_nll_sum` anywhere).
+FusedNLLSum = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def chunked_nll_sum(chunk_tokens: int = 2048, softcap: float | None = None) -> FusedNLLSum:
+    """The chunked path as a FusedNLLSum: the reference the fused kernel is checked against."""
+    def nll_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> Tensor:
+        return _ChunkedLinearNLL.apply(hidden, weight, bias, labels, chunk_tokens, softcap, IGNORE_INDEX,
+                                       torch.is_grad_enabled()).sum()
+    return nll_sum
+
+
+def liger_nll_sum(softcap: float | None = None) -> FusedNLLSum:
+    """Liger Kernel's fused linear cross-entropy (Triton, CUDA) as a FusedNLLSum: logits are computed and
+    consumed chunk by chunk inside the kernel, and the gradients are formed in the forward pass."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise ConfigError("train.loss_kernel=liger needs the liger-kernel package (pip install liger-kernel, "
+                          "CUDA only); the default train.loss_kernel=chunked runs anywhere") from None
+    kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    loss_fn = LigerFusedLinearCrossEntropyLoss(**kwargs)
+
+    def nll_sum(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None) -> Tensor:
+        out = loss_fn(weight, hidden, labels, bias)
+        return out[0] if isinstance(out, tuple) else out  # (loss, z_loss) when a version returns both
+    return nll_sum
+
+
+def fused_forward_losses(model: nn.Module, input_ids: Tensor, labels: Tensor, seq_domain: Tensor,
+                         seq_domain_host: np.ndarray, k: int, fused: FusedNLLSum) -> LossOutput:
+    """forward_losses with a fused linear cross-entropy, which gives sums rather than per-token NLL.
+
+    Every sequence belongs to one domain, so the fused kernel runs once per domain present, on that domain's
+    tokens: its sum is the domain's NLL sum, and the loss is their total over the valid tokens. The rows of
+    each domain come from the plan on the host (`seq_domain_host`, (B,)), so choosing them never waits for
+    the device. Heads other than a plain linear map (or soft-capped logits the kernel does not support)
+    are the caller's to route to `forward_losses`.
+    """
+    b, t = input_ids.shape
+    path = loss_path(model)
+    if path.head is None or type(path.head) is not nn.Linear:
+        raise TrainingError("train.loss_kernel=liger needs a plain linear output head; this model's is not one: "
+                            "use train.loss_kernel=chunked")
+    hidden = final_hidden_states(path, input_ids).reshape(b * t, -1)  # (B·T, H)
+    flat = labels.reshape(-1)  # (B·T,)
+    valid = flat != IGNORE_INDEX
+    token_domain = seq_domain.reshape(b, 1).expand(b, t).reshape(-1)  # (B·T,)
+    count = torch.zeros(k, dtype=torch.float64, device=hidden.device).index_add_(0, token_domain, valid.double())
+    sums: list[Tensor] = []
+    nll_sum = torch.zeros(k, dtype=torch.float64, device=hidden.device)
+    positions = np.arange(t)
+    for d in np.unique(seq_domain_host):
+        rows = np.flatnonzero(seq_domain_host == d)
+        idx = torch.from_numpy((rows[:, None] * t + positions).reshape(-1)).to(hidden.device, non_blocking=True)
+        s_d = fused(hidden.index_select(0, idx), path.head.weight, flat.index_select(0, idx), path.head.bias)
+        sums.append(s_d)
+        nll_sum[int(d)] = s_d.detach().double()
+    loss = torch.stack(sums).sum() / valid.sum().clamp(min=1)
     return LossOutput(loss=loss, nll_sum=nll_sum, count=count)
 
 

@@ -44,7 +44,7 @@ from velocitune.controller import (
 from velocitune.errors import ConfigError, DataError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
-from velocitune.losses import check_loss_path, forward_losses
+from velocitune.losses import check_loss_path, forward_losses, fused_forward_losses, liger_nll_sum, loss_path
 from velocitune.memory import ModelShape, check_fits, device_capacity, estimate_memory
 from velocitune.metrics import (
     TensorBoardLogger,
@@ -252,6 +252,9 @@ class Trainer:
         np.random.seed(cfg.train.seed % 2**32)
         device = env.device
         check_attn_implementation(cfg.model.attn_implementation, device)
+        if cfg.train.loss_kernel == "liger" and device.type != "cuda":
+            raise ConfigError(f"train.loss_kernel=liger runs Liger Kernel's Triton kernels, on CUDA only; this run is "
+                              f"on {device}: use train.loss_kernel=chunked (the same losses, any device)")
         model = make_model(cfg, self.data)
         blocks = dist.transformer_blocks(model)
         if cfg.train.activation_checkpointing == "block":
@@ -267,6 +270,8 @@ class Trainer:
         # Once, before any step: the chunked loss must equal the model's own logits (catches unknown heads).
         first = self.domains[self.layout.names[0]].windows(np.arange(1), self.layout.seq_len)[:, :-1]
         check_loss_path(model, torch.from_numpy(first).to(device))
+        # train.loss_kernel=liger: the fused kernel in place of the chunked head (None: the chunked path).
+        self.fused = liger_nll_sum(loss_path(model).softcap) if cfg.train.loss_kernel == "liger" else None
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.throughput = Throughput(flops_per_token(model, self.layout.seq_len), peak_flops(device)[0], env.world_size)
         self.peak_name = peak_flops(device)[1]
@@ -515,7 +520,10 @@ class Trainer:
                 sl = rank_slice(lay.batch, self.env.rank, self.env.world_size, j, lay.n_micro)
                 x, d = assemble(self.domains, lay.names, plan.domains[sl], plan.windows[sl], lay.seq_len, self.env.device)
             with dist.grad_sync(self.net, enabled=(j == lay.n_micro - 1)), self.autocast():
-                out = forward_losses(self.net, x[:, :-1], x[:, 1:], d, lay.k, self.cfg.train.loss_chunk_tokens)
+                if self.fused is None:
+                    out = forward_losses(self.net, x[:, :-1], x[:, 1:], d, lay.k, self.cfg.train.loss_chunk_tokens)
+                else:
+                    out = fused_forward_losses(self.net, x[:, :-1], x[:, 1:], d, plan.domains[sl], lay.k, self.fused)
             (out.loss / lay.n_micro).backward()
             step_loss += out.loss.detach().double() / lay.n_micro
             st.mixing.observe(out.nll_sum, out.count)
