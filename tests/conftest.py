@@ -229,3 +229,21 @@ def two_domains(root: Path) -> dict[str, list[str]]:
         (root / "txt" / f"{i:02d}.txt").write_text(t)
     write_docs(root / "j.jsonl", paragraphs(11, 40, 10, 50))
     return {"txt": [str(root / "txt")], "json": [str(root / "j.jsonl")]}
+
+
+def train_interrupted_at(monkeypatch, cfg, step: int) -> None:
+    """Run `velocitune.train.train(cfg)` and interrupt it (KeyboardInterrupt) as step `step` begins, as a kill
+    would: the steps before it are done and logged, the checkpoints before it written."""
+    import velocitune.train as T
+
+    real = T.step_lr
+
+    def crash(c, s, steps):
+        if s == step:
+            raise KeyboardInterrupt("simulated kill")
+        return real(c, s, steps)
+
+    monkeypatch.setattr(T, "step_lr", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    monkeypatch.setattr(T, "step_lr", real)

@@ -359,6 +359,17 @@ def test_fsdp2_with_cpu_offload_trains_like_ddp(runs, ddp2, tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("strategy, tol", [("ddp", (1e-6, 1e-9)), ("fsdp2", (1e-5, 1e-6))])
+def test_activation_checkpointing_under_torchrun_trains_like_ddp(runs, ddp2, tmp_path, strategy, tol):
+    # Per-block recompute inside DDP's and FSDP2's hooks: the same training as the plain DDP reference (DDP to
+    # its own tolerance, FSDP2 to fp32 rounding as without checkpointing).
+    out = tmp_path / f"ckpt_{strategy}"
+    run(torchrun(2, *train_args(runs / "run.yaml", out, f"--dist.strategy={strategy}",
+                                "--train.activation_checkpointing=block")), tmp_path / "ckpt.log")
+    assert_same_run(out, ddp2, loss_tol=tol[0], weight_tol=tol[1])
+
+
+@pytest.mark.dist
 def test_fsdp2_with_val_windows_uneven_across_ranks(runs, tmp_path):
     # 17 val windows per domain: rank 0 evaluates 9 (two batches of 8), rank 1 evaluates 8 (one batch).
     out, log = tmp_path / "uneven", tmp_path / "uneven.log"

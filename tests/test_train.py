@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_interrupted_at
 
 from velocitune import mixing
 from velocitune.errors import ConfigError, TrainingError
@@ -80,19 +81,7 @@ def test_resume_after_weight_update_is_bit_identical(make_config, monkeypatch, m
     ref = train(make_config("ref", **sections)).out_dir
 
     cfg = make_config("crash", **sections)
-    import velocitune.train as T
-
-    real = T.step_lr
-
-    def crash(cfg, step, steps):
-        if step == 13:  # after the checkpoint at 8 and the updates at 10 and 12 (pending for 12)
-            raise KeyboardInterrupt("simulated kill")
-        return real(cfg, step, steps)
-
-    monkeypatch.setattr(T, "step_lr", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(T, "step_lr", real)
+    train_interrupted_at(monkeypatch, cfg, 13)  # after the checkpoint at 8 and the updates at 10 and 12 (pending for 12)
     assert [r["step"] for r in read_jsonl(cfg_out(cfg) / "mixture.jsonl")][-1] == (13 if mixing_keys.get("interval") == 1 else 10)
     train(cfg, resume=True)
     out = cfg_out(cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_interrupted_at
 
 from velocitune import dist, runfiles
 from velocitune.config import to_dict
@@ -196,19 +197,7 @@ def test_resume_continues_the_same_wandb_run(make_config, wandb_offline, monkeyp
     sections = dict(log={"interval": 1}, checkpoint={"interval": 8, "keep": 2})
     cfg = wandb_config(make_config, "crash", **sections)
     out = Path(cfg.run.out_dir)
-    import velocitune.train as T
-
-    real = T.step_lr
-
-    def crash(cfg, step, steps):
-        if step == 13:  # after the checkpoint at 8: steps 9..13 were logged, and are re-done on resume
-            raise KeyboardInterrupt("simulated kill")
-        return real(cfg, step, steps)
-
-    monkeypatch.setattr(T, "step_lr", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(T, "step_lr", real)
+    train_interrupted_at(monkeypatch, cfg, 13)  # after the checkpoint at 8: steps 9..13 were logged, and are re-done on resume
     run_id = runfiles.read_wandb_run(out / runfiles.WANDB_RUN_FILE)["run_id"]
     [(_, first)] = wandb_runs(out)
     assert first["run"].run_id == run_id and first["exit_code"] == 1  # finished as failed, what it had flushed
