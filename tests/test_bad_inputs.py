@@ -752,8 +752,9 @@ def test_resume_with_a_changed_config(ctx, capsys):
                  "  train.lr: 0.003 -> 0.001\n"
                  "  mixing.rule: 'static' -> 'uniform'\n"
                  "Revert them, or start a new run.out_dir. Keys that may change on resume: log.*, checkpoint.*, "
-                 "train.device, train.threads, train.micro_batch_size, train.compile, eval.batch_size, dist.*, "
-                 "run.out_dir")
+                 "train.device, train.threads, train.micro_batch_size, train.compile, train.activation_checkpointing, "
+                 "train.loss_kernel, train.memory_check, eval.batch_size, dist.*, run.out_dir, prepare.*, targets.*, "
+                 "plan.*")
     # The allowed ones resume.
     out = expect_ok(["train", cfg, "--resume", "--log.interval=2", "--checkpoint.keep=5", "--train.threads=1",
                      "--eval.batch_size=4", "--train.micro_batch_size=4"], capsys)
