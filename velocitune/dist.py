@@ -139,7 +139,8 @@ def wrap_model(model: torch.nn.Module, strategy: str, env: DistEnv, bf16: bool,
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mp = fsdp_mixed_precision(bf16)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory makes the copies to the GPU asynchronous; without an accelerator there is none to pin.
+    offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mp_policy=mp, offload_policy=offload)
