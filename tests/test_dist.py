@@ -370,6 +370,18 @@ def test_activation_checkpointing_under_torchrun_trains_like_ddp(runs, ddp2, tmp
 
 
 @pytest.mark.dist
+def test_fsdp2_in_a_group_of_one_under_torchrun(runs, ddp2, tmp_path):
+    # torchrun --nproc_per_node=1 with FSDP2 joins a process group of one and shards over it (the single-GPU
+    # path of dist.fsdp_cpu_offload, and gpu_check's FSDP2 part): the same training as the DDP reference.
+    out = tmp_path / "fsdp2_one"
+    run(torchrun(1, *train_args(runs / "run.yaml", out, "--dist.strategy=fsdp2", "--train.activation_checkpointing=block")),
+        tmp_path / "one.log")
+    assert summary(out)["world_size"] == 1
+    assert (out / "checkpoints" / dist.SHARDED_DIR).is_dir()  # FSDP2 wrote sharded (DCP) checkpoints
+    assert_same_run(out, ddp2, loss_tol=1e-5, weight_tol=1e-6)
+
+
+@pytest.mark.dist
 def test_fsdp2_with_val_windows_uneven_across_ranks(runs, tmp_path):
     # 17 val windows per domain: rank 0 evaluates 9 (two batches of 8), rank 1 evaluates 8 (one batch).
     out, log = tmp_path / "uneven", tmp_path / "uneven.log"

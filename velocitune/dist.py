@@ -41,6 +41,9 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # A process group of one: torchrun --nproc_per_node=1 with dist.strategy=fsdp2 (FSDP2's CPU offload on a
+    # single GPU, or its code path checked on one device); every collective is then a no-op of one rank.
+    grouped: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +51,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.grouped
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -63,13 +66,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def init(device_name: str = "auto", backend: str = "auto") -> DistEnv:
-    """Join the process group if the launcher asked for one; otherwise a one-process environment."""
+def init(device_name: str = "auto", backend: str = "auto", strategy: str = "ddp") -> DistEnv:
+    """Join the process group if the launcher asked for one; otherwise a one-process environment.
+
+    One process under torchrun joins a group of one only for FSDP2 (`strategy`), which needs a group to
+    shard over; DDP over one process would only add its hooks, so that stays a plain process.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world > 1 and not tdist.is_initialized():
+    grouped = world == 1 and strategy == "fsdp2" and "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun
+    if (world > 1 or grouped) and not tdist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and device.type != "cuda":
@@ -77,7 +85,7 @@ def init(device_name: str = "auto", backend: str = "auto") -> DistEnv:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         tdist.init_process_group(backend=backend)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, grouped=grouped)
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -174,7 +174,7 @@ def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult
     dry_run: set up (config, data, model, targets, budget, memory check), print the plan and return None
     without training or writing anything.
     """
-    env = dist.init(cfg.train.device, cfg.dist.backend)
+    env = dist.init(cfg.train.device, cfg.dist.backend, cfg.dist.strategy)
     try:
         # From set-up to the end: a SIGTERM/SIGUSR1 during set-up is acted on at the first step boundary.
         with PreemptionGuard() as guard:
