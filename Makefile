@@ -8,8 +8,8 @@ EXTRAS := formats,tensorboard,accelerate,hf,wandb,eval,test
 .PHONY: help setup demo demo-full test lint test-slow test-dist test-gpu test-all bench gpu-check study-targets smollm clean
 
 help:
-	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~10 min on 2 CPU cores incl. setup)"
-	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (~51 min on 2 CPU cores)"
+	@echo "make demo       set up .venv if needed, then run the embedded demo (static vs velocitune, ~12 min on 2 CPU cores incl. setup)"
+	@echo "make demo-full  the demo with every baseline and ablation over 3 seeds (~51 min on 2 CPU cores, plus ~15 s of downstream evaluation per run)"
 	@echo "make setup      create .venv/ and install velocitune with the pinned versions of constraints.txt"
 	@echo "make test       set up .venv if needed, then run ruff and the default test suite (CPU, < 10 min)"
 	@echo "make lint       ruff check alone"
