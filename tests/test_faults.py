@@ -718,8 +718,9 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def _check_nothing_half_written(out: Path) -> None:
     """After a kill: every visible shard is complete (header and size agree), every marker parses, and
-    the directory is either refused by PreparedData with a message saying to re-run prepare (no
-    manifest.json yet) or loads whole (a manifest is only written once every domain is finished)."""
+    the directory is either refused by PreparedData with a message saying to (re-)run prepare (no
+    manifest.json yet, or no directory at all when the kill came first) or loads whole (a manifest is only
+    written once every domain is finished)."""
     from velocitune.errors import DataError
     from velocitune.shards import PreparedData, read_header
 
@@ -733,6 +734,9 @@ def _check_nothing_half_written(out: Path) -> None:
             json.loads(p.read_text())
     if (out / "manifest.json").exists():
         PreparedData(out)
+    elif not out.exists():  # killed before prepare created its output directory
+        with pytest.raises(DataError, match=r"does not exist; run `velocitune prepare"):
+            PreparedData(out)
     else:
         with pytest.raises(DataError, match="re-run|a rerun resumes where it stopped"):
             PreparedData(out)
