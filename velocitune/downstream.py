@@ -7,7 +7,7 @@ so that evaluating more tasks later adds to the file and `velocitune report` sho
 Nothing is downloaded: the Hub and `datasets` are put offline before lm-eval is imported, so a task must
 read local files (`dataset_path: json` with `data_files`, or a dataset already in the local cache). Task
 files of the user's own go in a directory passed as `--include`; the demo writes its own there
-(`velocitune.demo.tasks`). docs/usage.md "Downstream evaluation" is the user's guide.
+(`velocitune.demo.tasks`). docs/usage.md, section "eval", is the user's guide.
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ Evaluate the final model of finished runs (RUN/final/) on lm-evaluation-harness 
 write RUN/downstream.json; `velocitune report` then shows the scores next to the losses.
 
 Tasks must read local files: lm-eval's own tasks work when their data sets are already in the local
-Hugging Face cache; your own task YAML files go in a directory passed with --include (see docs/usage.md,
-"Downstream evaluation"). The demo writes its tasks to DEMO_OUT/tasks.
+Hugging Face cache; your own task YAML files go in a directory passed with --include (docs/usage.md,
+section "eval: downstream scores with lm-evaluation-harness"). The demo writes its tasks to DEMO_OUT/tasks.
 """
 
 EPILOG = """\
