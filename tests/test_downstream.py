@@ -131,9 +131,13 @@ def test_eval_scores_equal_our_own_computation(toy_run, toy_tasks, capsys):
     assert f"toy_choice ({len(choice_rows)} examples): acc {np.mean(acc):.4f}" in out
 
 
-def test_a_later_evaluation_adds_its_tasks_and_limit_is_recorded(toy_run, toy_tasks):
+def test_a_later_evaluation_adds_its_tasks_and_limit_is_recorded(toy_run, toy_tasks, monkeypatch):
+    import os
+
     root, _, _ = toy_tasks
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert cli_main(["eval", str(toy_run), "--include", str(root), "--tasks", "toy_choice,toy_answer"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ  # offline only while lm-eval ran: the caller's setting is back
     assert cli_main(["eval", str(toy_run), "--include", str(root), "--tasks", "toy_answer", "--limit", "4"]) == 0
     tasks = runfiles.read_downstream(toy_run / runfiles.DOWNSTREAM_FILE)["tasks"]
     assert set(tasks) == {"toy_choice", "toy_answer"}  # toy_choice kept from before

@@ -4,8 +4,8 @@ Each run's final model (`RUN/final/`, a save_pretrained directory with its token
 lm-eval tasks; the scores go to `RUN/downstream.json` (owner: `velocitune.runfiles`), one entry per task,
 so that evaluating more tasks later adds to the file and `velocitune report` shows them next to the losses.
 
-Nothing is downloaded: the Hub and `datasets` are put offline before lm-eval is imported, so a task must
-read local files (`dataset_path: json` with `data_files`, or a dataset already in the local cache). Task
+Nothing is downloaded: the Hub and `datasets` are set offline while lm-eval runs (restored after), so a task
+must read local files (`dataset_path: json` with `data_files`, or a dataset already in the local cache). Task
 files of the user's own go in a directory passed as `--include`; the demo writes its own there
 (`velocitune.demo.tasks`). docs/usage.md, section "eval", is the user's guide.
 """
@@ -24,22 +24,10 @@ from typing import Any
 from velocitune import runfiles
 from velocitune.errors import ConfigError, DataError
 from velocitune.fileio import require_dir
+from velocitune.prepare.hf import offline
 
 # lm-eval names a score "metric,filter"; the filter `none` (no post-processing) is left out of our names.
 _NO_FILTER = "none"
-
-
-def _offline() -> None:
-    """No network: the Hub client and `datasets` read these when imported, so set them first (and patch
-    `datasets.config` in case something imported it earlier in this process)."""
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ[key] = "1"
-    try:
-        import datasets.config as dcfg
-
-        dcfg.HF_HUB_OFFLINE = dcfg.HF_DATASETS_OFFLINE = True
-    except ImportError:
-        pass
 
 
 class _FirstTruncationOnly(logging.Filter):
@@ -60,7 +48,6 @@ class _FirstTruncationOnly(logging.Filter):
 
 
 def _import_lm_eval():
-    _offline()
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -199,8 +186,16 @@ def evaluate_runs(run_dirs: Sequence[str | os.PathLike], tasks: str | Sequence[s
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     names = parse_tasks(tasks)
     finals = [final_model_dir(r) for r in run_dirs]  # every run checked before the first is evaluated
-    manager = task_manager(include, names)
     lm_eval, _, _ = _import_lm_eval()
+    # No network while lm-eval runs (the Hub client and `datasets` set offline, restored after): a task
+    # whose data are not local fails instead of downloading.
+    with offline():
+        return _evaluate_all(finals, names, lm_eval, task_manager(include, names), include=include, limit=limit,
+                             num_fewshot=num_fewshot, batch_size=batch_size, device=device, max_length=max_length)
+
+
+def _evaluate_all(finals: list[Path], names: list[str], lm_eval, manager, *, include, limit, num_fewshot,
+                  batch_size, device, max_length) -> dict[Path, dict]:
     settings = {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length,
                 "include": None if include is None else str(Path(include).resolve())}
     docs = {}

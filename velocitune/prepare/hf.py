@@ -76,7 +76,7 @@ _saved: list = []
 
 
 @contextmanager
-def _offline() -> Iterator[Any]:
+def offline() -> Iterator[Any]:
     """The `datasets` module, with it and the Hub client set offline meanwhile (reads are local by design;
     offline mode turns a would-be download into an error instead of a silent fetch). Nested uses share one
     setting, restored when the outermost ends."""
@@ -206,7 +206,7 @@ def resolve(domain: str, spec: str, text_field: str) -> list[tuple[str, HFSource
                             f"split {split!r}; drop it: hf:{raw}::{field}")
         src = HFSource("saved", None, field, _stat_files(path))
     else:
-        with _offline() as datasets:
+        with offline() as datasets:
             streams = _load_files(domain, path, datasets)
             split = _choose_split(domain, path, list(streams), split)
         src = HFSource("files", split, field, _stat_files(path))
@@ -236,7 +236,7 @@ def _load_files(domain: str, path: str, datasets: Any):
 @contextmanager
 def _open(domain: str, path: str, src: HFSource) -> Iterator[Any]:
     """The Dataset (memory-mapped) or IterableDataset (streamed) a source reads, offline."""
-    with _offline() as datasets:
+    with offline() as datasets:
         try:
             if src.layout == "arrow":
                 ds = datasets.Dataset.from_file(path)
@@ -257,7 +257,7 @@ def _open(domain: str, path: str, src: HFSource) -> Iterator[Any]:
 
 def _batches(domain: str, path: str, src: HFSource) -> Iterator[Any]:
     """The text column a batch of rows at a time: an Arrow ChunkedArray (Dataset) or a list (stream)."""
-    with _offline() as datasets, _open(domain, path, src) as ds:
+    with offline() as datasets, _open(domain, path, src) as ds:
         ds = ds.select_columns([src.field])
         if isinstance(ds, datasets.Dataset):
             # Arrow batches sliced from the memory map: no Python objects but this batch's texts.
