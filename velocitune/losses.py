@@ -346,7 +346,10 @@ def fused_forward_losses(model: nn.Module, input_ids: Tensor, labels: Tensor, se
     positions = np.arange(t)
     for d in np.unique(seq_domain_host):
         rows = np.flatnonzero(seq_domain_host == d)
-        idx = torch.from_numpy((rows[:, None] * t + positions).reshape(-1)).to(hidden.device, non_blocking=True)
+        idx = torch.from_numpy((rows[:, None] * t + positions).reshape(-1))  # (n_d·T,) token positions of domain d
+        if hidden.device.type == "cuda":
+            idx = idx.pin_memory()  # so that the copy is truly asynchronous, as assemble() does for the batch
+        idx = idx.to(hidden.device, non_blocking=True)
         s_d = fused(hidden.index_select(0, idx), path.head.weight, flat.index_select(0, idx), path.head.bias)
         sums.append(s_d)
         nll_sum[int(d)] = s_d.detach().double()
