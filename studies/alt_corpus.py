@@ -3,14 +3,17 @@
 `build_alt_corpus` writes replay / cpp / markdown / records as JSONL files by the demo corpus's rules
 (velocitune.demo.corpus): whole documents in a fixed hash order up to a byte budget, and a stamp that
 makes a finished build a no-op. `replay` is the demo's own slice; `cpp` is PyTorch's C++ headers,
-`markdown` the READMEs of the installed distributions and `records` generated JSON Lines logs.
+`markdown` the READMEs of the installed distributions named in studies/distributions.txt (a fixed list:
+anything installed later changes nothing) and `records` generated JSON Lines logs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Iterator
 from functools import partial
 from importlib import metadata
@@ -63,13 +66,35 @@ _CPP_SUFFIXES = (".h", ".hpp", ".cuh")
 MIN_MARKDOWN_CHARS = 400
 
 
+# The distributions the `markdown` (and the third set's `licenses`) documents come from: a fixed list, so that
+# a package installed later (an extra, a user's own) does not change the domain set (docs/study.md §8).
+DISTRIBUTIONS_FILE = Path(__file__).with_name("distributions.txt")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def study_distributions() -> list:
+    """The installed distributions named in DISTRIBUTIONS_FILE, each once, in name order."""
+    wanted = {line.strip() for line in DISTRIBUTIONS_FILE.read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    found = {}
+    for dist in metadata.distributions():
+        name = _normalise(dist.metadata.get("Name") or "")
+        if name in wanted and name not in found:
+            found[name] = dist
+    return [found[n] for n in sorted(found)]
+
+
 def build_alt_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool = True) -> dict[str, Path]:
     """Write the second domain set (ALT_DOMAINS) as JSONL files under `out_dir`; return {domain: path}.
 
     Same rules as `build_corpus`: whole documents in a fixed hash order up to a byte budget, a stamp
     that makes a finished build a no-op, and an error naming the source when a domain comes out empty.
     """
-    params = {"format": "velocitune-alt-corpus", "alt_version": ALT_VERSION, "torch": package_version("torch")}
+    params = {"format": "velocitune-alt-corpus", "alt_version": ALT_VERSION, "torch": package_version("torch"),
+              "distributions": _distribution_stamp()}
     streams = lambda: {"cpp": _cpp_documents(), "markdown": _markdown_documents(),  # noqa: E731
                        "records": _records_documents()}
     return build_replay_set(out_dir, scale, progress, params, ALT_BUDGET_BYTES, ALT_SOURCES, streams, "second-set")
@@ -125,9 +150,16 @@ def _text_file(path: Path) -> list[str]:
         return []
 
 
+def _distribution_stamp() -> str:
+    """The distributions (name==version) the build reads, hashed: the stamp changes when they do."""
+    listed = ",".join(f"{_normalise(d.metadata['Name'])}=={d.version}" for d in study_distributions())
+    return hashlib.sha256(listed.encode()).hexdigest()[:16]
+
+
 def _markdown_documents() -> Iterator[str]:
+    # Keyed by the lower-cased name as the sets were first built, so the hash order of the units is unchanged.
     units: dict[str, Callable[[], list[str]]] = {}
-    for dist in metadata.distributions():
+    for dist in study_distributions():
         name = (dist.metadata.get("Name") or "").lower()
         if name and name not in units:
             units[name] = partial(_description, dist)

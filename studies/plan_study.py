@@ -9,7 +9,13 @@ and compared with its measured final validation losses (mean over seeds):
 
 A plan predicts static mixtures; for a dynamic arm the average shares stand in for its changing mixture,
 so its row is marked dynamic. Prints a markdown table (predicted − measured per domain, nats) and saves
-it with the numbers as JSON.
+it with the numbers as JSON. `--reference ARM` (the static run at w0) adds the error of each mixture's
+effect, (predicted − measured) minus the reference's: what is left once the level every mixture inherits
+from the targets at w0 is taken out. `--truth RESULT` scores another plan against the arms of an earlier
+result (their shares and measured losses) instead of reading run directories:
+
+    python studies/plan_study.py --plan demo_out/plan_b1.0/plan.json --truth studies/results/plan_demo.json \
+        --reference sweep/rule=static
 """
 
 from __future__ import annotations
@@ -40,23 +46,45 @@ def arm_dirs(roots: list[Path]) -> dict[str, Path]:
     return found
 
 
-def error_table(plan: dict, arms: dict[str, Path]) -> dict:
-    """Per arm: realised shares, measured and predicted per-domain losses, their differences."""
-    names = plan["domains"]
+def measured_arms(arms: dict[str, Path], names: list[str]) -> dict[str, dict]:
+    """Per arm: seeds, rule, realised shares (tokens per domain, mean over seeds), mean final losses."""
     rows = {}
     for label, d in arms.items():
         docs = [read_summary(s / "summary.json") for s in sorted(d.glob("seed*")) if (s / "summary.json").is_file()]
         toks = np.array([[doc["tokens_per_domain"][n] for n in names] for doc in docs], dtype=np.float64)
-        shares = (toks / toks.sum(1, keepdims=True)).mean(0)
-        measured = np.array([[doc["final_val_loss"][n] for n in names] for doc in docs]).mean(0)
+        rows[label] = {"seeds": len(docs), "rule": docs[0]["rule"],
+                       "shares": dict(zip(names, (toks / toks.sum(1, keepdims=True)).mean(0).round(4).tolist())),
+                       "measured": dict(zip(names, np.array([[doc["final_val_loss"][n] for n in names]
+                                                             for doc in docs]).mean(0).tolist()))}
+    return rows
+
+
+def error_table(plan: dict, arms: dict[str, dict], reference: str | None = None) -> dict:
+    """Per arm (measured_arms' rows): predicted per-domain losses at its shares and predicted − measured.
+
+    With a `reference` arm (the static run at w0), also the error of the mixture's *effect*: (predicted arm −
+    predicted reference) − (measured arm − measured reference), free of the error in the common level that
+    every mixture inherits from the targets at w0, and all that the recommendation rests on."""
+    names = plan["domains"]
+    rows = {}
+    for label, m in arms.items():
+        shares = np.array([m["shares"][n] for n in names])
+        measured = np.array([m["measured"][n] for n in names])
         predicted = np.array([plan_predict(plan, n, shares)[0] for n in names])
-        rows[label] = {"seeds": len(docs), "rule": docs[0]["rule"], "dynamic": docs[0]["rule"] not in STATIC_RULES,
-                        "shares": dict(zip(names, shares.round(4).tolist())),
-                        "measured": dict(zip(names, measured.tolist())), "predicted": dict(zip(names, predicted.tolist())),
-                        "error": dict(zip(names, (predicted - measured).tolist())),
-                        "max_abs_error": float(np.max(np.abs(predicted - measured)))}
-    return {"plan": {k: plan[k] for k in ("recommended", "predicted", "cost_share", "stage1", "base")
-                     if k in plan}, "arms": rows}
+        rows[label] = {**{k: m[k] for k in ("seeds", "rule", "shares", "measured")},
+                       "dynamic": m["rule"] not in STATIC_RULES, "predicted": dict(zip(names, predicted.tolist())),
+                       "error": dict(zip(names, (predicted - measured).tolist())),
+                       "max_abs_error": float(np.max(np.abs(predicted - measured)))}
+    if reference is not None:
+        if reference not in rows:
+            raise SystemExit(f"--reference {reference!r} is not among the arms {list(rows)}")
+        ref = np.array([rows[reference]["error"][n] for n in names])
+        for r in rows.values():
+            eff = np.array([r["error"][n] for n in names]) - ref
+            r["effect_error"] = dict(zip(names, eff.tolist()))
+            r["max_abs_effect_error"] = float(np.max(np.abs(eff)))
+    return {"plan": {k: plan[k] for k in ("recommended", "predicted", "cost_share", "stage1", "base", "proxy_steps")
+                     if k in plan}, "reference": reference, "arms": rows}
 
 
 def markdown(result: dict, names: list[str]) -> str:
@@ -67,17 +95,33 @@ def markdown(result: dict, names: list[str]) -> str:
         shares = " / ".join(f"{r['shares'][n]:.3f}" for n in names)
         errs = " | ".join(f"{r['error'][n]:+.3f}" for n in names)
         lines.append(f"| {label} | {r['seeds']} | {shares} | {errs} | {r['max_abs_error']:.3f} |")
+    if result.get("reference"):
+        lines += ["", f"Error of each mixture's effect, measured against {result['reference']} (nats):", "",
+                  "| arm | " + " | ".join(names) + " | max \\|err\\| |", "|:--|" + "--:|" * len(names) + "--:|"]
+        for arm, r in result["arms"].items():
+            if arm != result["reference"]:
+                errs = " | ".join(f"{r['effect_error'][n]:+.3f}" for n in names)
+                lines.append(f"| {arm} | {errs} | {r['max_abs_effect_error']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", required=True, type=Path, help="plan.json of `velocitune plan`")
-    ap.add_argument("--runs", nargs="+", required=True, type=Path, help="folders holding arm directories")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--runs", nargs="+", type=Path, help="folders holding arm directories")
+    src.add_argument("--truth", type=Path, help="an earlier result of this script: its arms' shares and measured "
+                                                "losses stand in for the runs (to score another plan against them)")
+    ap.add_argument("--reference", help="the arm at w0 (e.g. sweep/rule=static): also score each mixture's effect "
+                                        "relative to it")
     ap.add_argument("--out", type=Path, help="where to save the JSON (default: print only)")
     args = ap.parse_args(argv)
     plan = read_plan(args.plan)
-    result = error_table(plan, arm_dirs(args.runs))
+    if args.truth:
+        arms = json.loads(args.truth.read_text())["arms"]
+    else:
+        arms = measured_arms(arm_dirs(args.runs), plan["domains"])
+    result = error_table(plan, arms, args.reference)
     md = markdown(result, plan["domains"])
     print(md)
     if args.out:

@@ -48,6 +48,8 @@ ARMS: dict[str, list[str]] = {
     "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust"],
     "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train"],
     "robust-pace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true"],
+    "robust-pace-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
+                          "--mixing.signal=train"],
     # the baselines as their authors ran them (issue 17, part 3), each with its own timing and signal
     "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step (the set config names m = 4)
     "dbl": ["--mixing.rule=dbl"],
@@ -55,6 +57,10 @@ ARMS: dict[str, list[str]] = {
     # with the plan's targets; PLAN is the set's plan.json, made (or reused) before the arms run
     "plan-static": ["--mixing.rule=static", "--mixing.plan=PLAN"],
     "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN"],
+    "plan-robust-nopace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=false",
+                           "--mixing.plan=PLAN"],
+    "plan-robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
+                          "--mixing.signal=train", "--mixing.plan=PLAN"],
     # one knob at a time from `faithful` (update study, §3)
     "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
     "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],

@@ -4,8 +4,8 @@
 (velocitune.demo.corpus), like the second set (studies/alt_corpus.py): whole documents in a fixed hash
 order up to a byte budget, and a stamp that makes a finished build a no-op. `replay` is the demo's own
 slice; `sympy` is SymPy's Python source (a third-party library, symbolic maths; test suites skipped),
-`licenses` the licence texts shipped in the installed distributions' metadata (each text once) and `afm`
-the Adobe Font Metrics files bundled with matplotlib (rigid numeric records). All three come with
+`licenses` the licence texts shipped in the metadata of the distributions in studies/distributions.txt
+(each text once) and `afm` the Adobe Font Metrics files bundled with matplotlib (rigid numeric records). All three come with
 `make setup`; none is used by the demo or the second set.
 """
 
@@ -15,10 +15,9 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
-from studies.alt_corpus import _text_file, build_replay_set
+from studies.alt_corpus import _distribution_stamp, _text_file, build_replay_set, study_distributions
 from velocitune.demo.corpus import SOURCES, Source, documents_from_units, package_dir, package_version
 
 THIRD_DOMAINS = ("replay", "sympy", "licenses", "afm")
@@ -39,7 +38,8 @@ _LICENSE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
 def build_third_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool = True) -> dict[str, Path]:
     """Write the third domain set (THIRD_DOMAINS) as JSONL files under `out_dir`; return {domain: path}."""
     params = {"format": "velocitune-third-corpus", "third_version": THIRD_VERSION,
-              "sympy": package_version("sympy"), "matplotlib": package_version("matplotlib")}
+              "sympy": package_version("sympy"), "matplotlib": package_version("matplotlib"),
+              "distributions": _distribution_stamp()}
     streams = lambda: {"sympy": _sympy_documents(), "licenses": _license_documents(),  # noqa: E731
                        "afm": _afm_documents()}
     return build_replay_set(out_dir, scale, progress, params, THIRD_BUDGET_BYTES, THIRD_SOURCES, streams, "third-set")
@@ -73,7 +73,7 @@ def _license_documents() -> Iterator[str]:
     """Each distinct licence text once: many distributions ship the same MIT or BSD text verbatim."""
     seen: set[str] = set()
     units: dict[str, Callable[[], list[str]]] = {}
-    for dist in metadata.distributions():
+    for dist in study_distributions():
         for file in dist.files or []:
             if file.name.upper().startswith(_LICENSE_NAMES) and ".dist-info" in str(file):
                 units[f"{dist.metadata.get('Name', '?')}/{file}"] = partial(_text_file, Path(file.locate()))

@@ -41,6 +41,8 @@ TINY_STUDY = ["--steps", "16", "--scale", "0.03"]
 # The target study's 5 % proxies of the toy demo's few windows would run out of data in 20 steps; and its
 # figures go to the workspace, never over the measured ones.
 TINY_TARGET_STUDY = ["--data.max_repetition=20"]
+# The stage-1 study's proxies, shortened to fit the toy demo's 16-step runs (the last --lengths wins).
+TINY_LENGTHS = ["--lengths", "4", "6", "8", "12"]
 # (documented text, what the snippet runs instead at tiny size)
 TINY_PY = [("seq_len=1024", "seq_len=16"), ("global_batch=64", "global_batch=8"), ("steps=2000", "steps=6"),
            ("per_device_batch=8", "per_device_batch=4"), ("grad_accum=8", "grad_accum=2")]
@@ -311,7 +313,8 @@ def run(cmd: Command, toy_demo=None) -> None:
         import runpy
 
         tiny = {"studies/study.py": TINY_STUDY, "studies/target_study.py": [
-            *TINY_TARGET_STUDY, f"--results={Path(os.environ.get('VELOCITUNE_BENCH_RESULTS', '.')) / 'ts.json'}"]}
+            *TINY_TARGET_STUDY, f"--results={Path(os.environ.get('VELOCITUNE_BENCH_RESULTS', '.')) / 'ts.json'}"],
+                "studies/plan_lengths_study.py": TINY_LENGTHS}
         # m40 updates every 40 steps, more than a tiny run has (an error by design); its config is checked
         # by tests/studies/test_study.py::test_every_study_arm_is_a_valid_config.
         argv = [str(REPO / words[1]), *[w for w in words[2:] if w != "m40"], *tiny.get(words[1], [])]

@@ -48,3 +48,21 @@ def test_alt_set_is_deterministic_and_cached(alt, tmp_path):
     assert again["cpp"].stat().st_mtime_ns == mtime
     with pytest.raises(ConfigError, match="scale"):
         alt_corpus.build_alt_corpus(tmp_path, scale=0, progress=False)
+
+
+def test_markdown_and_licences_come_only_from_the_frozen_distribution_list(tmp_path, monkeypatch):
+    """A package installed later (an extra, the user's own) must not change the study sets: only the
+    distributions named in studies/distributions.txt are read, and the build stamp follows that list."""
+    listed = [line for line in alt_corpus.DISTRIBUTIONS_FILE.read_text().splitlines() if line and line[0] != "#"]
+    assert "velocitune" not in listed  # its README changes with every edit
+    assert {"numpy", "torch", "scipy"} <= set(listed)
+    full = alt_corpus._distribution_stamp()
+    short = tmp_path / "distributions.txt"
+    short.write_text("# two of them\nnumpy\nscipy\n")
+    monkeypatch.setattr(alt_corpus, "DISTRIBUTIONS_FILE", short)
+    got = alt_corpus.study_distributions()
+    assert [alt_corpus._normalise(d.metadata["Name"]) for d in got] == ["numpy", "scipy"]
+    assert alt_corpus._distribution_stamp() != full
+    docs = list(alt_corpus._markdown_documents())
+    assert docs and all(any(d == (x.metadata.get_payload() or "").replace("\r\n", "\n").strip() for x in got)
+                        for d in docs)
