@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 
@@ -38,44 +35,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from velocitune import runfiles  # noqa: E402
 from velocitune.config import dump_yaml, load_config  # noqa: E402
+from velocitune.fileio import atomic_write_text  # noqa: E402
 from velocitune.plan import plan_proxy_config  # noqa: E402
 from velocitune.schedule import resolve_steps  # noqa: E402
 from velocitune.shards import PreparedData  # noqa: E402
+from velocitune.sweep import Arm, run_arms  # noqa: E402
+
+
+def main_steps_of(cfg) -> tuple[list[str], int]:
+    """The prepared data's domain names and the main run's steps (train.steps, or train.tokens resolved)."""
+    data = PreparedData(cfg.data.path)
+    return data.domains, resolve_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains])
 
 
 def run_proxies(cfg_path: Path, arms: dict[str, np.ndarray], lengths: list[int], out: Path,
                 parallel: int) -> dict[tuple[str, int], Path]:
+    """One plan proxy per (arm, length) under `out`, run by the sweep harness (finished ones kept)."""
     cfg = load_config(str(cfg_path), [])
-    data = PreparedData(cfg.data.path)
-    names = data.domains
-    main_steps = resolve_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in names])
-    jobs, dirs = [], {}
+    names, main_steps = main_steps_of(cfg)
+    runs, dirs = [], {}
     for a, (arm, shares) in enumerate(arms.items()):
         for L in lengths:
-            d = out / f"a{a}-L{L}"
-            dirs[(arm, L)] = d
-            if runfiles.run_is_complete(d):
-                continue
+            name = f"a{a}-L{L}"
+            dirs[(arm, L)] = out / name
             # label "w0" for the static arm so the recipe is the plan's own w0 proxy (end loss only: the
             # config names a targets file, so no proxy needs its curve)
-            pc = plan_proxy_config(cfg, d, main_steps, L, shares, names, "w0" if a == 0 else f"arm{a}")
-            path = out / f"a{a}-L{L}.yaml"
+            pc = plan_proxy_config(cfg, out / name, main_steps, L, shares, names, "w0" if a == 0 else f"arm{a}")
+            path = out / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(dump_yaml(pc))
-            jobs.append((path, d))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def one(job):
-        path, d = job
-        with open(path.with_suffix(".log"), "w") as log:
-            rc = subprocess.call([sys.executable, "-m", "velocitune", "train", str(path), "--train.threads=1",
-                                  "--log.progress=false"], stdout=log, stderr=subprocess.STDOUT, env=env)
-        if rc != 0:
-            raise SystemExit(f"proxy {path} failed (rc {rc}); see {path.with_suffix('.log')}")
-        print(f"done {d}", flush=True)
-
-    with ThreadPoolExecutor(parallel) as ex:
-        list(ex.map(one, jobs))
+            atomic_write_text(path, dump_yaml(pc))
+            runs.append(Arm(name, [str(path)]))  # each proxy has its own config file: it is the first argument
+    run_arms(None, runs, out, parallel=parallel, threads=1)
     return dirs
 
 
@@ -91,7 +81,7 @@ def fit_pow(D: np.ndarray, y: np.ndarray, at: float) -> float:
 
     try:
         a = brentq(g, 1e-4, 5.0)
-    except ValueError:  # no power law through the points (not decreasing with shrinking steps): log-linear
+    except ValueError:  # no decaying power law through the points (the drops grow per doubling): log-linear
         return fit_log(D[1:], y[1:], at)
     A = (y[0] - y[1]) / (D[0] ** -a - D[1] ** -a)
     E = y[2] - A * D[2] ** -a
@@ -104,7 +94,7 @@ def fit_log(D, y, at: float) -> float:
     return float(b * np.log(at) + c)
 
 
-def cpt_endpoints(cfg, proxy_cfgs: dict, ends: dict, arms: list[str], lengths: list[int],
+def cpt_endpoints(cfg, main_steps: int, proxy_cfgs: dict, ends: dict, arms: list[str], lengths: list[int],
                   init: np.ndarray) -> dict:
     """The anchored CPT law (velocitune.laws) fitted per arm and domain to ℓ_init at step 0 and the annealed
     end losses at every length (their LR areas S1, S2 from each proxy's own schedule), at the main run's
@@ -115,7 +105,7 @@ def cpt_endpoints(cfg, proxy_cfgs: dict, ends: dict, arms: list[str], lengths: l
 
     if len(lengths) < 4:
         return {}
-    S1m, S2m = laws.lr_areas(lr_schedule(cfg, cfg.train.steps), warmup_steps(cfg, cfg.train.steps))
+    S1m, S2m = laws.lr_areas(lr_schedule(cfg, main_steps), warmup_steps(cfg, main_steps))
     pred = {}
     for a in arms:
         areas = [laws.lr_areas(lr_schedule(proxy_cfgs[(a, L)], L), warmup_steps(proxy_cfgs[(a, L)], L)) for L in lengths]
@@ -213,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.mixing.targets and Path(cfg.mixing.targets).is_file():
         found = runfiles.target_values(runfiles.read_targets(cfg.mixing.targets))
         base = np.array([found[n] for n in names])
-    main_steps = cfg.train.steps
+    main_steps = main_steps_of(cfg)[1]
     est = estimates(ends, args.arms, args.lengths, main_steps, base)
     init_file = args.out / f"a0-L{args.lengths[0]}" / runfiles.INIT_LOSS_FILE
     if init_file.is_file():  # every proxy starts from the same model: the first one's measured ℓ_init
         init = runfiles.read_init_loss(init_file, names)
         proxy_cfgs = {key: runfiles.read_config(d / runfiles.CONFIG_FILE) for key, d in dirs.items()}
-        est.update(cpt_endpoints(cfg, proxy_cfgs, ends, args.arms, args.lengths, np.array([init[n] for n in names])))
+        est.update(cpt_endpoints(cfg, main_steps, proxy_cfgs, ends, args.arms, args.lengths, np.array([init[n] for n in names])))
     measured = {a: np.array([truth[a]["measured"][n] for n in names]) for a in args.arms}
     rows = {}
     for e, (used, pred) in est.items():
