@@ -57,6 +57,8 @@ ARMS: dict[str, list[str]] = {
     # with the plan's targets; PLAN is the set's plan.json, made (or reused) before the arms run
     "plan-static": ["--mixing.rule=static", "--mixing.plan=PLAN"],
     "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN"],
+    "plan-robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
+                          "--mixing.plan=PLAN", "--mixing.signal=train"],
     # one knob at a time from `faithful` (update study, §3)
     "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
     "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],
