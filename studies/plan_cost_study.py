@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from velocitune.errors import FitError  # noqa: E402
+from velocitune.fileio import atomic_write_text  # noqa: E402
 from velocitune.plan import fit_laws  # noqa: E402
 from velocitune.runfiles import read_plan  # noqa: E402
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['proxy_steps']} | {r['mixtures']} | {r['cost_share']:.0%} | {r['subsets']} | "
               f"{r['max_abs_error']:.3f} | {r['max_abs_effect_error']:.3f} | {r['worst_effect_error']:.3f} |")
     if args.results:
-        args.results.write_text(json.dumps({"reference": args.reference, "arms": args.arms, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.results, json.dumps({"reference": args.reference, "arms": args.arms, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -42,17 +42,38 @@ from velocitune.shards import PreparedData  # noqa: E402
 from velocitune.sweep import Arm, run_arms  # noqa: E402
 
 
-def main_steps_of(cfg) -> tuple[list[str], int]:
-    """The prepared data's domain names and the main run's steps (train.steps, or train.tokens resolved)."""
-    data = PreparedData(cfg.data.path)
-    return data.domains, resolve_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains])
+def main_steps_of(cfg, data: PreparedData) -> int:
+    """The main run's steps (train.steps, or train.tokens resolved against the prepared data)."""
+    return resolve_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains])
 
 
-def run_proxies(cfg_path: Path, arms: dict[str, np.ndarray], lengths: list[int], out: Path,
-                parallel: int) -> dict[tuple[str, int], Path]:
+def parse_nominal(spec: str, names: list[str], w0: dict[str, float], realised: dict[str, float]) -> np.ndarray:
+    """One --nominal mixture as shares over `names` (normalised), or a SystemExit saying what is wrong."""
+    if spec == "-":
+        r = [realised[n] for n in names]
+    elif spec == "w0":
+        r = [w0[n] for n in names]
+    elif spec == "uniform":
+        r = [1.0] * len(names)
+    elif spec.startswith("plan:"):
+        rec = json.loads(Path(spec[5:]).read_text())["recommended"]
+        r = [rec[n] for n in names]
+    else:
+        try:
+            kv = {k.strip(): float(v) for k, v in (p.split("=") for p in spec.split(","))}
+            r = [kv[n] for n in names]
+        except (ValueError, KeyError):
+            raise SystemExit(f"--nominal {spec!r}: expected w0, uniform, plan:PLAN.json, - or a share for every "
+                             f"domain as {','.join(f'{n}=0.25' for n in names)}") from None
+    r = np.array(r, dtype=np.float64)
+    if not np.all(r >= 0) or r.sum() <= 0:
+        raise SystemExit(f"--nominal {spec!r}: shares must be non-negative and not all zero")
+    return r / r.sum()
+
+
+def run_proxies(cfg, names: list[str], main_steps: int, arms: dict[str, np.ndarray], lengths: list[int],
+                out: Path, parallel: int) -> dict[tuple[str, int], Path]:
     """One plan proxy per (arm, length) under `out`, run by the sweep harness (finished ones kept)."""
-    cfg = load_config(str(cfg_path), [])
-    names, main_steps = main_steps_of(cfg)
     runs, dirs = [], {}
     for a, (arm, shares) in enumerate(arms.items()):
         for L in lengths:
@@ -164,46 +185,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--results", type=Path)
     args = ap.parse_args(argv)
+    cfg = load_config(str(args.config), [])
+    data = PreparedData(cfg.data.path)
     if args.truth:
         truth = json.loads(args.truth.read_text())["arms"]
     else:
         from plan_study import arm_dirs, measured_arms  # beside this script
 
-        names = PreparedData(load_config(str(args.config), []).data.path).domains
-        truth = measured_arms(arm_dirs(args.runs), names)
+        truth = measured_arms(arm_dirs(args.runs), data.domains)
     missing = [a for a in args.arms if a not in truth]
     if missing:
         raise SystemExit(f"arm(s) {missing} not measured; have {list(truth)}")
-    names = list(truth[args.arms[0]]["shares"])
+    names = list(data.domains)  # the proxies' shares and every table below follow the prepared data's order
+    for a in args.arms:
+        if set(truth[a]["shares"]) != set(names):
+            raise SystemExit(f"arm {a} trained domains {sorted(truth[a]['shares'])}; {args.config} has {sorted(names)}")
     if args.nominal and len(args.nominal) != len(args.arms):
         raise SystemExit(f"--nominal gives {len(args.nominal)} mixtures for {len(args.arms)} arms")
-    data = PreparedData(load_config(str(args.config), []).data.path)
     w0 = dict(zip(data.domains, map(float, data.w0)))
-    nominal = {}
-    for j, a in enumerate(args.arms):
-        spec = (args.nominal or ["-"] * len(args.arms))[j]
-        if spec == "-":
-            nominal[a] = np.array([truth[a]["shares"][n] for n in names])
-        elif spec == "w0":
-            nominal[a] = np.array([w0[n] for n in names])
-        elif spec == "uniform":
-            nominal[a] = np.full(len(names), 1.0 / len(names))
-        elif spec.startswith("plan:"):
-            rec = json.loads(Path(spec[5:]).read_text())["recommended"]
-            nominal[a] = np.array([rec[n] for n in names])
-        else:
-            kv = dict(p.split("=") for p in spec.split(","))
-            nominal[a] = np.array([float(kv[n]) for n in names])
-        nominal[a] = nominal[a] / nominal[a].sum()
-    dirs = run_proxies(args.config, nominal, args.lengths, args.out, args.parallel)
+    specs = args.nominal or ["-"] * len(args.arms)
+    nominal = {a: parse_nominal(spec, names, w0, truth[a]["shares"]) for a, spec in zip(args.arms, specs)}
+    main_steps = main_steps_of(cfg, data)
+    dirs = run_proxies(cfg, names, main_steps, nominal, args.lengths, args.out, args.parallel)
     ends = {key: np.array([runfiles.read_summary(d / runfiles.SUMMARY_FILE)["final_val_loss"][n] for n in names])
             for key, d in dirs.items()}
-    cfg = load_config(str(args.config), [])
     base = None
     if cfg.mixing.targets and Path(cfg.mixing.targets).is_file():
         found = runfiles.target_values(runfiles.read_targets(cfg.mixing.targets))
         base = np.array([found[n] for n in names])
-    main_steps = main_steps_of(cfg)[1]
+    else:
+        print(f"no targets file at mixing.targets ({cfg.mixing.targets}): the offset@L estimators are left out "
+              "(run `velocitune targets` on the config first)", file=sys.stderr)
     est = estimates(ends, args.arms, args.lengths, main_steps, base)
     init_file = args.out / f"a0-L{args.lengths[0]}" / runfiles.INIT_LOSS_FILE
     if init_file.is_file():  # every proxy starts from the same model: the first one's measured ℓ_init
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {e} | {r['cost_per_mixture']} ({r['cost_per_mixture'] / main_steps:.0%}) | {cells} | "
               f"{r['mean_abs']:.3f} | {r['max_abs']:.3f} | {r['max_abs_effect']:.3f} |")
     if args.results:
-        args.results.write_text(json.dumps({
+        atomic_write_text(args.results, json.dumps({
             "domains": names, "arms": args.arms, "lengths": args.lengths, "main_steps": main_steps,
             "nominal": {a: nominal[a].tolist() for a in args.arms},
             "ends": {f"{a}@{L}": ends[(a, L)].tolist() for a in args.arms for L in args.lengths},

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from velocitune.fileio import atomic_write_text  # noqa: E402
 from velocitune.plan import plan_predict  # noqa: E402
 from velocitune.runfiles import read_plan, read_summary  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**result, "markdown": md}, indent=2))
+        atomic_write_text(args.out, json.dumps({**result, "markdown": md}, indent=2))
         print(f"wrote {args.out}")
     return 0
 

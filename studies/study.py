@@ -35,6 +35,7 @@ from studies.alt_corpus import ALT_DOMAINS, build_alt_corpus  # noqa: E402
 from studies.third_corpus import THIRD_DOMAINS, build_third_corpus  # noqa: E402
 from velocitune.config import from_dict  # noqa: E402
 from velocitune.demo import pipeline  # noqa: E402
+from velocitune.fileio import atomic_write_text  # noqa: E402
 from velocitune.runfiles import SUMMARY_FILE, read_init_loss, read_summary  # noqa: E402
 from velocitune.sweep import Arm, run_arms  # noqa: E402
 
@@ -100,7 +101,7 @@ def prepare_set(out: Path, name: str, parallel: int, steps: int = pipeline.CPT_S
     config["mixing"]["targets"] = str(root / "targets" / "targets.json")
     config["mixing"]["init_loss"] = str(root / "targets" / "init_loss.json")
     path = root / "cpt.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
     if not (root / "targets" / "targets.json").is_file():
         # No `targets` section: the proxy follows the default recipe (`velocitune targets` defaults).
         proxy = from_dict({**config, "mixing": {"interval": pipeline.INTERVAL},
@@ -219,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
     make_report(dirs, root / args.tag, title=f"velocitune study, {args.set} domain set: {', '.join(args.arms)}")
     summary = bar(root, args.arms, args.seeds)
-    (root / f"{args.tag}.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(root / f"{args.tag}.json", json.dumps(summary, indent=2))
     md = bar_markdown(summary)
-    (root / f"{args.tag}.md").write_text(md)
+    atomic_write_text(root / f"{args.tag}.md", md)
     print(md)
     print(f"wrote {root / args.tag / 'report.md'}, {root / (args.tag + '.md')}")
     return 0

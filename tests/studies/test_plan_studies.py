@@ -113,3 +113,19 @@ def test_refit_on_subsets_recovers_the_law_that_made_the_mixtures():
         absolute, effect = cost.refit_errors(plan, keep, truth, ["u", "v"], "ref")
         assert effect < 1e-4
         assert absolute == pytest.approx(0.2, abs=1e-4)
+
+
+def test_nominal_mixtures_parse_to_normalised_shares_and_bad_ones_say_what_is_expected(tmp_path):
+    names, w0, realised = ["a", "b"], {"a": 0.6, "b": 0.2}, {"a": 0.3, "b": 0.7}
+    assert lengths.parse_nominal("w0", names, w0, realised) == pytest.approx([0.75, 0.25])
+    assert lengths.parse_nominal("uniform", names, w0, realised) == pytest.approx([0.5, 0.5])
+    assert lengths.parse_nominal("-", names, w0, realised) == pytest.approx([0.3, 0.7])
+    assert lengths.parse_nominal("b=3, a=1", names, w0, realised) == pytest.approx([0.25, 0.75])
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"recommended": {"b": 0.9, "a": 0.1}}')
+    assert lengths.parse_nominal(f"plan:{plan}", names, w0, realised) == pytest.approx([0.1, 0.9])
+    for bad in ("a=1", "a=x,b=1", "a1,b=2"):
+        with pytest.raises(SystemExit, match="a share for every domain as a=0.25,b=0.25"):
+            lengths.parse_nominal(bad, names, w0, realised)
+    with pytest.raises(SystemExit, match="non-negative"):
+        lengths.parse_nominal("a=-1,b=0.5", names, w0, realised)
