@@ -25,28 +25,14 @@ from numpy.typing import ArrayLike
 
 from velocitune.errors import CheckpointError, ConfigError, DataError, TrainingError
 
-__all__ = [
-    "velocity",
-    "update_weights",
-    "normalize",
-    "make_rule",
-    "replay_weights_from_records",
-    "Rule",
-    "Update",
-    "RULE_PARAMS",
-    "PRESETS",
+__all__ = [  # the public maths API (docs/design.md §5)
+    "velocity", "update_weights", "normalize", "make_rule", "check_param", "replay_weights_from_records",
+    "Rule", "Update", "RULE_PARAMS", "PARAM_BOUNDS", "PRESETS",
 ]
 
 # Parameters each rule accepts, with their defaults (config keys: keep the names).
-_VELOCITY_PARAMS: dict[str, Any] = {
-    "preset": "faithful",
-    "eta": 1.0,
-    "smoothing": 0.0,
-    "floor": 0.02,
-    "relative_floor": 0.0,
-    "min_weight": 0.0,
-    "ema": 0.0,
-}
+_VELOCITY_PARAMS: dict[str, Any] = {"preset": "faithful", "eta": 1.0, "smoothing": 0.0, "floor": 0.02,
+                                    "relative_floor": 0.0, "min_weight": 0.0, "ema": 0.0}
 RULE_PARAMS: dict[str, dict[str, Any]] = {
     "static": {},
     "uniform": {},
@@ -65,6 +51,14 @@ PRESETS: dict[str, dict[str, float]] = {
     # nats against faithful on the demo); a relative floor starved the guarded replay domain and the
     # EMA slowed the reaction to forgetting, so both stay off.
     "robust": {"smoothing": 0.2, "floor": 0.02},
+}
+# Bounds of each rule parameter (lo, hi, lo_open, hi_open; "1/k": one over the number of domains), written once:
+# make_rule checks them, and the registry (velocitune/rules.py) shows and checks them for config values.
+PARAM_BOUNDS: dict[str, tuple[float, float | str, bool, bool]] = {
+    "eta": (0.0, math.inf, False, False), "smoothing": (0.0, 1.0, False, False),
+    "floor": (0.0, math.inf, True, False),  # δ_min guards a division by the gap: > 0
+    "relative_floor": (0.0, math.inf, False, False), "min_weight": (0.0, "1/k", False, False),
+    "ema": (0.0, 1.0, False, True), "alpha": (0.0, 1.0, False, True), "temperature": (0.0, math.inf, True, False),
 }
 # ODM's reward exp(l) overflows for absurd losses (l > 709 nats); capping keeps the policy defined.
 _REWARD_CAP = np.finfo(np.float64).max / 4
@@ -477,6 +471,14 @@ class ODMRule(Rule):
         self._reward = np.array(state["reward"], dtype=np.float64)
 
 
+def check_param(rule: str, key: str, value: Any, k: int | None = None) -> float:
+    """`value` as a float in PARAM_BOUNDS[key], else ConfigError naming it; k: domains (None skips 1/k bounds)."""
+    lo, hi, lo_open, hi_open = PARAM_BOUNDS[key]
+    if hi == "1/k":
+        hi = 1.0 / k if k is not None else math.inf
+    return _param(f"rule {rule!r}", key, value, lo, float(hi), lo_open=lo_open, hi_open=hi_open)
+
+
 def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults < preset < explicit params (None = not given); unknown keys are ConfigErrors."""
     allowed = RULE_PARAMS[name]
@@ -498,10 +500,45 @@ def _resolve_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+# One constructor per rule: (name, w0 (k,), names, resolved params) -> Rule; a new rule adds its own.
+def _temperature(name, w0, names, p) -> Rule:
+    tau = check_param(name, "temperature", p["temperature"])
+    counts = w0 if p["token_counts"] is None else _by_name(p["token_counts"], names, "token_counts")
+    return Rule(name, _check_weights(counts, "token_counts") ** (1.0 / tau), names)  # w ∝ n_i^(1/τ)
+
+
+def _replay(name, w0, names, p) -> Rule:
+    if p["replay_weights"] is None:
+        raise ConfigError(
+            "rule 'replay' needs replay_weights (from replay_weights_from_records on a previous "
+            "run's mixture.jsonl); set mixing.replay_from to that run directory"
+        )
+    return Rule(name, normalize(_by_name(p["replay_weights"], names, "replay_weights")), names)
+
+
+def _checked(name: str, p: Mapping[str, Any], k: int, *keys: str) -> dict[str, float]:
+    return {key: check_param(name, key, p[key], k) for key in keys}
+
+
+_VELOCITY_KEYS = ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema")
+_CONSTRUCTORS: dict[str, Any] = {
+    "static": lambda name, w0, names, p: Rule(name, w0, names),
+    "uniform": lambda name, w0, names, p: Rule(name, np.ones(len(names)), names),
+    "temperature": _temperature,
+    "velocitune": lambda name, w0, names, p: VelocityRule(
+        name, w0, names, no_target=False, **_checked(name, p, len(names), *_VELOCITY_KEYS)),
+    "velocitune-no-target": lambda name, w0, names, p: VelocityRule(
+        name, w0, names, no_target=True, **_checked(name, p, len(names), *_VELOCITY_KEYS)),
+    "dbl": lambda name, w0, names, p: DBLRule(name, w0, names, **_checked(name, p, len(names), "eta", "smoothing")),
+    "odm": lambda name, w0, names, p: ODMRule(name, w0, names, **_checked(name, p, len(names), "alpha")),
+    "replay": _replay,
+}
+
+
 def make_rule(name: str, w0: Mapping[str, float] | ArrayLike, names: Sequence[str], **params: Any) -> Rule:
     """Build the rule `name` over domains `names` (in order), starting from `w0` where it applies.
 
-    Parameters are config keys (see RULE_PARAMS); None means "use the default". The `temperature`
+    Parameters are those of RULE_PARAMS[name]; None means "use the default". The `temperature`
     rule takes `token_counts` (default: w0, which is the prepared corpus's token shares).
     """
     if name not in RULE_PARAMS:
@@ -510,45 +547,8 @@ def make_rule(name: str, w0: Mapping[str, float] | ArrayLike, names: Sequence[st
         raise ConfigError(f"unknown mixing rule {name!r}{hint} (valid: {list(RULE_PARAMS)})")
     if len(set(names)) != len(names) or not names:
         raise ConfigError(f"domain names must be non-empty and distinct, got {list(names)}")
-    k = len(names)
     w0 = normalize(_by_name(w0, names, "w0"))
-    p = _resolve_params(name, params)
-
-    if name == "static":
-        return Rule(name, w0, names)
-    if name == "uniform":
-        return Rule(name, np.ones(k), names)
-    if name == "temperature":
-        tau = _param(f"rule {name!r}", "temperature", p["temperature"], 0.0, math.inf, lo_open=True)
-        counts = w0 if p["token_counts"] is None else _by_name(p["token_counts"], names, "token_counts")
-        counts = _check_weights(counts, "token_counts")
-        return Rule(name, counts ** (1.0 / tau), names)
-    if name == "replay":
-        if p["replay_weights"] is None:
-            raise ConfigError(
-                "rule 'replay' needs replay_weights (from replay_weights_from_records on a previous "
-                "run's mixture.jsonl); set mixing.replay_from to that run directory"
-            )
-        return Rule(name, normalize(_by_name(p["replay_weights"], names, "replay_weights")), names)
-    if name == "dbl":
-        return DBLRule(
-            name, w0, names,
-            eta=_param(f"rule {name!r}", "eta", p["eta"], 0.0, math.inf),
-            smoothing=_param(f"rule {name!r}", "smoothing", p["smoothing"], 0.0, 1.0),
-        )
-    if name == "odm":
-        alpha = _param(f"rule {name!r}", "alpha", p["alpha"], 0.0, 1.0, hi_open=True)
-        return ODMRule(name, w0, names, alpha=alpha)
-    return VelocityRule(
-        name, w0, names,
-        no_target=name == "velocitune-no-target",
-        eta=_param(f"rule {name!r}", "eta", p["eta"], 0.0, math.inf),
-        smoothing=_param(f"rule {name!r}", "smoothing", p["smoothing"], 0.0, 1.0),
-        floor=_param(f"rule {name!r}", "floor", p["floor"], 0.0, math.inf, lo_open=True),
-        relative_floor=_param(f"rule {name!r}", "relative_floor", p["relative_floor"], 0.0, math.inf),
-        min_weight=_param(f"rule {name!r}", "min_weight", p["min_weight"], 0.0, 1.0 / k),
-        ema=_param(f"rule {name!r}", "ema", p["ema"], 0.0, 1.0, hi_open=True),
-    )
+    return _CONSTRUCTORS[name](name, w0, list(names), _resolve_params(name, params))
 
 
 def replay_weights_from_records(

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from velocitune.config import Config, rule_timing
+from velocitune import rules
+from velocitune.config import Config
 from velocitune.errors import ConfigError, DataError
 
-# Rules whose weights move during a run: they need an update interval, and the eval signal costs time.
-ADAPTIVE_RULES = ("velocitune", "velocitune-no-target", "dbl", "odm")
+# Rules whose weights move during a run (they need an update interval, and the eval signal costs time): the old
+# name for rules.is_adaptive, computed from the registry at import.
+ADAPTIVE_RULES = tuple(name for name in rules.rule_names() if rules.is_adaptive(name))
 
 
 def lr_at(step: int, peak: float, steps: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float) -> float:
@@ -83,13 +85,13 @@ def subsampled_windows(windows: Sequence[int], subsample: float) -> list[int]:
 
 def mixing_interval(cfg: Config, steps: int) -> int:
     """m, the steps between weight updates: mixing.interval, else the rule's, else max(1, steps // 100) (§3)."""
-    m = cfg.mixing.interval if cfg.mixing.interval is not None else rule_timing(cfg.mixing.rule)["interval"]
-    return default_interval(m, steps, adaptive=cfg.mixing.rule in ADAPTIVE_RULES)
+    m = cfg.mixing.interval if cfg.mixing.interval is not None else rules.timing(cfg.mixing.rule)["interval"]
+    return default_interval(m, steps, adaptive=rules.is_adaptive(cfg.mixing.rule))
 
 
 def mixing_warmup(cfg: Config, steps: int) -> int:
     """Steps before the first weight update: mixing.warmup, else the rule's, else train.warmup_steps."""
-    w = cfg.mixing.warmup if cfg.mixing.warmup is not None else rule_timing(cfg.mixing.rule)["warmup"]
+    w = cfg.mixing.warmup if cfg.mixing.warmup is not None else rules.timing(cfg.mixing.rule)["warmup"]
     return warmup_steps(cfg, steps) if w is None else as_steps(w, steps)
 
 
