@@ -249,7 +249,10 @@ def check_params(rule: str, params: Mapping[str, Any], typed: Sequence[str]) -> 
             raise ConfigError(f"config key 'mixing.params.{name}': {e}") from None
         if name in typed:
             raise ConfigError(f"config key 'mixing.params.{name}': set it as mixing.{name} (its own key)")
-        p.check(value)
+        try:
+            p.check(value)
+        except ConfigError as e:
+            raise ConfigError(f"config key 'mixing.params.{name}': {e}") from None
 
 
 def config_params(mc: MixingConfig) -> dict[str, Any]:
