@@ -223,8 +223,9 @@ class MixtureSampler:
         if step in self._plans:
             return self._plans[step]
         cursor = self._state_before(step)
+        # quota.step_quotas, with ŵ and x from the cache: owed a = E(t) − C(t−1) = x − excess.
         w_hat, x = self._step_weights(step, cursor)
-        q = quotas(x - cursor.excess, x, self.global_batch)
+        q = quotas(x - cursor.excess, x, self.global_batch)  # (k,)
         k, B = self.k, self.global_batch
         # Slots in domain order: slot j of domain d is its draw number C_d + (j - first slot of d).
         base = np.repeat(np.arange(k, dtype=np.int64), q)  # (B,)
