@@ -1,4 +1,7 @@
-"""Tests for velocitune.sampler: quotas, caps, exact resume, rank slices, window order, exhaustion, subsets."""
+"""Tests for velocitune.sampler: quotas, caps, exact resume, rank slices, window order, exhaustion, subsets.
+
+Through MixtureSampler and its caches; the pure recurrence alone is tested in tests/test_quota.py, the
+permutations in tests/test_permutation.py, and the frozen token stream in tests/test_sampler_stream.py."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from velocitune.errors import CheckpointError, ConfigError, DataError, DataExhausted
-from velocitune.sampler import MixtureSampler, Plan, _permute, _radices, _round_keys, cap_weights, rank_slice
+from velocitune.sampler import MixtureSampler, Plan, cap_weights, rank_slice
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BIG = 10**7  # windows per domain when the allowance must never bind
@@ -38,65 +41,6 @@ def deviations(plans: list[Plan], batch: int) -> np.ndarray:
 def int_weights(k: int):
     """Weights with small integer ratios: exact ties and zero shares, the hard cases for rounding."""
     return st.lists(st.integers(0, 6), min_size=k, max_size=k).filter(lambda v: sum(v) > 0)
-
-
-# --------------------------------------------------------------------------- cap_weights
-
-
-def test_cap_weights_worked_vectors():
-    # Domain 0 capped at 0.2: its excess 0.3 goes to domains 1, 2 in proportion 0.3 : 0.2.
-    np.testing.assert_allclose(cap_weights([0.5, 0.3, 0.2], [0.2, 1, 1]), [0.2, 0.3 + 0.3 * 0.6, 0.2 + 0.3 * 0.4])
-    # Floor 0.05 lifts domain 2; the others shrink by 0.95 / 0.99.
-    np.testing.assert_allclose(cap_weights([0.9, 0.09, 0.01], [1, 1, 1], floor=0.05),
-                               [0.9 * 0.95 / 0.99, 0.09 * 0.95 / 0.99, 0.05])
-    # All the weight sits on a domain capped at 0.25: the rest is spread evenly over the domains with room.
-    np.testing.assert_allclose(cap_weights([1, 0, 0], [0.25, 0.5, 0.5]), [0.25, 0.375, 0.375])
-    # Cascading caps: capping domain 0 pushes domain 1 over its cap too.
-    np.testing.assert_allclose(cap_weights([0.6, 0.3, 0.1], [0.3, 0.4, 1.0]), [0.3, 0.4, 0.3])
-    # An exhausted domain (cap 0) gets nothing, even with a floor.
-    np.testing.assert_allclose(cap_weights([0.5, 0.49, 0.01], [0, 1, 1], floor=0.1), [0, 0.9, 0.1])
-
-
-def test_cap_weights_rejects_impossible_inputs():
-    with pytest.raises(DataExhausted):
-        cap_weights([0.5, 0.5], [0.3, 0.3])
-    with pytest.raises(ConfigError):
-        cap_weights([0.5, 0.5], [1, 1], floor=0.6)
-    with pytest.raises(ConfigError):
-        cap_weights([0.5, -0.1], [1, 1])
-
-
-@FAST
-@given(st.data())
-def test_cap_weights_properties(data):
-    k = data.draw(st.integers(2, 7))
-    w = np.array(data.draw(st.lists(st.floats(0, 1), min_size=k, max_size=k)))
-    if w.sum() <= 0:
-        w[0] = 1.0
-    caps = np.array(data.draw(st.lists(st.sampled_from([0.0, 0.01, 0.1, 0.3, 0.5, 1.0]) | st.floats(0, 1),
-                                       min_size=k, max_size=k)))
-    if caps.sum() < 1:
-        caps[np.argmax(caps)] += 1 - caps.sum()
-    floor = data.draw(st.sampled_from([0.0, 0.5 / k, 1.0 / k]) | st.floats(0, 1.0 / k))
-    p = cap_weights(w, caps, floor)
-    assert p.dtype == np.float64 and abs(p.sum() - 1) < 1e-12
-    assert np.all(p <= caps + 1e-12) and np.all(p[caps == 0] == 0)
-    assert np.all(p[caps > 0] >= np.minimum(floor, caps[caps > 0]) - 1e-12)
-    # Capping: domains left below their cap keep the proportions of w.
-    p0 = cap_weights(w, caps)
-    inner = (w > 1e-12) & (p0 < caps - 1e-9)
-    if inner.sum() >= 2:
-        ratio = p0[inner] / w[inner]
-        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
-    if np.all(w / w.sum() <= caps):
-        np.testing.assert_allclose(p0, w / w.sum(), rtol=1e-12, atol=1e-15)
-    # Floor: the domains it does not lift all shrink by one factor mu <= 1.
-    f = np.where(caps > 0, np.minimum(floor, caps), 0)
-    kept = (p0 > 1e-12) & (p > f + 1e-9)
-    if kept.any():
-        mu = p[kept] / p0[kept]
-        np.testing.assert_allclose(mu, mu[0], rtol=1e-9)
-        assert mu[0] <= 1 + 1e-12
 
 
 # --------------------------------------------------------------------------- quotas
@@ -273,16 +217,6 @@ def test_rank_slices_rebuild_the_global_batch():
 
 
 # --------------------------------------------------------------------------- windows
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 1000, 4097])
-def test_feistel_permutation_is_a_bijection(n):
-    a, b = (r[0] for r in _radices(np.array([n])))
-    for key in (0, 1, 2**63 + 5):
-        p = _permute(np.arange(n, dtype=np.uint64), np.uint64(n), a, b, _round_keys(key))
-        assert sorted(p.tolist()) == list(range(n))
-    if n >= 17:
-        assert p.tolist() != list(range(n))
 
 
 def test_no_window_repeats_within_an_epoch():

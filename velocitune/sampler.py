@@ -4,45 +4,19 @@
 (docs/design.md §6 rule 5), so a resumed or re-sharded run sees exactly the token stream of an uninterrupted one.
 Numpy only, no torch, no file I/O.
 
-How one global step `t` of B sequences is planned:
+The maths lives in two stateless modules; this one holds the schedule and the caches around them:
 
-1. **Weights.** The schedule is an append-only list of `(start_step, w)`; `w` is the mixing rule's update
-   state. The *sampling* distribution `ŵ(t) = cap_weights(w, caps, floor)` caps every domain at what is
-   left of its allowance (`floor(max_repetition · W_d)` draws) beyond its expectation so far,
-   (A_d − E_d(t−1))/B, redistributes the excess, and applies the optional floor. `w` and `ŵ` are kept
-   apart: only `w` is stored, `ŵ` is recomputed.
-2. **Quotas.** The per-step expectation `x_d = ŵ_d·B` is put on a grid of 2**-32 samples; from there on
-   the arithmetic is exact integers, so rounding ties fall the same way on every machine. E_d(t) =
-   Σ_{s<=t} x_d(s) is the cumulative expectation, C_d(t) the cumulative draws. Domain d is owed
-   a_d = E_d(t) − C_d(t−1) and gets floor(a_d) (at least 0); the samples still missing go to the domains
-   whose deficit would reach a whole sample soonest, (1 − frac(a_d)) / x_d steps away (ties: lower
-   index). Plain largest-remainder is not enough: it hands spare samples to slow domains, which then
-   stay ahead for many steps; with B=1 and w ∝ (1,1,1,1,.156,.156) a deficit passes one sample. When
-   domains ahead of their expectation get no share (a_d < 0) the floors can add up to more than B; the
-   surplus is taken back where it leaves the smallest deficit.
-   Guarantees (tests/test_sampler.py checks each):
-   - Σ quotas = B; no quota exceeds the domain's remaining allowance; E_d(t) never exceeds it either;
-   - C_d(t) − E_d(t) < 1 always: no domain is ever a whole sample ahead of its expectation;
-   - |C_d(t) − E_d(t)| < 1 at every step when every share is at least one sample per step (ŵ_d·B >= 1),
-     across any number of weight changes (proof: no a_d < 0, so no surplus); the same holds for a
-     constant mixture of any shares (not proven: property tests and an exhaustive search of small cases);
-   - in general E_d(t) − C_d(t) < k − 1. Within one sample cannot be promised for arbitrary weight
-     changes by any sampler that does not know future weights: with k=6, B=5, w=(.3,.3,.1,.1,.1,.1)
-     then (0,0,0,⅓,⅓,⅓), step 0 must leave three domains half a sample ahead and three half behind;
-     step 1 then owes the three behind 13/6 each, 2 samples each to stay within one, 6 for 5 slots.
-3. **Order.** The B domain ids are shuffled by a seeded permutation of the positions, keyed by (seed, t).
-4. **Windows.** The n-th draw (0-based, over the whole run) of domain d is window
-   perm_{seed,d,epoch}(n mod W_d), epoch = n // W_d: no window repeats within an epoch of its domain.
-
-Permutations are random-access seeded bijections, never materialised: a 4-round mixed-radix Feistel
-network over range(a·b), a·b a near-square just above n, with cycle-walking back into range(n) (rarely
-needed: a·b − n < sqrt(n) + 1). One vectorised code path serves 3 windows or 4·10^9, costs O(B) per step
-whatever the corpus size, and rests only on this file's integer arithmetic, so the stream does not change
-with the numpy version (a `Generator.permutation` stream is not promised stable across versions).
+1. **Quotas** (`velocitune.quota`): the weight schedule is an append-only list of `(start_step, w)`; step
+   t's quotas (how many sequences of each domain, exact integers summing to B, cumulative counts within
+   one sample of Σ ŵ·B, caps from `max_repetition`) follow from `w` and the state before t by
+   `quota.step_quotas`. Its guarantees are listed in that module's docstring.
+2. **Order and windows** (`velocitune.permutation`): the B domain ids are shuffled by a seeded
+   permutation keyed by (seed, t); the n-th draw of domain d is window perm_{seed,d,epoch}(n mod W_d).
 
 Cost: the quotas of step t depend on all earlier steps. The sampler keeps the state before the next
-step (sequential use: O(k + B) per step) and a snapshot every 1,024 steps (random access replays at most
-1,024 steps). A resume replays the quotas from step 0, recomputing ŵ only where a cap moves: ~25 µs per
+step (a cursor: sequential use costs O(k + B) per step), a snapshot every 1,024 steps (random access
+replays at most 1,024 steps), ŵ per (schedule entry, caps) (it repeats while no cap moves) and the last
+two plans. A resume replays the quotas from step 0, recomputing ŵ only where a cap moves: ~25 µs per
 step here, 100,000 steps in 2-3 s (benchmarks/sampler.py).
 """
 
@@ -58,245 +32,16 @@ from typing import Any
 import numpy as np
 
 from velocitune.errors import CheckpointError, ConfigError, DataError, DataExhausted
+from velocitune.permutation import batch_positions, domain_keys, draw_windows, radices, shuffle_key
+from velocitune.quota import UNIT, cap_units, cap_weights, check_weights, quantize, quotas
 
 __all__ = ["MixtureSampler", "Plan", "cap_weights", "rank_slice"]
 
-_Q = 1 << 32  # grid of the per-step expectations: 2**32 units per sample
-_MAX_BATCH = 1 << 20  # keeps B·_Q + slack inside float64's exact integers (2**53)
+_MAX_BATCH = 1 << 20  # keeps B·UNIT + slack inside float64's exact integers (2**53)
 _MAX_WINDOWS = 1 << 32  # per domain; keeps the stratified-subset arithmetic inside uint64
 _SNAPSHOT_EVERY = 1024
-_ROUNDS = 4
 _STATE_FORMAT = "velocitune-sampler"
 _STATE_VERSION = 1
-
-# Domain-separation tags, so the window, shuffle and subset streams never share keys.
-_TAG_WINDOWS = 0x57494E444F575321
-_TAG_SHUFFLE = 0x53485546464C4521
-_SUBSET_SEED = 0x5355425345542121  # fixed: proxy runs with different seeds see the same subset
-_GOLDEN = 0x9E3779B97F4A7C15
-_M64 = (1 << 64) - 1
-
-
-# --------------------------------------------------------------------------- seeded bijections
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wrap-around arithmetic, elementwise)."""
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-    return z ^ (z >> 31)
-
-
-def _mix64_int(z: int) -> int:
-    """`_mix64` on one Python int, for per-domain keys."""
-    z &= _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def _radices(size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Feistel radices (a, b) per size: a = ceil(sqrt(size)), b = ceil(size / a), so a·b - size < a.
-
-    int64 (n,) -> two uint64 (n,). A near-square a·b just above `size` makes cycle-walking rare.
-    """
-    a = np.array([max(1, math.isqrt(int(n) - 1) + 1) for n in np.ravel(size)], dtype=np.uint64)
-    b = (np.asarray(size, dtype=np.uint64) + a - np.uint64(1)) // a
-    return a, b
-
-
-def _round_keys(key: int | np.ndarray) -> list:
-    """The Feistel round keys of one key (Python int -> uint64 scalars) or of many (uint64 (n,) arrays)."""
-    if isinstance(key, np.ndarray):
-        return [_mix64(key ^ np.uint64((r + 1) * _GOLDEN & _M64)) for r in range(_ROUNDS)]
-    return [np.uint64(_mix64_int(key ^ ((r + 1) * _GOLDEN & _M64))) for r in range(_ROUNDS)]
-
-
-def _feistel(x: np.ndarray, a, b, round_keys: list) -> np.ndarray:
-    """One pass of a mixed-radix Feistel network, a bijection of range(a·b); elementwise uint64.
-
-    x = left·b + right with left in Z_a, right in Z_b; each round maps (left, right) to
-    (right, (left + F(right)) mod |Z_left|), which swaps the radices, so an even number of rounds ends
-    in (Z_a, Z_b) again. F: xor the round key, two multiply-xorshift steps, scale the top 32 bits into
-    [0, modulus) (multiply-shift: no division in the rounds, uint64 division is slow).
-    """
-    left, right = x // b, x % b
-    m_left, m_right = a, b
-    for rk in round_keys:
-        z = (right ^ rk) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
-        f = ((z >> np.uint64(32)) * m_left) >> np.uint64(32)
-        total = left + f  # < 2·m_left
-        left, right = right, np.where(total >= m_left, total - m_left, total)
-        m_left, m_right = m_right, m_left
-    return left * b + right
-
-
-def _permute(i: np.ndarray, size, a, b, round_keys: list) -> np.ndarray:
-    """perm(i): a seeded bijection of range(size), elementwise; uint64 (n,) -> uint64 (n,).
-
-    `size`, the radices `a`, `b` (from `_radices`) and each round key are per element (n,) or shared
-    scalars. Cycle-walking (re-applying the bijection of range(a·b) while the value is >= size)
-    restricts it to a bijection of range(size); a·b < size + sqrt(size) + 1, so few values walk.
-    """
-    def pick(v, rows: np.ndarray):
-        return v[rows] if isinstance(v, np.ndarray) else v
-
-    out = _feistel(i, a, b, round_keys)
-    todo = np.flatnonzero(out >= size)  # elements still outside range(size)
-    while todo.size:
-        out[todo] = y = _feistel(out[todo], pick(a, todo), pick(b, todo), [pick(rk, todo) for rk in round_keys])
-        todo = todo[y >= pick(size, todo)]
-    return out
-
-
-def _subset_window(i: np.ndarray, n_windows: np.ndarray, n_subset: np.ndarray, domain: np.ndarray) -> np.ndarray:
-    """The i-th window of each domain's fixed stratified subset. All arrays uint64 (n,).
-
-    range(W) is cut into `n_subset` contiguous strata of nearly equal size (the first W mod m hold one
-    extra window); the subset holds one window per stratum at a seeded offset, so it spreads over the
-    whole corpus (every shard, every source) and does not depend on the run seed.
-    """
-    q, r = n_windows // n_subset, n_windows % n_subset
-    start = i * q + np.minimum(i, r)
-    width = q + (i < r).astype(np.uint64)
-    key = _mix64(_mix64(np.uint64(_SUBSET_SEED) ^ domain) ^ i)
-    return start + key % width
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def _water_fill(weights: np.ndarray, room: np.ndarray, budget: float) -> np.ndarray:
-    """min(room, λ·weights) with λ chosen so the sum is `budget`, or every weighted domain at its room.
-
-    Domains that would pass their room are pinned there and the rest is re-spread in proportion to the
-    remaining weights, until none passes. Shapes (k,).
-    """
-    pinned = np.zeros(weights.shape, dtype=bool)
-    while True:
-        free = ~pinned & (weights > 0)
-        mass = math.fsum(weights[free])
-        left = budget - math.fsum(room[pinned])
-        if mass <= 0 or left <= 0:
-            return np.where(pinned, room, 0.0)
-        trial = np.zeros_like(weights)
-        trial[free] = weights[free] / mass * left  # w/mass <= 1 on the free domains: no overflow for tiny masses
-        over = free & (trial > room)
-        if not over.any():
-            return np.where(pinned, room, trial)
-        pinned |= over
-
-
-def _apply_floor(p: np.ndarray, caps: np.ndarray, floor: float) -> np.ndarray:
-    """max(f, μ·p) with μ <= 1 chosen so the sum is 1; f = min(floor, cap) for non-exhausted domains.
-
-    Shrinking the others (μ <= 1) can only move them further below their caps, so caps still hold.
-    """
-    f = np.where(caps > 0, np.minimum(floor, caps), 0.0)
-    raised = p < f
-    while True:
-        mass = math.fsum(p[~raised])
-        mu = (1.0 - math.fsum(f[raised])) / mass if mass > 0 else 0.0
-        more = ~raised & (mu * p < f)
-        if not more.any():
-            return np.where(raised, f, mu * p)
-        raised |= more
-
-
-def _checked_weights(weights: Sequence[float] | np.ndarray, k: int | None, what: str) -> np.ndarray:
-    """Weights as a new float64 (k,) array, finite, >= 0, positive sum (ConfigError otherwise); not normalised.
-
-    The sampler stores weights exactly as given and normalises them only inside `cap_weights`:
-    normalising twice can move the last bit, and a restored schedule must reproduce every bit.
-    """
-    w = np.array(weights, dtype=np.float64)
-    if w.ndim != 1 or (k is not None and w.size != k):
-        raise ValueError(f"{what} must be a 1-D vector of {k if k is not None else 'k'} weights, got shape {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ConfigError(f"{what} must be finite and >= 0, got {w.tolist()}")
-    if math.fsum(w) <= 0:
-        raise ConfigError(f"{what} must have a positive sum, got {w.tolist()}")
-    return w
-
-
-def cap_weights(
-    weights: Sequence[float] | np.ndarray, caps: Sequence[float] | np.ndarray, floor: float = 0.0
-) -> np.ndarray:
-    """The sampling distribution ŵ: `weights` capped at `caps`, then floored. float64 (k,), sums to 1.
-
-    weights: the update state w (normalised here). caps: the largest share of a batch each domain may
-    take (its remaining allowance / B; 0 = exhausted); they must sum to >= 1. Capped domains' excess is
-    redistributed to the others in proportion to their weights (water-filling until no cap is
-    violated); if the weighted domains cannot absorb it all, the rest is spread evenly over the domains
-    with room left. Then every non-exhausted domain gets at least min(floor, cap), the others shrinking
-    proportionally. Exhausted domains get 0.
-    """
-    w = _checked_weights(weights, None, "weights")
-    w = w / math.fsum(w)
-    c = np.asarray(caps, dtype=np.float64)
-    if c.shape != w.shape or not np.all(np.isfinite(c)) or np.any(c < 0):
-        raise ValueError(f"caps must be finite, >= 0 and of shape {w.shape}, got {c.tolist()}")
-    if math.fsum(c) < 1.0 - 1e-12:
-        raise DataExhausted(f"the domains' caps sum to {math.fsum(c):.6g} < 1: not enough data left for one batch")
-    if not 0.0 <= floor <= 1.0 / w.size:
-        raise ConfigError(f"the sampling floor must be in [0, 1/k] = [0, {1.0 / w.size:.4g}], got {floor}")
-    out = _water_fill(w, c, 1.0)
-    short = 1.0 - math.fsum(out)
-    if short > 1e-12:
-        room = c - out
-        out = out + _water_fill((room > 0).astype(np.float64), room, short)
-    if floor > 0:
-        out = _apply_floor(out, c, floor)
-    return out / math.fsum(out)
-
-
-def _quantize(w_hat: np.ndarray, batch: int, cap_units: np.ndarray) -> np.ndarray:
-    """ŵ·B on the 2**-32 grid: int64 (k,) units summing to exactly B·_Q, none above `cap_units`.
-
-    Floors first, then one unit each to the largest fractional parts (ties: lower index) among the
-    domains below their cap; the caps sum to >= B·_Q, so there is always room.
-    """
-    target = w_hat * float(batch * _Q)
-    x = np.minimum(np.floor(target).astype(np.int64), cap_units)
-    short = batch * _Q - int(x.sum())
-    frac = target - np.floor(target)
-    idx = np.arange(x.size)
-    if short > 0:
-        order = np.lexsort((idx, -frac))
-        order = order[x[order] < cap_units[order]]
-        x[order[:short]] += 1
-    elif short < 0:  # only from float rounding of a sum just above 1: take from the smallest fractions
-        order = np.lexsort((idx, frac))
-        order = order[x[order] > 0]
-        x[order[:-short]] -= 1
-    return x
-
-
-def _quotas(owed: np.ndarray, x: np.ndarray, batch: int) -> np.ndarray:
-    """Samples per domain for one step: int64 (k,) summing to `batch`.
-
-    owed: a_d = E_d(t) − C_d(t−1); x: this step's expectation x_d; both int64 (k,) in units of 1/_Q.
-    floor(a_d) clipped at 0, then the missing samples by earliest deadline (see the module docstring);
-    if the floors overshoot, take back where the deficit stays smallest.
-    """
-    q = np.maximum(owed >> 32, 0)  # floor(a_d) (arithmetic shift = floor division by _Q), at least 0
-    residual = owed - (q << 32)  # (k,) what stays owed, in units; in [0, _Q) unless a_d < 0
-    short = batch - int(q.sum())
-    if short > 0:
-        # At least `short` residuals are positive (they sum to >= short·_Q); only those are eligible,
-        # so nobody gets more than ceil(a_d). Deadline: steps until the deficit reaches one sample;
-        # a deficit with no share never grows (1e300), the ineligible come last (inf).
-        positive = residual > 0
-        deadline = np.where(positive & (x > 0), (_Q - residual) / np.maximum(x, 1),
-                            np.where(positive, 1e300, np.inf))
-        q[np.argsort(deadline, kind="stable")[:short]] += 1  # stable: ties go to the lower index
-    for _ in range(-short):
-        d = int(np.argmin(np.where(q > 0, residual, np.iinfo(np.int64).max)))
-        q[d] -= 1
-        residual[d] += _Q
-    return q
-
 
 # --------------------------------------------------------------------------- public API
 
@@ -338,7 +83,7 @@ class Plan:
 
 @dataclass
 class _Cursor:
-    """State before step `step`: cumulative draws C (int64 (k,)) and excess C·_Q − E (int64 (k,), units)."""
+    """State before step `step`: cumulative draws C (int64 (k,)) and excess C·UNIT − E (int64 (k,), units)."""
 
     step: int
     counts: np.ndarray
@@ -410,9 +155,9 @@ class MixtureSampler:
         self.subset_sizes = np.array([max(1, math.ceil(frac * w)) for w in windows], dtype=np.int64)
         rep = Fraction(repr(self.max_repetition))
         self.allowance = np.array([math.floor(rep * m) for m in self.subset_sizes], dtype=np.int64)
-        self._radix_a, self._radix_b = _radices(self.subset_sizes)  # (k,) Feistel radices per domain
-        self._batch_radices = tuple(r[0] for r in _radices(np.array([self.global_batch])))
-        self._schedule: list[tuple[int, np.ndarray]] = [(0, _checked_weights(initial_weights, k, "initial_weights"))]
+        self._subset_radices = radices(self.subset_sizes)  # two uint64 (k,): Feistel radices per domain
+        self._batch_radices = tuple(r[0] for r in radices(np.array([self.global_batch])))
+        self._schedule: list[tuple[int, np.ndarray]] = [(0, check_weights(initial_weights, k, "initial_weights"))]
         self._starts = [0]  # start steps of the schedule, for bisect
         self._set_seed(int(seed))
         self._reset_caches()
@@ -453,7 +198,7 @@ class MixtureSampler:
                 f"step {start_step} was already planned (planned through step {self._planned_through}); "
                 f"new weights must start at step {self._planned_through + 1} or later"
             )
-        entry = (start_step, _checked_weights(w, self.k, "weights"))
+        entry = (start_step, check_weights(w, self.k, "weights"))
         if start_step == last:
             self._schedule[-1] = entry
         else:
@@ -478,8 +223,9 @@ class MixtureSampler:
         if step in self._plans:
             return self._plans[step]
         cursor = self._state_before(step)
+        # quota.step_quotas, with ŵ and x from the cache: owed a = E(t) − C(t−1) = x − excess.
         w_hat, x = self._step_weights(step, cursor)
-        q = _quotas(x - cursor.excess, x, self.global_batch)
+        q = quotas(x - cursor.excess, x, self.global_batch)  # (k,)
         k, B = self.k, self.global_batch
         # Slots in domain order: slot j of domain d is its draw number C_d + (j - first slot of d).
         base = np.repeat(np.arange(k, dtype=np.int64), q)  # (B,)
@@ -487,8 +233,7 @@ class MixtureSampler:
         draw = cursor.counts[base] + (np.arange(B, dtype=np.int64) - first[base])  # (B,)
         windows = self._windows(base, draw)
         # Shuffle: slot j goes to batch position π(j), π a seeded bijection of range(B) keyed by (seed, t).
-        keys = _round_keys(_mix64_int(self._shuffle_key ^ step))
-        pos = _permute(np.arange(B, dtype=np.uint64), np.uint64(B), *self._batch_radices, keys).astype(np.int64)
+        pos = batch_positions(self._shuffle_key, step, B, self._batch_radices)  # (B,)
         domains = np.empty(B, dtype=np.int64)
         domains[pos] = base
         out_windows = np.empty(B, dtype=np.int64)
@@ -547,7 +292,7 @@ class MixtureSampler:
                 )
         try:
             seed = int(sd["seed"])
-            schedule = [(int(s), _checked_weights(w, self.k, "checkpoint weights")) for s, w in sd["schedule"]]
+            schedule = [(int(s), check_weights(w, self.k, "checkpoint weights")) for s, w in sd["schedule"]]
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(
                 f"the sampler state's seed or schedule is malformed ({e}); the checkpoint is corrupted"
@@ -566,10 +311,8 @@ class MixtureSampler:
 
     def _set_seed(self, seed: int) -> None:
         self._seed = seed
-        self._shuffle_key = _mix64_int(seed ^ _TAG_SHUFFLE)
-        # One key per domain; the epoch is mixed in per draw. uint64 (k,).
-        self._domain_keys = np.array(
-            [_mix64_int(_mix64_int(seed ^ _TAG_WINDOWS) + d * _GOLDEN) for d in range(self.k)], dtype=np.uint64)
+        self._shuffle_key = shuffle_key(seed)
+        self._domain_keys = domain_keys(seed, self.k)  # uint64 (k,); the epoch is mixed in per draw
 
     def _reset_caches(self) -> None:
         zeros = np.zeros(self.k, dtype=np.int64)
@@ -600,11 +343,11 @@ class MixtureSampler:
             free_run = self._free_run_weights(cursor, step)
             if free_run is None:  # near a cap or exhaustion: the general path, one step
                 x = self._step_weights(cursor.step, cursor)[1]
-                self._advance(cursor, _quotas(x - cursor.excess, x, B), x)
+                self._advance(cursor, quotas(x - cursor.excess, x, B), x)
                 continue
             x, stop = free_run
             while cursor.step < stop:  # the hot loop of a resume: x fixed, no cap moves
-                self._advance(cursor, _quotas(x - cursor.excess, x, B), x)
+                self._advance(cursor, quotas(x - cursor.excess, x, B), x)
         return cursor
 
     def _free_run_weights(self, cursor: _Cursor, step: int) -> tuple[np.ndarray, int] | None:
@@ -612,7 +355,7 @@ class MixtureSampler:
         the same ŵ and x; None if that cannot be shown for even one step.
 
         Holds inside one schedule segment while every domain is either done (cap 0: its x is 0, so its
-        E and cap stay put) or has R_d >= B + 2k draws left (cap clamped to L, see `_cap_units`). Over n
+        E and cap stay put) or has R_d >= B + 2k draws left (cap clamped to L, see `quota.cap_units`). Over n
         steps C_d grows by < n·x_d + k (C < E + 1, and E − C < k − 1 before), so R_d stays that large
         while n·x_d <= R_d − B − 3k.
         """
@@ -624,7 +367,7 @@ class MixtureSampler:
         if not np.all(done | (slack >= 0)):
             return None
         x = self._step_weights(cursor.step, cursor)[1]
-        per_step = x / float(_Q)  # (k,) samples per step; 0 for the done domains
+        per_step = x / float(UNIT)  # (k,) samples per step; 0 for the done domains
         live = per_step > 0
         room = np.floor(np.min(slack[live] / per_step[live])) - 1  # -1: float safety
         stop = int(min(step, seg_end, cursor.step + max(room, 0)))
@@ -633,7 +376,7 @@ class MixtureSampler:
     def _advance(self, cursor: _Cursor, q: np.ndarray, x: np.ndarray) -> None:
         """Apply one step's quotas to the cursor (in place) and snapshot on the grid."""
         cursor.counts += q
-        cursor.excess += (q << 32) - x
+        cursor.excess += (q << 32) - x  # C·UNIT − E grows by q·UNIT − x
         cursor.step += 1
         if cursor.step % _SNAPSHOT_EVERY == 0:
             self._snapshots[cursor.step] = (cursor.counts.copy(), cursor.excess.copy())
@@ -644,51 +387,33 @@ class MixtureSampler:
         A pure function of (w, caps); cached on their exact value, which repeats step after step while
         no cap moves (every domain either far from its allowance or done).
         """
-        cap_units = self._cap_units(step, cursor)
+        caps = self._cap_units(step, cursor)  # (k,) units
         start, w = self._schedule_entry(step)
-        key = (start, cap_units.tobytes())
+        key = (start, caps.tobytes())
         hit = self._weights_cache.get(key)
         if hit is None:
-            w_hat = cap_weights(w, cap_units / float(self.global_batch * _Q), self.floor)
-            hit = (w_hat, _quantize(w_hat, self.global_batch, cap_units))
+            w_hat = cap_weights(w, caps / float(self.global_batch * UNIT), self.floor)
+            hit = (w_hat, quantize(w_hat, self.global_batch, caps))
             if len(self._weights_cache) >= 64:
                 self._weights_cache.pop(next(iter(self._weights_cache)))
             self._weights_cache[key] = hit
         return hit
 
     def _cap_units(self, step: int, cursor: _Cursor) -> np.ndarray:
-        """min(A − E(t−1), L) in units, int64 (k,): allowance left over the expectation so far.
-
-        L = B + k + 1 samples, far above any share: the clamp keeps int64 safe for huge allowances and
-        makes the caps of domains far from their allowance exactly constant (cacheable). With
-        R = A − C >= B + 2k the unclamped value is > L (C − E > −(k − 1)), so it is computed exactly only
-        below that. DataExhausted when the draws left cannot fill a batch.
-        """
-        B, k = self.global_batch, self.k
-        remaining = self.allowance - cursor.counts  # (k,) draws left
-        if int(remaining.sum()) < B:
+        """`quota.cap_units` at the cursor, int64 (k,) units; DataExhausted (naming every domain's draws)
+        when the draws left cannot fill a batch."""
+        if int((self.allowance - cursor.counts).sum()) < self.global_batch:
             raise self._exhausted(step, cursor.counts)
-        return np.minimum(np.minimum(remaining, B + 2 * k) * _Q + cursor.excess, (B + k + 1) * _Q)
+        return cap_units(self.allowance, cursor.counts, cursor.excess, self.global_batch)
 
     def _windows(self, domain: np.ndarray, draw: np.ndarray) -> np.ndarray:
         """Window index (in the full domain) of draw number `draw` of `domain`; int64 (n,) -> int64 (n,).
 
-        Draws must come grouped by domain with increasing draw numbers (as `plan` lays them out), so the
-        (domain, epoch) pairs form a few contiguous runs and the keys are derived once per run.
+        Draws must come grouped by domain with increasing draw numbers, as `plan` lays them out
+        (`permutation.draw_windows`).
         """
-        m = self.subset_sizes[domain].astype(np.uint64)  # (n,)
-        n = draw.astype(np.uint64)
-        epoch = n // m
-        cut = np.flatnonzero((np.diff(domain) != 0) | (np.diff(epoch) != 0)) + 1
-        first = np.concatenate(([0], cut))  # (runs,) first element of each (domain, epoch) run
-        run_keys = _mix64(self._domain_keys[domain[first]] ^ (epoch[first] * np.uint64(_GOLDEN)))
-        lengths = np.diff(np.append(first, domain.size))
-        keys = [np.repeat(rk, lengths) for rk in _round_keys(run_keys)]
-        local = _permute(n % m, m, self._radix_a[domain], self._radix_b[domain], keys)
-        if self.subsample < 1.0:
-            W = np.asarray(self.windows_per_domain, dtype=np.uint64)[domain]
-            local = _subset_window(local, W, m, domain.astype(np.uint64))
-        return local.astype(np.int64)
+        full = np.asarray(self.windows_per_domain, dtype=np.int64) if self.subsample < 1.0 else None
+        return draw_windows(domain, draw, self._domain_keys, self.subset_sizes, self._subset_radices, full)
 
     def _exhausted(self, step: int, counts: np.ndarray) -> DataExhausted:
         parts = []
