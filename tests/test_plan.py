@@ -16,18 +16,11 @@ from velocitune.cli import main as cli_main
 from velocitune.config import dump_yaml
 from velocitune.errors import ConfigError, DataError, FitError
 from velocitune.fileio import read_jsonl
-from velocitune.plan import (
-    _main_budget_losses,
-    _mixture_dirs,
-    _proxy_done,
-    design_mixtures,
-    fit_laws,
-    make_plan,
-    plan_predict,
-    plan_proxy_config,
-    proxy_steps,
-    recommend,
-)
+from velocitune.laws import plan_predict
+from velocitune.plan import make_plan
+from velocitune.plan.design import design_mixtures, mixture_dirs, plan_proxy_config, proxy_steps
+from velocitune.plan.fit import fit_laws, main_budget_losses, recommend
+from velocitune.plan.proxies import proxy_done
 from velocitune.train import train
 
 NAMES = ["prose", "code", "math"]
@@ -129,21 +122,21 @@ def test_stage1_offset_moves_each_mixture_effect_to_the_main_runs_level(make_con
     labels = ["w0", "uniform", "tilt-prose"]
     X = np.array([[3.0, 2.0, 1.5], [2.9, 2.2, 1.4], [2.7, 2.3, 1.6]])  # each proxy's own extrapolation
     P = np.array([[4.0, 3.5, 3.0], [4.1, 3.4, 2.8], [3.9, 3.6, 3.1]])  # each proxy's end loss
-    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
+    Y, source, cost = main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
     assert source == "the w0 proxy" and cost == 0.0
     assert Y == pytest.approx(X[0] + (P - P[0]))
     runfiles.write_targets(tmp_path / "t.json", {"proxy_cost_share": 0.2, "domains": {
         n: {"init": 5.0, "points": [], "target": t, "predictor": "cpt_law", "guarded": False}
         for n, t in zip(NAMES, [2.5, 1.9, 1.2])}})
     cfg.mixing.targets = str(tmp_path / "t.json")
-    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)
+    Y, source, cost = main_budget_losses(cfg, NAMES, labels, X, P)
     assert source == str(tmp_path / "t.json") and cost == 0.2
     assert Y[2] == pytest.approx([2.5 - 0.1, 1.9 + 0.1, 1.2 + 0.1])
     cfg.plan.stage1 = "extrapolate"
-    assert _main_budget_losses(cfg, NAMES, labels, X, P)[0] is X
+    assert main_budget_losses(cfg, NAMES, labels, X, P)[0] is X
     cfg.plan.stage1 = "offset"
     with pytest.raises(DataError, match="against the w0 proxy, which has not finished"):
-        _main_budget_losses(cfg, NAMES, labels[1:], X[1:], P[1:])
+        main_budget_losses(cfg, NAMES, labels[1:], X[1:], P[1:])
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -211,21 +204,21 @@ def test_finished_proxies_are_reused_and_changed_ones_are_not(planned):
     doc = runfiles.read_plan(out / "plan.json")
     w0 = np.array([doc["mixtures"][0]["nominal"][n] for n in NAMES])
     design = design_mixtures(NAMES, w0, cfg.plan.tilt)
-    dirs = _mixture_dirs(out, design)
+    dirs = mixture_dirs(out, design)
     configs = [plan_proxy_config(cfg, d, 60, doc["proxy_steps"], r, NAMES, label) for d, (label, r) in zip(dirs, design)]
-    assert all(_proxy_done(d, pc) for d, pc in zip(dirs, configs)), "a re-run of the same plan trains nothing"
+    assert all(proxy_done(d, pc) for d, pc in zip(dirs, configs)), "a re-run of the same plan trains nothing"
     fewer = copy.deepcopy(configs[0])
     fewer.eval.points = fewer.eval.points[-1:]
-    assert _proxy_done(dirs[0], fewer), "a proxy evaluated more often than needed is still usable"
+    assert proxy_done(dirs[0], fewer), "a proxy evaluated more often than needed is still usable"
     more = copy.deepcopy(configs[1])
     more.eval.points = [3, 6]
-    assert not _proxy_done(dirs[1], more), "one evaluated less often is not"
+    assert not proxy_done(dirs[1], more), "one evaluated less often is not"
     changed = copy.deepcopy(configs[1])
     changed.train.lr *= 2
-    assert not _proxy_done(dirs[1], changed), "a proxy run with another config is run again"
+    assert not proxy_done(dirs[1], changed), "a proxy run with another config is run again"
     (dirs[2] / "summary.json").rename(dirs[2] / "summary.tmp")
     try:
-        assert not _proxy_done(dirs[2], configs[2]), "an unfinished proxy is run again"
+        assert not proxy_done(dirs[2], configs[2]), "an unfinished proxy is run again"
     finally:
         (dirs[2] / "summary.tmp").rename(dirs[2] / "summary.json")
 
