@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from velocitune.errors import ConfigError, DataError, FitError
 from velocitune.fileio import read_jsonl
 from velocitune.laws import plan_predict
 from velocitune.plan import make_plan
-from velocitune.plan.design import design_mixtures, mixture_dirs, plan_proxy_config, proxy_steps
-from velocitune.plan.fit import fit_laws, main_budget_losses, recommend
+from velocitune.plan.design import design_mixtures, mixture_dirs, plan_proxy_config, plan_setup, proxy_steps
+from velocitune.plan.fit import allowance_caps, fit_laws, main_budget_losses, recommend
 from velocitune.plan.proxies import proxy_done
 from velocitune.train import train
 
@@ -253,6 +254,42 @@ def test_emit_then_collect_fits_from_the_finished_runs_and_names_the_missing(mak
     doc = make_plan(cfg, out, "collect")
     assert len(doc["mixtures"]) == 4 and any("fitted on 4 of 5" in w for w in doc["warnings"])
     assert "m4-tilt-math" in capsys.readouterr().err
+
+
+def test_train_targets_and_plan_agree_on_the_main_runs_length_under_a_subsample(make_config, tmp_path, capsys):
+    """With data.subsample < 1 and no train.steps the main run is one epoch of what the subsample keeps: the
+    Trainer, the targets proxy and the plan size it the same way (schedule.main_run_steps), not from the
+    prepared windows."""
+    from velocitune.dist import DistEnv
+    from velocitune.schedule import resolve_steps
+    from velocitune.shards import PreparedData
+    from velocitune.targets import main_steps_for, proxy_config
+    from velocitune.train import Trainer
+
+    cfg = make_config("sub", train={"steps": None}, data={"subsample": 0.5}, mixing={"interval": 2},
+                      targets={"points": 4})
+    data = PreparedData(cfg.data.path)
+    raw = [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains]
+    kept = [math.ceil(w * 0.5) for w in raw]
+    steps = Trainer(cfg, DistEnv()).layout.steps
+    assert steps == sum(kept) // cfg.train.batch_size
+    assert steps != resolve_steps(cfg, raw), "the prepared windows would give a longer run"
+    assert main_steps_for(cfg, data) == steps  # what estimate_targets sizes its proxy and budget by
+    pc = proxy_config(cfg, tmp_path / "proxy", main_steps_for(cfg, data))
+    assert pc.train.steps == round(cfg.targets.fraction * steps)
+    assert pc.data.subsample == cfg.targets.fraction * 0.5, "the proxy takes a fraction of the main run's data"
+    plan_cfg = copy.deepcopy(cfg)
+    plan_cfg.plan.stage1 = "extrapolate"
+    assert plan_setup(plan_cfg, tmp_path / "plan").main_steps == steps
+    make_plan(plan_cfg, tmp_path / "plan", "emit")
+    assert f"of the main run's {steps} steps" in capsys.readouterr().out
+
+
+def test_the_repetition_allowance_counts_the_windows_the_subsample_keeps(make_config):
+    cfg = make_config(data={"subsample": 0.5, "max_repetition": 1.5})
+    budget = 100.0 * cfg.data.seq_len  # tokens of 100 windows
+    caps = allowance_caps(cfg, [40, 101, 1000], budget)  # 20, 51 and 500 windows kept, each seen 1.5 times at most
+    assert caps.tolist() == pytest.approx([20 * 1.5 / 100, 51 * 1.5 / 100, 1.0], rel=1e-12)
 
 
 def test_plan_cli_flags_set_the_objective_and_report_errors(make_config, tmp_path, capsys):
