@@ -63,6 +63,7 @@ def _pairs(flag: str, text: str) -> dict[str, float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `velocitune plan` besides the config and its overrides."""
     p.add_argument("--out", required=True, help="the plan's directory: proxies/, plan.json, plan.png, init_loss.json")
     p.add_argument("--objective", help="per-domain weights of the loss to minimise, e.g. code=2,math=1 "
                                        "(plan.objective; default: every domain 1, the mean loss)")
