@@ -11,6 +11,7 @@ from velocitune.schedule import (
     is_update_step,
     lr_at,
     lr_schedule,
+    main_run_steps,
     mixing_interval,
     mixing_warmup,
     resolve_steps,
@@ -56,6 +57,18 @@ def test_budget_from_steps_tokens_or_one_epoch(make_config):
     with pytest.raises(DataError, match="fewer than one global batch of 8"):
         resolve_steps(make_config(train={"steps": None}), [3, 4])
     assert subsampled_windows([100, 3, 1], 0.1) == [10, 1, 1]  # at least one window per domain
+
+
+def test_main_run_steps_applies_the_subsample_to_the_prepared_windows(make_config):
+    """One epoch of what data.subsample keeps, not of the prepared windows; train.steps / train.tokens win."""
+    windows = [400, 250, 3]  # as prepared
+    cfg = make_config(train={"steps": None}, data={"subsample": 0.25})
+    assert main_run_steps(cfg, windows) == (100 + 63 + 1) // 8  # ceil(w × 0.25) each, one epoch of batches of 8
+    assert main_run_steps(cfg, windows) != resolve_steps(cfg, windows)  # the raw windows would give 81
+    assert main_run_steps(make_config(train={"steps": None}), windows) == 653 // 8  # no subsample: the raw epoch
+    assert main_run_steps(make_config(train={"steps": 13}, data={"subsample": 0.25}), windows) == 13
+    tokens = make_config(train={"steps": None, "tokens": 2561}, data={"subsample": 0.25})
+    assert main_run_steps(tokens, windows) == 11
 
 
 def test_interval_default_and_guard(make_config):

@@ -83,6 +83,16 @@ def subsampled_windows(windows: Sequence[int], subsample: float) -> list[int]:
     return [max(1, math.ceil(w * subsample)) for w in windows]
 
 
+def main_run_steps(cfg: Config, windows: Sequence[int]) -> int:
+    """The main run's optimizer steps: what `velocitune train` runs, and what `targets` and `plan` size their
+    proxies and budgets by. The one place the run's length is computed, so that they cannot diverge.
+
+    `windows`: the prepared domains' training windows of seq_len + 1 tokens, as prepared (before
+    `data.subsample`, which is applied here the way the sampler applies it).
+    """
+    return resolve_steps(cfg, subsampled_windows(windows, cfg.data.subsample))
+
+
 def mixing_interval(cfg: Config, steps: int) -> int:
     """m, the steps between weight updates: mixing.interval, else the rule's, else max(1, steps // 100) (§3)."""
     m = cfg.mixing.interval if cfg.mixing.interval is not None else rules.timing(cfg.mixing.rule)["interval"]

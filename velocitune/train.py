@@ -18,9 +18,8 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +61,10 @@ from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopA
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import (
     ADAPTIVE_RULES,
+    main_run_steps,
     mixing_interval,
     mixing_warmup,
-    resolve_steps,
     step_lr,
-    subsampled_windows,
     warmup_steps,
 )
 from velocitune.shards import PreparedData
@@ -100,7 +98,7 @@ class Layout:
 
 def plan_layout(cfg: Config, windows: list[int], names: list[str], world_size: int, adaptive: bool) -> Layout:
     """Steps and batch geometry from the config and the data; ConfigError when they do not fit together."""
-    steps = resolve_steps(cfg, subsampled_windows(windows, cfg.data.subsample))
+    steps = main_run_steps(cfg, windows)
     B = cfg.train.batch_size
     if B % world_size:
         raise ConfigError(f"train.batch_size={B} must be divisible by the number of processes ({world_size})")
@@ -168,11 +166,23 @@ class RunResult:
     weights: dict[str, float]
 
 
-def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult | None:
+# The end-of-run hook of `Trainer.finish`: (run dir, W&B logger, steps) -> None.
+EndHook = Callable[[Path, WandbLogger, int], None]
+
+
+def upload_report_plots(run_dir: Path, wb: WandbLogger, step: int) -> None:
+    """`train`'s default end-of-run hook: the report's plots of the finished run, logged to W&B."""
+    from velocitune.report.plots import upload_plots  # matplotlib: only when W&B takes the plots
+
+    upload_plots(run_dir, wb, step)
+
+
+def train(cfg: Config, resume: bool = False, dry_run: bool = False,
+          on_end: EndHook | None = upload_report_plots) -> RunResult | None:
     """Set up, resume when asked, train, and write the summary and the final model of one run.
 
     dry_run: set up (config, data, model, targets, budget, memory check), print the plan and return None
-    without training or writing anything.
+    without training or writing anything. on_end: `Trainer.finish`'s end-of-run hook (None: none).
     """
     env = dist.init(cfg.train.device, cfg.dist.backend, cfg.dist.strategy)
     try:
@@ -186,7 +196,7 @@ def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult
                 try:
                     trainer.start(resume)
                     trainer.fit()
-                    return trainer.finish()
+                    return trainer.finish(on_end)
                 except Preempted:
                     trainer.close_logs()
                     trainer.close_loggers(exit_code=PREEMPTED_EXIT)  # W&B shows it stopped early; resume continues it
@@ -634,8 +644,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the end
 
-    def finish(self) -> RunResult:
-        """Final validation loss, summary.json, final/ (save_pretrained) and the closing lines."""
+    def finish(self, on_end: EndHook | None = None) -> RunResult:
+        """Final validation loss, summary.json, final/ (save_pretrained) and the closing lines.
+
+        on_end(run dir, W&B logger, steps): called on rank 0 once the run is complete, before the loggers
+        close, when W&B logs the run (log.wandb); `train` passes `upload_report_plots`."""
         cfg, lay, st, mix = self.cfg, self.layout, self.state, self.state.mixing
         timers = st.timers
         in_loop = {n: timers.total(n) - self.timers_at_loop.get(n, 0.0) for n in ("reweight", "eval", "checkpoint")}
@@ -663,31 +676,22 @@ class Trainer:
             runfiles.write_summary(self.out / runfiles.SUMMARY_FILE, summary)
             if cfg.checkpoint.save_final:
                 save_final(unwrap_model(self.model), self.tokenizer, self.out / runfiles.FINAL_DIR, final_sd)
-            self._wandb_end(summary)
+            self._wandb_end(summary, on_end)
             self.close_loggers()
             self._closing_lines(final, wall, measured)
         dist.barrier(self.env)
         return RunResult(self.out, lay.steps, dict(zip(names, final.tolist())), dict(zip(names, mix.weights().tolist())))
 
-    def _wandb_end(self, summary: dict[str, Any]) -> None:
-        """W&B's run summary (final, initial and target losses, tokens per domain, times) and the report's plots."""
+    def _wandb_end(self, summary: dict[str, Any], on_end: EndHook | None) -> None:
+        """W&B's run summary (final, initial and target losses, tokens per domain, times), then `on_end`."""
         if not self.wb.enabled:
             return
         for key in ("final_val_loss", "init_loss", "targets", "tokens_per_domain", "epochs_per_domain"):
             self.wb.summary(key, summary[key] or {})
         self.wb.summary("", {k: summary[k] for k in ("wall_time_s", "time_eval_s", "time_update_s", "time_data_s",
                                                      "time_checkpoint_s", "measured_overhead", "estimated_overhead")})
-        from velocitune.report.plots import run_plots  # matplotlib: only when the plots are wanted
-
-        with tempfile.TemporaryDirectory(prefix="velocitune-plots-") as tmp:
-            try:
-                written = run_plots(self.out, Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - the run is complete and saved; a plot is not worth failing it
-                self._say(f"warning: the report's plots were not logged to W&B ({exc}); "
-                          f"draw them with `velocitune report {self.out}`")
-                return
-            self.wb.images({f"plots/{Path(n).stem}": (Path(tmp) / n, caption) for n, caption in written.items()},
-                           step=self.layout.steps)
+        if on_end is not None:  # e.g. the report's plots (the caller's hook: the Trainer does not import report)
+            on_end(self.out, self.wb, self.layout.steps)
 
     def _closing_lines(self, final: np.ndarray, wall: float, measured: float) -> None:
         lay, timers = self.layout, self.state.timers

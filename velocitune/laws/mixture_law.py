@@ -6,7 +6,8 @@
   a tolerance;
 - `fit_mixing_law` (`MixingLawFit`): Ye et al.'s data mixing law over the whole mixture at a
   fixed budget, and `fit_share_law` (`ShareLawFit`): the D-CPT share term alone; `velocitune plan`
-  chooses between them per domain by leave-one-mixture-out error (§4.4).
+  chooses between them per domain by leave-one-mixture-out error (§4.4);
+- `plan_predict`: a plan.json's prediction of a domain's loss at any mixture, from the law it chose.
 """
 
 from __future__ import annotations
@@ -444,3 +445,23 @@ def fit_share_law(shares, losses) -> ShareLawFit:
         loo = np.array(errs)
     return ShareLawFit(E=float(E), C=float(C), gamma=float(g), r2=_r2(y, pred),
                        rmse=float(np.sqrt(np.mean((pred - y) ** 2))), n_mixtures=int(r.size), loo_errors=loo)
+
+
+# ----------------------------------------------------------------------------------------------
+# A plan's prediction  (plan.json "fits": the law each domain chose, with its parameters; §4.4)
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_predict(doc: dict, domain: str, shares) -> np.ndarray:
+    """A plan's prediction of `domain`'s loss at mixtures `shares` (m, k) from the law it chose: (m,).
+
+    `doc`: a plan document (plan.json of `velocitune plan`) with "domains" and "fits"; the mixing law's
+    parameters are {"c", "u": {domain: u_j}}, the share law's {"E", "C", "gamma", "eps"}.
+    """
+    names = doc["domains"]
+    fit = doc["fits"][domain]
+    p = fit["candidates"][fit["law"]]["params"]
+    r = np.atleast_2d(np.asarray(shares, dtype=np.float64))  # (m, k)
+    if fit["law"] == "mixing":
+        return p["c"] + np.exp(r @ np.array([p["u"][n] for n in names]))
+    return p["E"] + p["C"] * (r[:, names.index(domain)] + p["eps"]) ** (-p["gamma"])
