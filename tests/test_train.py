@@ -258,7 +258,7 @@ def test_overhead_probe_leaves_no_trace(make_config):
 
     from velocitune.dist import DistEnv
     from velocitune.evaluate import ValSet
-    from velocitune.train import probe_overhead
+    from velocitune.overhead import probe_overhead
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -286,12 +286,13 @@ def test_overhead_probe_leaves_no_trace(make_config):
 def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, signal):
     """The estimate is the probe's evaluation time over m steps' time; the FLOPs formula is kept beside it."""
     import velocitune.train as T
+    from velocitune.overhead import OverheadProbe
 
     calls = []
 
     def fake_probe(*args, **kwargs):
         calls.append(args)
-        return T.OverheadProbe(eval_s=0.6, step_s=0.1)
+        return OverheadProbe(eval_s=0.6, step_s=0.1)
 
     monkeypatch.setattr(T, "probe_overhead", fake_probe)
     out = train(make_config(mixing={"signal": signal})).out_dir
@@ -311,7 +312,7 @@ def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, s
 
 
 def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
-    from velocitune.train import default_arm
+    from velocitune.summary import default_arm
 
     assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"
     assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
