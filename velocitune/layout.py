@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from velocitune.config import Config
-from velocitune.errors import ConfigError
+from velocitune.errors import ConfigError, DataError
 from velocitune.schedule import resolve_steps, subsampled_windows, warmup_steps
 
 
@@ -38,6 +38,18 @@ class Layout:
     @property
     def tokens_per_step(self) -> int:
         return self.batch * self.seq_len
+
+
+def train_windows(domains: dict, L: int) -> list[int]:
+    """Training windows of L + 1 tokens per domain ({name: DomainTokens}); DataError when a domain holds none."""
+    windows = [tokens.n_windows(L) for tokens in domains.values()]
+    empty = [n for n, w in zip(domains, windows) if w == 0]
+    if empty:
+        raise DataError(
+            f"domain(s) {empty} hold fewer training tokens than one window of data.seq_len + 1 = {L + 1}; "
+            f"lower data.seq_len or add documents"
+        )
+    return windows
 
 
 def plan_layout(cfg: Config, windows: Sequence[int], names: Sequence[str], world_size: int) -> Layout:

@@ -76,3 +76,21 @@ def probe_overhead(net, val: ValSet, env: dist.DistEnv, cfg: Config, autocast: C
         evaluate(net, val, env, cfg.eval.batch_size, cfg.train.loss_chunk_tokens, autocast())
         eval_s = time.perf_counter() - t0
     return OverheadProbe(eval_s=eval_s, step_s=step_s)
+
+
+def overhead_line(signal: str, adaptive: bool, probe: OverheadProbe | None, by_flops: float, interval: int,
+                  timed: bool, distributed: bool, k: int) -> str | None:
+    """The printed estimate of the reweighting overhead (None for a rule that never updates). probe: the timed
+    one (eval signal, timed); by_flops: the FLOPs estimate; timed=False: the dry run, which times nothing."""
+    if not adaptive:
+        return None
+    if signal == "eval" and not timed:
+        return (f"estimated reweighting overhead: {100 * by_flops:.1f}% (signal=eval; by FLOPs "
+                f"k*val_tokens/(3*m*tokens_per_step); training times it before step 0)")
+    if probe is not None:
+        return (f"estimated reweighting overhead: {100 * probe.eval_s / (interval * probe.step_s):.1f}% (signal=eval; "
+                f"timed before training: one evaluation {probe.eval_s:.3g}s per {interval} steps of "
+                f"{probe.step_s:.3g}s; by FLOPs k*val_tokens/(3*m*tokens_per_step) = {100 * by_flops:.1f}%)")
+    return (f"estimated reweighting overhead: 0.0% (signal={signal}: the training losses already computed"
+            + (f"; one all-reduce of {2 * k} numbers per update)" if distributed else ")"))
+

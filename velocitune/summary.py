@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from velocitune import __version__, runfiles
 from velocitune.config import Config, pace_default, rule_timing
+from velocitune.controller import MixingController
+from velocitune.metrics import Timers
 from velocitune.schedule import ADAPTIVE_RULES
 
 
@@ -41,3 +46,24 @@ def save_final(model: torch.nn.Module, tokenizer, out: Path, state_dict: dict | 
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def run_summary(cfg: Config, mix: MixingController, steps: int, final: np.ndarray, timers: Timers,
+                **measured: Any) -> dict[str, Any]:
+    """summary.json's document: what the run was, ℓ_init, targets and final validation losses (k,), tokens and
+    epochs per domain, where the time went; `measured` adds wall_time_s, skipped_steps, world_size and the
+    overhead estimates and measurement."""
+    names = mix.names
+    return {
+        "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
+        "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
+        "steps": steps, "tokens": steps * mix.seq_len * mix.sampler.global_batch,
+        "init_loss": dict(zip(names, map(float, mix.init))),
+        "targets": runfiles.per_domain(names, mix.targets), "final_val_loss": dict(zip(names, final.tolist())),
+        "tokens_per_domain": dict(zip(names, mix.tokens_per_domain(steps).tolist())),
+        "epochs_per_domain": dict(zip(names, mix.sampler.epochs(steps).tolist())),
+        "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
+        "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
+        **measured, "complete": True,
+    }
+

@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import __version__, dist, runfiles
+from velocitune import dist, runfiles
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from velocitune.config import Config, check_resume_config, dump_yaml, to_dict
 from velocitune.controller import MixingController, check_same_on_all_ranks
 from velocitune.engine import build_engine
-from velocitune.errors import ConfigError, DataError, TrainingError
+from velocitune.errors import ConfigError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
-from velocitune.layout import assemble, eval_points, plan_layout
+from velocitune.layout import assemble, eval_points, plan_layout, train_windows
 from velocitune.losses import forward_losses, fused_forward_losses
 from velocitune.metrics import (
     TensorBoardLogger,
@@ -50,12 +50,12 @@ from velocitune.metrics import (
     peak_flops,
 )
 from velocitune.model import unwrap_model
-from velocitune.overhead import flops_overhead, probe_overhead
+from velocitune.overhead import flops_overhead, overhead_line, probe_overhead
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import step_lr
 from velocitune.shards import PreparedData
-from velocitune.summary import default_arm, save_final
+from velocitune.summary import default_arm, run_summary, save_final
 
 
 class TrainState:
@@ -170,7 +170,7 @@ class Trainer:
         self.data = PreparedData(cfg.data.path)
         names, L = list(self.data.domains), cfg.data.seq_len
         self.domains = {n: self.data.train(n) for n in names}
-        windows = self._windows(names, L)
+        windows = train_windows(self.domains, L)
         self.layout = lay = plan_layout(cfg, windows, names, env.world_size)
         # The mixture before the model: a missing or mismatched plan or targets file is refused at once.
         sampler = partial(MixtureSampler, seed=cfg.train.seed, global_batch=lay.batch, windows_per_domain=windows,
@@ -195,17 +195,6 @@ class Trainer:
         self.metrics_log = self.eval_log = None
         self.stop = StopAgreement(guard or PreemptionGuard(), env, cfg.checkpoint.preempt_check_interval)
         self.last_checkpoint = -1  # the step of the checkpoint this process wrote last
-
-    def _windows(self, names: list[str], L: int) -> list[int]:
-        """Training windows of L + 1 tokens per domain; DataError when a domain holds none."""
-        windows = [self.domains[n].n_windows(L) for n in names]
-        empty = [n for n, w in zip(names, windows) if w == 0]
-        if empty:
-            raise DataError(
-                f"domain(s) {empty} hold fewer training tokens than one window of data.seq_len + 1 = {L + 1}; "
-                f"lower data.seq_len or add documents"
-            )
-        return windows
 
     # ------------------------------------------------------------------------------------ start
 
@@ -335,17 +324,9 @@ class Trainer:
         print(f"estimated memory per device: {e.memory.line(e.capacity, e.capacity_where)}{checked}; "
               f"micro-batch {lay.micro} x {lay.seq_len} tok, activation_checkpointing={cfg.train.activation_checkpointing}, "
               f"attn={cfg.model.attn_implementation}")
-        if mix.eval_signal and not timed:
-            print(f"estimated reweighting overhead: {100 * self.overhead_flops:.1f}% (signal=eval; by FLOPs "
-                  f"k*val_tokens/(3*m*tokens_per_step); training times it before step 0)")
-        elif probe:
-            print(f"estimated reweighting overhead: {100 * self.overhead:.1f}% (signal=eval; timed before training: "
-                  f"one evaluation {probe.eval_s:.3g}s per {m} steps of {probe.step_s:.3g}s; "
-                  f"by FLOPs k*val_tokens/(3*m*tokens_per_step) = {100 * self.overhead_flops:.1f}%)")
-        elif self.state.mixing.adaptive:
-            print(f"estimated reweighting overhead: 0.0% (signal={cfg.mixing.signal}: the training losses "
-                  f"already computed" + (f"; one all-reduce of {2 * lay.k} numbers per update)" if env.distributed
-                                         else ")"))
+        line = overhead_line(cfg.mixing.signal, mix.adaptive, probe, self.overhead_flops, m, timed, env.distributed, lay.k)
+        if line:
+            print(line)
 
     def dry_run(self) -> None:
         """`velocitune train --dry-run`: the set-up has checked config, data, model and targets; say what a run
@@ -545,19 +526,9 @@ class Trainer:
         final_sd = dist.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if self.main:
             self.close_logs()  # syncs; left open, a process running many trainings leaks three files per run
-            summary = {
-                "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
-                "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
-                "steps": lay.steps, "tokens": lay.steps * lay.tokens_per_step,
-                "init_loss": dict(zip(names, map(float, mix.init))),
-                "targets": runfiles.per_domain(names, mix.targets), "final_val_loss": dict(zip(names, final.tolist())),
-                "tokens_per_domain": dict(zip(names, mix.tokens_per_domain(lay.steps).tolist())),
-                "epochs_per_domain": dict(zip(names, mix.sampler.epochs(lay.steps).tolist())),
-                "wall_time_s": wall, "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
-                "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
-                "skipped_steps": st.skipped, "world_size": self.env.world_size, "estimated_overhead": self.overhead,
-                "estimated_overhead_flops": self.overhead_flops, "measured_overhead": measured, "complete": True,
-            }
+            summary = run_summary(cfg, mix, lay.steps, final, timers, wall_time_s=wall, skipped_steps=st.skipped,
+                                  world_size=self.env.world_size, estimated_overhead=self.overhead,
+                                  estimated_overhead_flops=self.overhead_flops, measured_overhead=measured)
             if cfg.checkpoint.save_final:
                 save_final(unwrap_model(self.model), self.engine.tokenizer, self.out / runfiles.FINAL_DIR, final_sd)
             # Last: a summary marked complete is the commit point of a finished run (`--resume` then stops).
