@@ -439,8 +439,8 @@ def _target_missing(c: Ctx):
 
 
 def _targets_file_missing(c: Ctx):
-    p = c.tmp / "targets.json"
-    return ["train", c.config(), f"--mixing.targets={p}"], (
+    p = c.tmp / "targets.json"  # under a rule that reads targets (static, the default here, does not need them)
+    return ["train", c.config(), f"--mixing.targets={p}", "--mixing.rule=velocitune"], (
         f"error: mixing.targets: '{p}' does not exist; run `velocitune targets` first")
 
 
@@ -747,6 +747,7 @@ def test_disk_full_during_a_checkpoint(ctx, capsys, monkeypatch):
 def test_resume_with_a_changed_config(ctx, capsys):
     cfg = ctx.config(train={"steps": 6}, checkpoint={"interval": 2})
     assert cli(["train", cfg], capsys)[0] == 0
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     expect_error(["train", cfg, "--resume", "--train.lr=1e-3", "--mixing.rule=uniform"], capsys,
                  "error: cannot resume: the config differs from the checkpoint's in keys that shape the run:\n"
                  "  train.lr: 0.003 -> 0.001\n"
@@ -768,6 +769,7 @@ def test_resume_on_re_prepared_data(ctx, capsys):
     expect_ok(argv, capsys)
     cfg = ctx.config(data=ctx.tmp / "prep", train={"steps": 4}, checkpoint={"interval": 2})
     expect_ok(["train", cfg], capsys)
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     more = ctx.tmp / "more-math.jsonl"
     write_jsonl(more, [f"Q: {i} + {i} = ?\nA: {2 * i}." for i in range(400)])
     expect_ok(argv + ["--domain", f"math={more}"], capsys)
@@ -783,6 +785,7 @@ def test_damaged_log_line_mid_file_on_resume(ctx, capsys):
     lines = metrics.read_text().splitlines()
     lines[1] = lines[1][:20]
     metrics.write_text("\n".join(lines) + "\n")
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     expect_error(["train", cfg, "--resume"], capsys,
                  f"error: {metrics}, line 2: not valid JSON (")
 

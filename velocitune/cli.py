@@ -60,7 +60,13 @@ def _run_train(args, extra) -> int:
     from velocitune.train import train
 
     cfg = _split_config(args, extra)
-    train(cfg, resume=args.resume, dry_run=args.dry_run)
+    # The report's plots go to W&B at the end of a logged run; the Trainer itself never imports the report.
+    on_end = None
+    if cfg.log.wandb:
+        from velocitune.report.plots import upload_plots  # matplotlib: only when W&B takes the plots
+
+        on_end = upload_plots
+    train(cfg, resume=args.resume, dry_run=args.dry_run, on_end=on_end)
     return 0
 
 
