@@ -23,7 +23,7 @@ def test_cli_flags_and_repeated_domain(tmp_path, tokenizer_dir, hf, capsys):
     c = write_docs(tmp_path / "c.jsonl", paragraphs(14, 5))
     assert cli(["prepare", f"--tokenizer={tokenizer_dir}", "--out", str(tmp_path / "out"), "--domain", f"x={a}",
                 "--domain", f"y={c}", "--domain", f"x={b}", "--workers", "1", "--no-progress",
-                "--val-fraction", "0.3", "--val-tokens", "50"]) == 0
+                "--val-fraction", "0.3", "--val-tokens", "50", "--data.seq_len=4"]) == 0
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [e["name"] for e in m["domains"]] == ["x", "y"]
     assert m["domains"][0]["sources"] == [str(a), str(b)]
@@ -57,7 +57,7 @@ def test_cli_merge(tmp_path, tokenizer_dir):
     for i in range(2):
         run_prepare(tokenizer_dir, tmp_path / f"p{i}", domains, num_shards=2, shard_index=i)
     assert cli(["prepare", "--merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out",
-                str(tmp_path / "m"), "--no-progress"]) == 0
+                str(tmp_path / "m"), "--no-progress", "--data.seq_len=4"]) == 0
     assert PreparedData(tmp_path / "m").domains == ["txt", "json"]
 
 
