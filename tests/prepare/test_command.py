@@ -113,3 +113,23 @@ def test_missing_pieces_and_an_output_path_that_is_a_file(tmp_path, tokenizer_di
     assert cli(["prepare", "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "f" / "o"),
                 "--domain", "a=x.jsonl"]) == 2
     assert "is a file, not a directory" in _error(capsys)
+
+
+def test_cli_warns_on_a_small_val_split_and_refuses_one_without_a_window(tmp_path, tokenizer_dir, capsys, caplog):
+    """A small corpus at the default val_fraction: the user hears at prepare time, not from a later command.
+    (The warning is a log record: on a terminal Python's last-resort handler prints it to stderr.)"""
+    docs = write_docs(tmp_path / "d.jsonl", paragraphs(3, 30, 20, 40))
+    argv = ["prepare", f"--tokenizer={tokenizer_dir}", "--domain", f"d={docs}", "--workers", "1", "--no-progress"]
+    assert cli(argv + ["--out", str(tmp_path / "a"), "--data.seq_len=8"]) == 0
+    val = json.loads((tmp_path / "a" / "manifest.json").read_text())["domains"][0]["val"]["tokens"]
+    capsys.readouterr()
+    seq_len = val // 3 - 1  # three windows of seq_len + 1 tokens
+    with caplog.at_level("WARNING", logger="velocitune.prepare"):
+        assert cli(argv + ["--out", str(tmp_path / "b"), f"--data.seq_len={seq_len}"]) == 0
+    err = "\n".join(r.getMessage() for r in caplog.records)
+    assert (f"domain 'd': its validation split holds only 3 window(s) of data.seq_len + 1 = {seq_len + 1} tokens "
+            f"({val:,} tokens), a noisy val loss; 8 or more are advised: raise --val-fraction (now 0.01") in err
+    assert cli(argv + ["--out", str(tmp_path / "c"), f"--data.seq_len={val}"]) == 2
+    assert (f"error: domain 'd': its validation split holds {val:,} tokens, 0 whole window(s) of data.seq_len + 1 "
+            f"= {val + 1} tokens, fewer than the 1 needed to measure a val loss; raise --val-fraction (now 0.01; about"
+            in capsys.readouterr().err)
