@@ -41,6 +41,8 @@ Each document is encoded without special tokens and followed by the tokenizer's 
 Validation split: the documents with the lowest text hashes, i.e. those whose hash falls under
 --val-fraction, in hash order until --val-tokens is reached (and at least one document when a
 domain has 2 or more). It does not move when documents are added or when --num-shards changes.
+It must hold one whole window of data.seq_len + 1 tokens (the config's; else an error says what to
+change) and should hold 8 (a warning says so).
 
 Reruns skip domains already finished with the same inputs and redo interrupted ones.
 Sharded over N machines: run `... --num-shards N --shard-index I --out PART_I` on each, then
