@@ -69,7 +69,9 @@ class Ctx:
 
     def prepare(self, *domains: str, out: str = "prep", extra: tuple = ()) -> list:
         """argv of `velocitune prepare` with the tiny tokenizer; domains as NAME=PATH."""
-        argv = ["prepare", "--tokenizer", self.tokenizer, "--out", self.tmp / out, "--workers", "1", "--no-progress"]
+        # data.seq_len of the tiny config (conftest): prepare checks every val split against it.
+        argv = ["prepare", "--tokenizer", self.tokenizer, "--out", self.tmp / out, "--workers", "1", "--no-progress",
+                "--data.seq_len=32"]
         for d in domains:
             argv += ["--domain", d]
         return argv + list(extra)
@@ -166,6 +168,20 @@ def _single_document(c: Ctx):
     return c.prepare(f"math={c.corpus['math']}", f"one={p}"), (
         "error: domain 'one' has a single document, so a held-out val set would take all of it; give it at "
         "least 2 documents (a text file is one document: split it into several files)")
+
+
+def _val_split_without_a_window(c: Ctx):
+    # The tiny math domain's val split is one document of 80 tokens: no whole window of 1001 tokens.
+    return c.prepare(f"math={c.corpus['math']}", extra=("--data.seq_len=1000",)), (
+        "error: domain 'math': its validation split holds 80 tokens, 0 whole window(s) of data.seq_len + 1 = "
+        "1001 tokens, fewer than the 1 needed to measure a val loss; raise --val-fraction (now 0.01), lower "
+        "data.seq_len (now 1000) or give the domain more data")
+
+
+def _val_tokens_below_a_window(c: Ctx):
+    return c.prepare(f"math={c.corpus['math']}", extra=("--val-tokens", "20")), (
+        "error: val_tokens 20 caps every domain's validation split below 1 window(s) of data.seq_len + 1 = 33 "
+        "tokens; raise --val-tokens to at least 33 or lower data.seq_len")
 
 
 def _malformed_jsonl(c: Ctx):
@@ -495,6 +511,10 @@ ROWS: list[Row] = [
     ("domain-name", "a domain name that cannot be a directory name", _bad_domain_name),
     ("domain-empty", "an empty domain", _empty_domain),
     ("domain-single-document", "a domain with a single document (no room for a val split)", _single_document),
+    ("val-split-no-window", "a val split shorter than one window of data.seq_len + 1 tokens",
+     _val_split_without_a_window),
+    ("val-tokens-below-a-window", "a --val-tokens cap below one window of data.seq_len + 1 tokens",
+     _val_tokens_below_a_window),
     ("jsonl-malformed", "malformed JSON on one line of a JSONL file", _malformed_jsonl),
     ("jsonl-not-object", "a JSONL line that is not an object", _jsonl_not_object),
     ("jsonl-wrong-field", "the text under another field name", _wrong_text_field),

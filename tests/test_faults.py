@@ -56,8 +56,8 @@ FAULT_POINTS: dict[str, tuple[str, str, str]] = {
     "final.save": ("velocitune.train", "save_final", "before"),  # neither final/ nor summary.json written
     "final.saved": ("velocitune.train", "save_final", "after"),  # final/ written, summary.json (written last) not
     "prepare.shard": ("velocitune.shards", "ShardWriter.close", "after"),  # a shard complete, domain not
-    "prepare.done": ("velocitune.prepare.pipeline", "_finish_domain", "before"),  # all shards, no .done marker
-    "prepare.manifest": ("velocitune.prepare.pipeline", "_build_manifest", "after"),  # every domain done, no manifest
+    "prepare.done": ("velocitune.manifest", "write_done_marker", "before"),  # all shards, no .done marker
+    "prepare.manifest": ("velocitune.manifest", "build_manifest", "after"),  # every domain done, no manifest
 }
 
 

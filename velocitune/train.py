@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import dist, runfiles
+from velocitune import dist, dist_checkpoint, runfiles
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from velocitune.config import Config, check_resume_config, dump_yaml, to_dict
 from velocitune.controller import MixingController, check_same_on_all_ranks
@@ -36,18 +36,9 @@ from velocitune.errors import ConfigError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
 from velocitune.layout import assemble, eval_points, plan_layout, train_windows
+from velocitune.loggers import TensorBoardLogger, WandbLogger, import_wandb, new_wandb_run_id
 from velocitune.losses import forward_losses, fused_forward_losses
-from velocitune.metrics import (
-    TensorBoardLogger,
-    Throughput,
-    Timers,
-    WandbLogger,
-    flops_per_token,
-    format_weights,
-    import_wandb,
-    new_wandb_run_id,
-    peak_flops,
-)
+from velocitune.metrics import Throughput, Timers, flops_per_token, format_weights, peak_flops
 from velocitune.model import unwrap_model
 from velocitune.overhead import flops_overhead, overhead_line, probe_overhead
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
@@ -280,7 +271,7 @@ class Trainer:
             return False
         step, parts = loaded
         check_resume_config(parts["config"], to_dict(self.cfg))
-        dist.restore_model_state(root, parts, self.model, self.optimizer, self.env)
+        dist_checkpoint.restore_model_state(root, parts, self.model, self.optimizer, self.env)
         self.state.load_state_dict(parts["state"] | {"tensors": parts["tensors"]})
         set_rng_state(parts["rng"])
         self.t_start -= self.state.elapsed_s  # wall time counts the run, not this process
@@ -504,14 +495,14 @@ class Trainer:
         # Collective: under FSDP2 every rank writes its DCP shards; otherwise the full states are gathered for
         # rank 0. Rank 0's checkpoint directory is the commit point (it holds a reference to the shards).
         root = self.out / runfiles.CHECKPOINTS_DIR
-        model_part = dist.checkpoint_model_state(root, step, self.model, self.optimizer, self.env, self.cfg.dist.strategy)
+        model_part = dist_checkpoint.checkpoint_model_state(root, step, self.model, self.optimizer, self.env, self.cfg.dist.strategy)
         if self.main:
             self.state.elapsed_s = time.perf_counter() - self.t_start
             state = self.state.state_dict()
             save_checkpoint(root, step, {**model_part, "state": {k: v for k, v in state.items() if k != "tensors"},
                                          "tensors": state["tensors"], "rng": rng_state(), "config": to_dict(self.cfg)},
                             keep=self.cfg.checkpoint.keep)
-            dist.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
+            dist_checkpoint.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
         dist.barrier(self.env)
         self.last_checkpoint = step
 
@@ -530,7 +521,7 @@ class Trainer:
         final = self._evaluate(lay.steps, "eval")
         wall = time.perf_counter() - self.t_start
         names = lay.names
-        final_sd = dist.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
+        final_sd = dist_checkpoint.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if self.main:
             self.close_logs()  # syncs; left open, a process running many trainings leaks three files per run
             summary = run_summary(cfg, mix, lay.steps, final, timers, wall_time_s=wall, skipped_steps=st.skipped,

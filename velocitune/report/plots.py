@@ -392,7 +392,7 @@ def run_plots(run_dir: Path, out_dir: Path) -> dict[str, str]:
 
 def upload_plots(run_dir: Path, logger: Any, step: int) -> None:
     """The end-of-run hook of `velocitune train` (log.wandb): the report's plots of the finished run at
-    `run_dir`, logged as images at `step` through `logger` (a `metrics.WandbLogger`: `images({tag: (PNG,
+    `run_dir`, logged as images at `step` through `logger` (a `loggers.WandbLogger`: `images({tag: (PNG,
     caption)}, step)`). A plot that fails only warns: the run is complete and saved, a plot is not worth
     failing it."""
     with tempfile.TemporaryDirectory(prefix="velocitune-plots-") as tmp:
