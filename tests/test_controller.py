@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from velocitune import mixing
-from velocitune.controller import MixingController, first_update_setting, update_interval
+from velocitune.controller import MixingController
 from velocitune.dist import DistEnv
 from velocitune.errors import ConfigError, TrainingError
 from velocitune.sampler import MixtureSampler
-from velocitune.schedule import as_steps
 
 B, STEPS = 8, 100
 NAMES = ["big", "small"]
@@ -127,19 +126,6 @@ def test_timing_from_the_config_and_the_lr_warmup_given_late(make_config):
     fixed = _from_config(make_config(mixing={"warmup": 5, "interval": None}), steps=1000, lr_warmup=None)
     fixed.use_lr_warmup(40)  # mixing.warmup set: the LR warm-up does not move it
     assert fixed.warmup == 5
-
-
-def test_timing_agrees_with_the_schedule_functions(make_config, tmp_path):
-    """The controller's timing equals schedule.mixing_warmup/mixing_interval for every rule's defaults."""
-    from velocitune.config import RULES
-    from velocitune.schedule import mixing_interval, mixing_warmup, warmup_steps
-
-    for rule in RULES:
-        cfg = make_config(mixing={"rule": rule, "interval": None, "replay_from": str(tmp_path)})
-        setting = first_update_setting(cfg.mixing)
-        first = warmup_steps(cfg, 1000) if setting is None else as_steps(setting, 1000)
-        assert first == mixing_warmup(cfg, 1000), rule
-        assert update_interval(cfg.mixing, 1000) == mixing_interval(cfg, 1000), rule
 
 
 # --------------------------------------------------------------------------------------- from_config

@@ -13,14 +13,16 @@ The layers, lowest first (a module may import its own layer and those below; tes
 outside the map). Every module must be in one: a new module is placed here when it is added.
 
 0. base: `errors`, `fileio`.
-1. maths, schema and file formats: `mixing`, `laws`, `sampler`, `schedule` (numpy/scipy), the typed config
-   (`config`, a package or a module) and the rule registry (`rules`), the run files (`runfiles`), the
-   token shards and the prepared manifest (`shards`, `manifest`), and the root package (whose lazy
-   attributes re-export mixing and laws).
+1. maths, schema and file formats: `mixing`, `peers` (the newer rules' maths), `laws`, `quota`,
+   `permutation`, `sampler`, `schedule` (numpy/scipy), the typed config (`config`, a package) and the rule
+   registry (`rules`), the run files (`runfiles`), the token shards and the prepared manifest (`shards`,
+   `manifest`), and the root package (whose lazy attributes re-export mixing and laws).
 2. the training runtime: `model`, `losses`, `evaluate`, `dist`, `dist_checkpoint`, `checkpoint`,
-   `metrics`, `loggers`, `memory`, `preempt`, `smollm`.
-3. the pipeline's steps: `prepare`, `controller`, `train`, `targets`, `plan`, `downstream`.
-4. the front: `report`, `sweep`, `integrations`, `demo`, `cli`, `__main__`.
+   `metrics`, `loggers`, `memory`, `preempt`, `smollm`, and the trainer's parts `layout`, `engine`, `overhead`.
+3. one run: `prepare`, `controller`, `summary`, `train`, `downstream`.
+4. reading runs: `report` (tables and plots of finished run directories; it runs nothing).
+5. orchestration: `targets`, `plan` (they run proxies through `train` and draw with the report), `sweep`.
+6. the front: `integrations`, `demo`, `cli`, `__main__`.
 
 So the trainer may not import the report (plots are the caller's), `shards` may not import `prepare`, and
 `dist` may not import the trainer.
@@ -41,12 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "fileio")),
-    ("maths, schema and file formats", ("", "mixing", "laws", "sampler", "schedule", "config", "rules", "runfiles",
-                                        "shards", "manifest")),
+    ("maths, schema and file formats", ("", "mixing", "peers", "laws", "quota", "permutation", "sampler", "schedule",
+                                        "config", "rules", "runfiles", "shards", "manifest")),
     ("training runtime", ("model", "losses", "evaluate", "dist", "dist_checkpoint", "checkpoint", "metrics",
-                          "loggers", "memory", "preempt", "smollm")),
-    ("pipeline steps", ("prepare", "controller", "train", "targets", "plan", "downstream")),
-    ("front", ("report", "sweep", "integrations", "demo", "cli", "__main__")),
+                          "loggers", "memory", "preempt", "smollm", "layout", "engine", "overhead")),
+    ("one run", ("prepare", "controller", "summary", "train", "downstream")),
+    ("reading runs", ("report",)),
+    ("orchestration", ("targets", "plan", "sweep")),
+    ("front", ("integrations", "demo", "cli", "__main__")),
 ]
 
 

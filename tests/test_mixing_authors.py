@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from velocitune.config import rule_timing
 from velocitune.mixing import make_rule
+from velocitune.rules import timing as rule_timing
 
 ODM_COMMIT = "alon-albalak/online-data-mixing@edbfdadb62b0388120b6198b1743067a7cd990dc"
 DBL_COMMIT = "princeton-nlp/LLM-Shearing@b87218b566c73f6b246aaad3e4c42883f65a48a6"

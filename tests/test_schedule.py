@@ -7,18 +7,29 @@ import pytest
 
 from velocitune.errors import ConfigError, DataError
 from velocitune.schedule import (
+    as_steps,
     default_interval,
+    first_update_setting,
     is_update_step,
     lr_at,
     lr_schedule,
     main_run_steps,
-    mixing_interval,
-    mixing_warmup,
     resolve_steps,
     step_lr,
     subsampled_windows,
+    update_interval,
     warmup_steps,
 )
+
+
+def mixing_interval(cfg, steps: int) -> int:
+    return update_interval(cfg.mixing, steps)
+
+
+def mixing_warmup(cfg, steps: int) -> int:
+    """Steps before the first update, as the controller resolves them: the setting, else the LR warm-up."""
+    setting = first_update_setting(cfg.mixing)
+    return warmup_steps(cfg, steps) if setting is None else as_steps(setting, steps)
 
 
 def test_lr_schedules():

@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import dist, mixing, runfiles
-from velocitune.config import MixingConfig, rule_timing
+from velocitune import dist, mixing, rules, runfiles
+from velocitune.config import MixingConfig
 from velocitune.errors import ConfigError, TrainingError
-from velocitune.fileio import require_dir
 from velocitune.sampler import MixtureSampler, Plan, cap_weights
-from velocitune.schedule import ADAPTIVE_RULES, as_steps, default_interval, is_update_step
+from velocitune.schedule import as_steps, first_update_setting, is_update_step, update_interval
 
 # Receives (tag, {domain: value}, step) for TensorBoard-style scalars; the trainer passes its logger's.
 ScalarSink = Callable[[str, Mapping[str, float], int], None]
@@ -101,26 +100,11 @@ def read_given_init(mc: MixingConfig, names: Sequence[str], plan: dict | None) -
 
 
 def make_rule(mc: MixingConfig, w0: np.ndarray, names: Sequence[str], token_counts: np.ndarray) -> mixing.Rule:
-    """The config's mixing rule, starting from `w0`; `token_counts` (k,) feed the temperature rule."""
-    params = {
-        key: getattr(mc, key)
-        for key in ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema", "alpha")
-        if getattr(mc, key) is not None
-    }
-    if mc.rule in ("velocitune", "velocitune-no-target"):
-        params["preset"] = mc.preset
-    if mc.rule == "temperature":
-        params = {"temperature": mc.temperature, "token_counts": np.asarray(token_counts, dtype=np.float64)}
-    if mc.rule == "replay":
-        require_dir(mc.replay_from, "mixing.replay_from", "point it at a finished run directory")
-        src = Path(mc.replay_from) / runfiles.MIXTURE_FILE
-        if not src.is_file():
-            raise ConfigError(f"mixing.replay_from: '{src}' does not exist; point it at a finished run directory")
-        records = runfiles.read_log(src, runfiles.MIXTURE, names)
-        params = {"replay_weights": mixing.replay_weights_from_records(records, names, mode=mc.replay_mode)}
-    if mc.rule in ("static", "uniform"):
-        params = {}
-    return mixing.make_rule(mc.rule, w0, names, **params)
+    """The config's mixing rule from the registry, starting from `w0`; `token_counts` (k,) feed the temperature
+    rule; a rule built from a previous run (replay) gets that run's mixture.jsonl records."""
+    src = rules.run_log_input(mc)
+    records = runfiles.read_log(src, runfiles.MIXTURE, names) if src is not None else None
+    return rules.build_rule(mc, w0, names, token_counts, records)
 
 
 def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Sequence[str]) -> None:
@@ -137,20 +121,6 @@ def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Se
 
 
 # ------------------------------------------------------------------------------------------------- timing
-
-
-def first_update_setting(mc: MixingConfig) -> float | None:
-    """mixing.warmup, else the rule's own (dbl: 0, odm: 2 %), else None: the LR warm-up decides."""
-    return mc.warmup if mc.warmup is not None else rule_timing(mc.rule)["warmup"]
-
-
-def update_interval(mc: MixingConfig, steps: int, rule_interval: bool = True) -> int:
-    """m, the steps between weight updates: mixing.interval, else the rule's (odm: 1, with the train signal it
-    was made for; `rule_interval=False` skips it), else max(1, steps // 100) (docs/design.md §3)."""
-    m = mc.interval
-    if m is None and rule_interval:
-        m = rule_timing(mc.rule)["interval"]
-    return default_interval(m, steps, adaptive=mc.rule in ADAPTIVE_RULES)
 
 
 # --------------------------------------------------------------------------------------------- controller
@@ -180,7 +150,7 @@ class MixingController:
         self.names = list(sampler.names)
         self.steps, self.warmup, self.interval, self.signal = steps, warmup, interval, signal
         self.targets, self.seq_len, self.given_init = targets, seq_len, given_init
-        self.adaptive = rule.name in ADAPTIVE_RULES
+        self.adaptive = rules.is_adaptive(rule.name)
         self.log, self.scalars = log, scalars
         self.records: list[dict] | None = [] if keep_records else None
         k = len(self.names)

@@ -15,26 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import __version__, runfiles
-from velocitune.config import Config, pace_default, rule_timing
+from velocitune import __version__, rules, runfiles
+from velocitune.config import Config
 from velocitune.controller import MixingController
 from velocitune.metrics import Timers
-from velocitune.schedule import ADAPTIVE_RULES
 
 
 def default_arm(cfg: Config) -> str:
-    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's
-    own, + "-pace" / "-nopace" when pacing is not the rule's default)."""
-    if cfg.run.arm:
-        return cfg.run.arm
-    arm = cfg.mixing.rule
-    if cfg.mixing.rule in ("velocitune", "velocitune-no-target") and cfg.mixing.preset != "robust":
-        arm += f"-{cfg.mixing.preset}"
-    if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal != rule_timing(cfg.mixing.rule)["signal"]:
-        arm += f"-{cfg.mixing.signal}"  # velocitune-train, odm-eval
-    if cfg.mixing.pace != pace_default(cfg.mixing.rule, cfg.mixing.preset):
-        arm += "-pace" if cfg.mixing.pace else "-nopace"
-    return arm
+    """The label that groups seeds in reports: run.arm, else the registry's label of the rule (rules.arm_label:
+    + preset, + the signal when not the rule's own, + "-pace" / "-nopace" when pacing is not the rule's default)."""
+    return cfg.run.arm or rules.arm_label(cfg.mixing)
 
 
 def save_final(model: torch.nn.Module, tokenizer, out: Path, state_dict: dict | None = None) -> None:
