@@ -90,3 +90,18 @@ def test_only_rank_0_prints_the_error_line(rank, env_all, printed, capsys, monke
     err = capsys.readouterr().err
     assert (err.strip() == "error: unknown config key 'train.lrr'. Did you mean 'train.lr'?") == printed
     assert printed or err == ""
+
+
+def test_a_missing_optional_package_is_one_error_line(capsys, monkeypatch):
+    def needs(package):
+        def handler(args):
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
+        return handler
+
+    monkeypatch.setattr("velocitune.report.main", needs("matplotlib"))
+    assert main(["report", "somewhere"]) == 2
+    assert capsys.readouterr().err.startswith("error: this command needs the `matplotlib` package, which is not "
+                                              "installed: pip install matplotlib")
+    monkeypatch.setattr("velocitune.report.main", needs("velocitune_typo"))
+    with pytest.raises(ModuleNotFoundError):  # not a known optional package: a bug, shown as a traceback
+        main(["report", "somewhere"])

@@ -91,6 +91,11 @@ def test_train_runs_without_the_optional_packages(tmp_path, tiny_prepared):
     assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 8
+    # The plots need matplotlib: without it, one line saying so (and the tables' command fails cleanly).
+    report = run_bare(tmp_path, ["-m", "velocitune", "report", str(run), "--out", str(tmp_path / "report")])
+    assert report.returncode == 2 and report.stdout.count("\n") <= 2
+    assert report.stderr.strip().startswith("error: this command needs the `matplotlib` package, which is not "
+                                            "installed: pip install matplotlib"), report.stderr[-2000:]
 
 
 def test_the_gpu_check_and_what_it_runs_import_and_collect(tmp_path):

@@ -200,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages a command may need that a lean environment (the bare GPU image of docs/scaling.md) can lack, with how
+# to get each; a ModuleNotFoundError for one of them is a one-line error, not a traceback.
+_INSTALL_HINTS = {
+    "matplotlib": "pip install matplotlib (a dependency of velocitune, used for the plots of report, targets "
+                  "and plan; training needs it only for W&B's images)",
+    "zstandard": "pip install 'velocitune[formats]' (for .zst inputs)",
+    "psutil": "pip install psutil (the memory check of CPU runs; or set train.memory_check=false)",
+    "yaml": "pip install pyyaml (a dependency of velocitune)",
+    "tqdm": "pip install tqdm (a dependency of velocitune)",
+}
+
+
 def _prints_errors() -> bool:
     """Whether this process prints the `error:` line: always outside torchrun; under torchrun (RANK set) only
     rank 0, since every rank meets the same config and data checks and would print the same line;
@@ -230,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return PREEMPTED_EXIT
     except VelocituneError as e:
         _error(str(e))
+        return 2
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in _INSTALL_HINTS:
+            raise
+        _error(f"this command needs the `{package}` package, which is not installed: {_INSTALL_HINTS[package]}")
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
