@@ -47,6 +47,8 @@ def _local_dir(path: str | Path, what: str) -> Path:
     if not p.exists():
         looks_like_hub_id = not Path(str(path)).is_absolute() and str(path).count("/") == 1
         hint = " It looks like a Hugging Face Hub id, not a local path." if looks_like_hub_id else ""
+        # Checked here, before transformers sees the name: from_pretrained takes a missing path for a Hub id
+        # and, even with local_files_only, answers with a message about connecting to huggingface.co.
         raise ConfigError(f"{what} path '{path}' does not exist.{hint} {_HOW_TO_GET_A_MODEL}")
     if not p.is_dir():
         raise ConfigError(

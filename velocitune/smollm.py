@@ -52,8 +52,10 @@ def export_smollm(out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Pa
     gguf = smollm_gguf_path()
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **dtype_kwargs(dtype))
+    # local_files_only: the GGUF file is on disk; a lookup on the Hub would be a bug, never a fallback.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                  **dtype_kwargs(dtype))
     # The GGUF-loaded model is marked as quantized and refuses save_pretrained, although its tensors
     # are plain de-quantized ones: copy them into a fresh model built from the same config.
     config = loaded.config
