@@ -182,13 +182,13 @@ def _aioli_inputs(mc, names, token_counts, records) -> dict[str, Any]:
 _AIOLI_DOCS = {
     "eta": "η of w = exp(η·Σ_i A[i]) (their 3-domain run: 0.1)",
     "ema": "γ, EMA of A across rounds (their 3-domain run: 0.5); see cumulative",
-    "cumulative": "their path without --ema: w <- w·exp(η·Σ_i A[i]) from the last round's weights",
+    "cumulative": "1: their path without --ema: w <- w·exp(η·Σ_i A[i]) from the last round's weights",
     "one_hot_factor": "f: a LearnParams block trains at f on its domain, (1 - f)/(k - 1) elsewhere; f = 1 skips the solve",
     "lp_rounds": "sweeps over the k domains per LearnParams (lowered to fit a scaled round)",
     "lp_steps": "steps per LearnParams block (< 1: fraction of the run, theirs 6 of 5000; at least 1)",
     "update_steps": "steps per round, LearnParams included (< 1: fraction of the run, theirs 250 of 5000)",
-    "normalize": "shift A to non-negative and divide by its sum (their runs: on)",
-    "diagonal": "keep only A_ii = G_ii / f",
+    "normalize": "1 (0 off): shift A to non-negative and divide by its sum (their runs: on)",
+    "diagonal": "1: keep only A_ii = G_ii / f",
     "seed": "seed of the LearnParams order (a generator per round)",
 }
 _AIOLI = RuleSpec(
