@@ -14,8 +14,14 @@ import torch
 from velocitune.config import from_dict
 from velocitune.controller import MixingController
 from velocitune.errors import ConfigError
-from velocitune.peers.aioli import (interaction_matrix, learn_mixture, make_aioli, mixture_matrix, normalize_interaction,
-                                    resolve_timing)
+from velocitune.peers.aioli import (
+    interaction_matrix,
+    learn_mixture,
+    make_aioli,
+    mixture_matrix,
+    normalize_interaction,
+    resolve_timing,
+)
 from velocitune.rules import build_rule
 from velocitune.sampler import MixtureSampler
 

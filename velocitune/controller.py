@@ -231,7 +231,7 @@ class MixingController:
         if self.warmup is None:
             raise TrainingError("the mixing controller's first update is not known: call use_lr_warmup first")
         if self._own_steps is not None:
-            return done in self._own_steps and done + lag < self.steps
+            return done > 0 and done in self._own_steps and done + lag < self.steps  # step 0: `start`
         return is_update_step(done, self.warmup, self.interval) and done + lag < self.steps
 
     def start(self, init: np.ndarray) -> list[str]:
