@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from velocitune import mixing
-from velocitune.controller import MixingController
+from velocitune.controller import MixingController, rule_schedule
 from velocitune.dist import DistEnv
 from velocitune.errors import ConfigError, TrainingError
 from velocitune.sampler import MixtureSampler
@@ -268,3 +268,49 @@ def test_a_cap_writes_a_record_at_the_step_it_takes_effect():
     assert capped["weights"] == {"big": 0.5, "small": 0.5}  # the rule's state is unchanged
     assert capped["tokens_per_domain"] == {"big": 40 * 4, "small": 40 * 4}  # after 10 steps of 4 + 4 sequences
     assert capped["tokens"] == 10 * B * 4
+
+
+class _OwnSchedule(mixing.Rule):
+    """A rule that sets its own update steps (the hook aioli uses): it asks for 0, 3 and 10, and says so."""
+
+    def schedule(self, first, steps):
+        self.bound = (first, steps)
+        return [s for s in (first, first + 3, first + 10) if s < steps]
+
+    def record_fields(self):
+        return {"block": f"b{self._updates}"}
+
+
+def test_a_rule_with_its_own_schedule_is_due_exactly_there():
+    rule = _OwnSchedule("static", [0.5, 0.5], NAMES)
+    sampler = MixtureSampler(seed=0, global_batch=B, windows_per_domain=[2000, 40], initial_weights=[0.5, 0.5],
+                             max_repetition=1.0, names=NAMES)
+    c = MixingController(rule, sampler, steps=12, warmup=None, interval=5, signal="eval", targets=None, seq_len=4,
+                         device=torch.device("cpu"), keep_records=True)
+    c.adaptive = True  # the registry's static is fixed; this stand-in moves
+    c.use_lr_warmup(1)  # the schedule is bound once the first update is known
+    assert rule.bound == (1, 12)
+    assert [t for t in range(13) if c.due(t)] == [1, 4, 11]
+    assert [t for t in range(13) if c.due(t, lag=2)] == [1, 4]  # weights effective past the run: not due
+    c.start(np.array([3.0, 3.0]))
+    assert [r["block"] for r in c.records] == ["b0"]
+    # The interval rule of the other rules is untouched: velocitune updates every m from the warm-up.
+    v, _ = _controller("velocitune", pace=False)
+    assert [t for t in range(1, 30) if v.due(t)] == list(range(5, 30, 5))
+    assert rule_schedule(v.rule, 0, STEPS) is None
+
+
+def test_a_rule_scheduled_at_step_zero_sets_step_zeros_weights():
+    from velocitune.peers.aioli import make_aioli
+
+    rule = make_aioli("aioli", [0.5, 0.5], NAMES, update_steps=10, lp_steps=2, lp_rounds=1, one_hot_factor=0.75)
+    sampler = MixtureSampler(seed=0, global_batch=B, windows_per_domain=[2000, 2000], initial_weights=[0.5, 0.5],
+                             max_repetition=1.0, names=NAMES)
+    c = MixingController(rule, sampler, steps=30, warmup=0, interval=5, signal="eval", targets=None, seq_len=4,
+                         device=torch.device("cpu"), keep_records=True)
+    c.start(np.array([3.0, 2.0]))
+    first = c.records[0]
+    assert len(c.records) == 1 and first["step"] == 0 and first["block"] == "learn"
+    assert sorted(c.plan(0).sampling_weights.tolist()) == [0.25, 0.75]  # the first block's mixture from step 0
+    assert first["losses"] == {"big": 3.0, "small": 2.0}  # ℓ_init is the round's starting loss
+    assert [t for t in range(31) if c.due(t)] == [2, 4, 10, 12, 14, 20, 22, 24]

@@ -1,7 +1,8 @@
 """The mixing controller: how the mixture changes while a model trains (docs/design.md §3, Stage C).
 
 One object owns everything between the maths of `mixing.py` and the token stream of `sampler.py`: when an
-update is due (every m optimizer steps from the end of warm-up, never at step 0), the `train` signal's
+update is due (every m optimizer steps from the end of warm-up, never at step 0; or at the steps a rule sets
+itself, `rule_schedule`), the `train` signal's
 per-domain loss sums over the window since the last update (on the device, read once per update), the
 rule's update, the sampler's weight schedule (new weights take effect from a later step), and the records
 of `mixture.jsonl`. `velocitune train` and the `transformers.Trainer` callback both build it with
@@ -29,6 +30,18 @@ from velocitune.schedule import as_steps, first_update_setting, is_update_step, 
 ScalarSink = Callable[[str, Mapping[str, float], int], None]
 # Builds the run's sampler from the rule's initial weights (k,): the caller owns the stream's geometry.
 SamplerFactory = Callable[[np.ndarray], MixtureSampler]
+
+
+def rule_schedule(rule: mixing.Rule, first: int, steps: int) -> frozenset[int] | None:
+    """The update steps of a rule that sets its own (aioli's LearnParams blocks, docs/design.md §3), or None.
+
+    Such a rule has `schedule(first, steps) -> steps`: the optimizer steps (after `first`, the controller's
+    warm-up, and before `steps`) at which it needs the signal; each `update` there returns the weights of the
+    next block, and its `record_fields()` adds what that block is to the record. Every other rule updates
+    every m steps from the warm-up on (`is_update_step`).
+    """
+    plan = getattr(rule, "schedule", None)
+    return None if plan is None else frozenset(plan(int(first), int(steps)))
 
 
 # ---------------------------------------------------------------------------------- inputs from the config
@@ -161,6 +174,8 @@ class MixingController:
         self.sig_last: np.ndarray | None = None  # the last estimate, kept for a domain absent from a window
         self._logged_w_hat: np.ndarray | None = None  # ŵ of the newest record, to record cap changes
         self._warmup_from_lr = warmup is None  # the first update waits for `use_lr_warmup`
+        # The update steps of a rule that sets its own (None: every m steps), known once the warm-up is.
+        self._own_steps = None if warmup is None else rule_schedule(rule, warmup, steps)
 
     @classmethod
     def from_config(cls, mc: MixingConfig, names: Sequence[str], w0: np.ndarray, token_counts: np.ndarray, *,
@@ -200,6 +215,7 @@ class MixingController:
         falls there when neither mixing.warmup nor the rule sets it."""
         if self._warmup_from_lr:
             self.warmup = int(lr_warmup)
+            self._own_steps = rule_schedule(self.rule, self.warmup, self.steps)
 
     @property
     def eval_signal(self) -> bool:
@@ -214,12 +230,18 @@ class MixingController:
             return False
         if self.warmup is None:
             raise TrainingError("the mixing controller's first update is not known: call use_lr_warmup first")
+        if self._own_steps is not None:
+            return done > 0 and done in self._own_steps and done + lag < self.steps  # step 0: `start`
         return is_update_step(done, self.warmup, self.interval) and done + lag < self.steps
 
     def start(self, init: np.ndarray) -> list[str]:
         """Begin a fresh run from ℓ_init: record step 0's weights; return the rule's warnings for the user."""
         self.init = np.asarray(init, dtype=np.float64)
         self.sig_last = self.init.copy()  # train signal: the estimate of a domain not sampled in a window
+        if self._own_steps is not None and 0 in self._own_steps:
+            # The rule's first block starts at step 0 on ℓ_init (aioli's first round): its weights are in force
+            # from step 0, and step 0's record is theirs.
+            return list(self.update(0, self.init, None).warnings)
         preview = self.rule.update(0, self.init, self.init, self.targets) if self.rule.needs_init else None
         warnings = list(preview.warnings) if preview is not None else []
         if self.pace:
@@ -325,6 +347,8 @@ class MixingController:
                   "velocity": named(velocity), "weights": named(weights), "sampling_weights": named(w_hat),
                   "tokens_per_domain": dict(zip(self.names, self.tokens_per_domain(trained).tolist())),
                   "guarded": list(guarded)}
+        if self._own_steps is not None and hasattr(self.rule, "record_fields"):
+            record.update(self.rule.record_fields())  # which block these weights are (aioli: learn / mix)
         if warnings:
             record["warnings"] = list(warnings)
         if self.records is not None:

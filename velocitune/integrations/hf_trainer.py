@@ -152,6 +152,10 @@ class VelocituneCallback(TrainerCallback):
         if mc.signal != "eval":
             raise ConfigError("VelocituneCallback re-weights from evaluations (mixing.signal=eval): the Trainer "
                               "does not expose per-domain training losses; use `velocitune train` for the train signal")
+        if mc.rule == "aioli":
+            raise ConfigError("VelocituneCallback does not run rule 'aioli': its LearnParams blocks need the val "
+                              "losses at steps the rule sets and their weights from the very next step; use "
+                              "`velocitune train --mixing.rule=aioli`")
         self.mixing_config = mc
         given = np.array([init_loss[n] for n in names], dtype=np.float64) if isinstance(init_loss, dict) else None
         tokens = np.array([dataset.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64)
