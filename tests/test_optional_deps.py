@@ -121,7 +121,7 @@ def test_the_gpu_check_and_what_it_runs_import_and_collect(tmp_path):
 
 
 @pytest.mark.parametrize("code, message", [
-    ("from velocitune.metrics import import_wandb; import_wandb()", "pip install 'velocitune[wandb]'"),
+    ("from velocitune.loggers import import_wandb; import_wandb()", "pip install 'velocitune[wandb]'"),
     ("from velocitune.losses import liger_nll_sum; liger_nll_sum()", "needs the liger-kernel package"),
     ("from velocitune.downstream import _import_lm_eval; _import_lm_eval()", "pip install 'velocitune[eval]'"),
     ("from velocitune.prepare.hf import _import_datasets; _import_datasets()", "pip install 'velocitune[hf]'"),
