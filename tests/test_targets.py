@@ -219,9 +219,12 @@ def test_a_preempted_targets_proxy_is_refused_without_resume_and_resumes_bit_ide
     # fraction 0.2 of 40 steps is 8, but 10 points need 10 steps: the proxy runs 25 %, and says so.
     argv = ["targets", str(path), "--fraction", "0.2", "--points", "10", "--predictor", "chinchilla"]
     assert cli_main(argv + ["--out", str(tmp_path / "ref" / "targets.json")]) == 0
+    said = capsys.readouterr()
+    assert sum(line.startswith("config: rule=static steps=10 ") for line in said.out.splitlines()) == 1
+    assert "version: 1" not in said.out, "the proxy prints its one config line, not its YAML"
     assert ("warning: the targets proxy runs 10 steps, 25% of the main run's 40 (targets.fraction=0.2 asks for "
             "20%): it needs one step per evaluation point (targets.points=10); lower targets.points (at least 4) or "
-            "lengthen the main run (train.steps)") in capsys.readouterr().err
+            "lengthen the main run (train.steps)") in said.err
 
     out = tmp_path / "cut" / "targets.json"
     proxy = out.parent / "proxy"
