@@ -105,3 +105,42 @@ def test_a_missing_optional_package_is_one_error_line(capsys, monkeypatch):
     monkeypatch.setattr("velocitune.report.main", needs("velocitune_typo"))
     with pytest.raises(ModuleNotFoundError):  # not a known optional package: a bug, shown as a traceback
         main(["report", "somewhere"])
+
+
+def test_train_prints_one_config_line_and_verbose_the_whole_config(make_config, tmp_path, capsys):
+    from velocitune.config import dump_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(make_config()))
+    assert main(["train", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("config: rule=velocitune signal=eval steps=24 ") for line in out.splitlines()) == 1
+    assert "version: 1" not in out
+    assert main(["train", str(path), "--dry-run", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("version: 1\n") and "config: rule=" not in out
+
+
+@pytest.mark.parametrize("command", ["targets", "plan"])
+def test_targets_and_plan_pass_resume_and_verbose_to_their_proxies(command, make_config, tmp_path, monkeypatch,
+                                                                    capsys):
+    """--resume and --verbose reach every proxy's train() with the command's own resume line; the stubbed
+    proxies write nothing, so the command then fails on their missing results (one error line)."""
+    import velocitune.train as T
+    from velocitune.config import dump_yaml
+
+    calls = []
+    monkeypatch.setattr(T, "train", lambda pc, **kw: calls.append(kw))
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(make_config(train={"steps": 60}, mixing={"target_values": None})))
+    argv = [command, str(path), "--out", str(tmp_path / ("targets.json" if command == "targets" else "plan"))]
+    for flags in ([], ["--resume", "--verbose"]):
+        calls.clear()
+        assert main(argv + flags) == 2
+        assert capsys.readouterr().err.count("error: ") == 1
+        assert calls and all(kw["verbose"] == bool(flags) for kw in calls)
+        # Nothing to continue (no checkpoint): every proxy starts afresh, with or without --resume.
+        assert all(kw["resume"] is False for kw in calls)
+        assert all(kw["resume_hint"] == f"the same `velocitune {command}` command and --resume" for kw in calls)
+    with pytest.raises(SystemExit):  # --resume continues running proxies: it does not go with --emit/--collect
+        main(["plan", str(path), "--out", str(tmp_path / "p"), "--resume", "--collect"])

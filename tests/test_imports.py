@@ -18,7 +18,8 @@ outside the map). Every module must be in one: a new module is placed here when 
    registry (`rules`), the run files (`runfiles`), the token shards and the prepared manifest (`shards`,
    `manifest`), and the root package (whose lazy attributes re-export mixing and laws).
 2. the training runtime: `model`, `losses`, `evaluate`, `dist`, `dist_checkpoint`, `checkpoint`,
-   `metrics`, `loggers`, `memory`, `preempt`, `smollm`, and the trainer's parts `layout`, `engine`, `overhead`.
+   `metrics`, `loggers`, `memory`, `preempt`, `smollm`, and the trainer's parts `layout`, `engine`, `overhead`,
+   `announce`.
 3. one run: `prepare`, `controller`, `summary`, `train`, `downstream`.
 4. reading runs: `report` (tables and plots of finished run directories; it runs nothing).
 5. orchestration: `targets`, `plan` (they run proxies through `train` and draw with the report), `sweep`.
@@ -46,7 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("maths, schema and file formats", ("", "mixing", "peers", "laws", "quota", "permutation", "sampler", "schedule",
                                         "config", "rules", "runfiles", "shards", "manifest")),
     ("training runtime", ("model", "losses", "evaluate", "dist", "dist_checkpoint", "checkpoint", "metrics",
-                          "loggers", "memory", "preempt", "smollm", "layout", "engine", "overhead")),
+                          "loggers", "memory", "preempt", "smollm", "layout", "engine", "overhead", "announce")),
     ("one run", ("prepare", "controller", "summary", "train", "downstream")),
     ("reading runs", ("report",)),
     ("orchestration", ("targets", "plan", "sweep")),

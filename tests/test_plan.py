@@ -19,7 +19,14 @@ from velocitune.errors import ConfigError, DataError, FitError
 from velocitune.fileio import read_jsonl
 from velocitune.laws import plan_predict
 from velocitune.plan import make_plan
-from velocitune.plan.design import design_mixtures, mixture_dirs, plan_proxy_config, plan_setup, proxy_steps
+from velocitune.plan.design import (
+    budget_warning,
+    design_mixtures,
+    mixture_dirs,
+    plan_proxy_config,
+    plan_setup,
+    proxy_steps,
+)
 from velocitune.plan.fit import allowance_caps, fit_laws, main_budget_losses, recommend
 from velocitune.plan.proxies import proxy_done
 from velocitune.train import train
@@ -363,3 +370,55 @@ def test_a_plan_made_for_another_budget_is_refused(planned, tmp_path):
     cfg.train.steps = 90
     with pytest.raises(ConfigError, match="made for a run of .* tokens, this run trains"):
         train(cfg)
+
+
+# ------------------------------------------------------------------- preemption, resume, short-run warnings
+
+
+def _plan_numbers(path: Path) -> dict:
+    """plan.json without what differs between two plans of the same config: paths and wall time."""
+    doc = json.loads(path.read_text())
+    doc.pop("proxy_wall_time_s")
+    for m in doc["mixtures"]:
+        m.pop("run_dir")
+    return doc
+
+
+def test_a_preempted_plan_proxy_is_refused_without_resume_and_resumes_bit_identical(planned, make_config, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from test_targets import preempt_at
+
+    cfg = _plan_config(make_config)
+    path = tmp_path / "plan.yaml"
+    path.write_text(dump_yaml(cfg))
+    out = tmp_path / "plan"
+    argv = ["plan", str(path), "--out", str(out)]
+    preempt_at(monkeypatch, 2, arm="plan-uniform")  # the second proxy, as its step 3 begins
+    assert cli_main(argv) == 75
+    said = capsys.readouterr().out
+    assert ("preempted by SIGTERM at step 3: checkpoint written; continue with the same `velocitune plan` command "
+            "and --resume (exit status 75)") in said
+    cut = out / "proxies" / "m1-uniform"
+    assert runfiles.run_is_complete(out / "proxies" / "m0-w0") and (cut / "checkpoints" / "step_00000003").is_dir()
+
+    assert cli_main(argv) == 2
+    assert (f"error: the proxy run directory {cut} holds an unfinished proxy (checkpoint step_00000003); pass "
+            f"--resume to continue it, or delete {cut}") in capsys.readouterr().err
+    assert (cut / "checkpoints" / "step_00000003").is_dir() and not (out / "proxies" / "m2-tilt-prose").exists()
+
+    assert cli_main(argv + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert f"plan: proxy 2/5 (plan-uniform) -> {cut} (resumed)" in said and "resumed from step 3" in said
+    assert "proxy 1/5" not in said, "the finished w0 proxy is reused"
+    assert _plan_numbers(out / "plan.json") == _plan_numbers(planned[1] / "plan.json")
+
+
+def test_a_short_run_that_stretches_the_plan_warns_with_the_key_to_set(make_config, tmp_path, capsys):
+    assert budget_warning(60, 5, 0.5, 6) is None  # 5 x 6 steps = 50 %
+    assert budget_warning(400, 5, 0.5, 6) is None
+    make_plan(_plan_config(make_config, train={"steps": 40}), tmp_path / "p40", "emit")
+    assert ("warning: the plan's 5 proxies run 6 steps each, 75% of the main run's 40 steps (plan.budget=0.5 asks "
+            "for 50%): each needs one step per evaluation point (plan.points=6); lower plan.points (at least 4) or "
+            "lengthen the main run (train.steps)") in capsys.readouterr().err
+    make_plan(_plan_config(make_config), tmp_path / "p60", "emit")
+    assert "warning" not in capsys.readouterr().err

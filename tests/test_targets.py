@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from velocitune.config import dump_yaml
 from velocitune.errors import FitError, VelocituneError
 from velocitune.fileio import read_jsonl
 from velocitune.schedule import lr_schedule
-from velocitune.targets import estimate_targets, fit_domain, proxy_config, proxy_eval_steps
+from velocitune.targets import estimate_targets, fit_domain, proxy_config, proxy_eval_steps, proxy_warning
 from velocitune.train import train
 
 NAMES = ["prose", "code", "math"]
@@ -137,7 +139,7 @@ def test_identical_proxy_is_reused_and_a_changed_one_rerun(make_config, tmp_path
     calls = []
     import velocitune.train as train_mod
 
-    monkeypatch.setattr(train_mod, "train", lambda pc, resume=False: calls.append(pc))
+    monkeypatch.setattr(train_mod, "train", lambda pc, resume=False, **kw: calls.append(pc))
     cfg.train.threads = 2  # does not shape the run: the finished proxy is reused
     estimate_targets(_recipe(cfg, 0.5, 5, "cpt_law"), tmp_path / "r" / "targets_cpt.json")
     assert calls == []
@@ -181,3 +183,79 @@ def test_targets_json_holds_each_fit_drawn_with_its_own_law(make_config, tmp_pat
         at = {t: l for t, l in fit}
         close = [abs(at[t] - l) for t, l in d["points"] if t in at]
         assert close and np.mean(close) < 0.1
+
+
+# ------------------------------------------------------------------- preemption, resume, short-run warnings
+
+
+def preempt_at(monkeypatch, step: int, arm: str = "proxy") -> None:
+    """SIGTERM to this process as step `step` of the run labelled `arm` begins, once (what `kill` or a
+    scheduler sends): that run stops after the step, with a checkpoint, and the CLI exits 75."""
+    import velocitune.train as T
+
+    real, sent = T.step_lr, []
+
+    def term(c, s, steps):
+        if s == step and c.run.arm == arm and not sent:
+            sent.append(s)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before os.kill returns: the guard records it
+        return real(c, s, steps)
+
+    monkeypatch.setattr(T, "step_lr", term)
+
+
+def _numbers(path: Path) -> dict:
+    """targets.json without the proxy's wall time (the one value a resume may change)."""
+    doc = json.loads(path.read_text())
+    doc.pop("proxy_wall_time_s")
+    return doc
+
+
+def test_a_preempted_targets_proxy_is_refused_without_resume_and_resumes_bit_identical(make_config, tmp_path,
+                                                                                       monkeypatch, capsys):
+    cfg = make_config("pre", train={"steps": 40}, mixing={"target_values": None})
+    path = tmp_path / "pre.yaml"
+    path.write_text(dump_yaml(cfg))
+    # fraction 0.2 of 40 steps is 8, but 10 points need 10 steps: the proxy runs 25 %, and says so.
+    argv = ["targets", str(path), "--fraction", "0.2", "--points", "10", "--predictor", "chinchilla"]
+    assert cli_main(argv + ["--out", str(tmp_path / "ref" / "targets.json")]) == 0
+    said = capsys.readouterr()
+    assert sum(line.startswith("config: rule=static steps=10 ") for line in said.out.splitlines()) == 1
+    assert "version: 1" not in said.out, "the proxy prints its one config line, not its YAML"
+    assert ("warning: the targets proxy runs 10 steps, 25% of the main run's 40 (targets.fraction=0.2 asks for "
+            "20%): it needs one step per evaluation point (targets.points=10); lower targets.points (at least 4) or "
+            "lengthen the main run (train.steps)") in said.err
+
+    out = tmp_path / "cut" / "targets.json"
+    proxy = out.parent / "proxy"
+    preempt_at(monkeypatch, 6)
+    assert cli_main(argv + ["--out", str(out)]) == 75
+    said = capsys.readouterr().out
+    assert ("preempted by SIGTERM at step 7: checkpoint written; continue with the same `velocitune targets` "
+            "command and --resume (exit status 75)") in said
+    assert not out.exists() and (proxy / "checkpoints" / "step_00000007").is_dir()
+
+    # A plain re-run would throw the proxy away: refused, the checkpoint kept.
+    assert cli_main(argv + ["--out", str(out)]) == 2
+    assert (f"error: the proxy run directory {proxy} holds an unfinished proxy (checkpoint step_00000007); "
+            f"pass --resume to continue it, or delete {proxy}") in capsys.readouterr().err
+    assert (proxy / "checkpoints" / "step_00000007").is_dir()
+
+    assert cli_main(argv + ["--out", str(out), "--resume"]) == 0
+    assert "resumed from step 7" in capsys.readouterr().out
+    assert _numbers(out) == _numbers(tmp_path / "ref" / "targets.json")
+    steps = [r["step"] for r in read_jsonl(proxy / "eval.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 10, "the resumed proxy's log holds each step once"
+    # Finished: --resume again reuses it as it is (nothing trained), and so does a plain re-run.
+    before = (proxy / "summary.json").read_bytes()
+    assert cli_main(argv + ["--out", str(out), "--resume"]) == 0
+    assert cli_main(argv + ["--out", str(out)]) == 0
+    assert (proxy / "summary.json").read_bytes() == before
+
+
+def test_proxy_warning_only_when_a_short_run_stretches_the_proxy():
+    assert proxy_warning(0.2, 20, 40).startswith("the targets proxy runs 20 steps, 50% of the main run's 40 "
+                                                 "(targets.fraction=0.2 asks for 20%)")
+    assert proxy_warning(0.2, 20, 100) is None  # 20 steps: exactly the fraction
+    assert proxy_warning(0.2, 20, 1000) is None
+    assert "runs 10 steps, 100%" in proxy_warning(0.2, 20, 10)  # never longer than the main run

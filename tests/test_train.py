@@ -397,3 +397,46 @@ def test_missing_targets_are_refused_before_the_model_loads(make_config, tmp_pat
                                                                     "target_values": None}))
     assert json.loads((res.out_dir / "summary.json").read_text())["targets"] is None
     assert not (res.out_dir / "targets.json").exists()
+
+
+# ------------------------------------------------------------------- what a run prints before it starts
+
+
+def test_the_config_is_one_line_unless_verbose(make_config, capsys):
+    """One compact line (the keys a reader checks, then every key set away from its default); --verbose
+    prints the whole resolved YAML instead. The dry run prints what a run prints before step 0."""
+    cfg = make_config()
+    train(cfg, dry_run=True)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1 and "\nmixing:" not in out and "rule: " not in out
+    assert lines[0].startswith(f"config: rule=velocitune signal=eval steps=24 batch=8×32 lr=0.003 model=fresh "
+                               f"data={cfg.data.path} out={cfg.run.out_dir}; set: model.hidden_size=32 ")
+    assert "mixing.interval=4" in lines[0] and "mixing.target_values={prose: 3, code: 2, math: 1.5}" in lines[0]
+    assert "train.batch_size" not in lines[0] and "train.lr" not in lines[0]  # shown in front, not again
+    train(cfg, dry_run=True, verbose=True)
+    out = capsys.readouterr().out
+    assert not any(line.startswith("config: ") for line in out.splitlines())
+    assert out.startswith("version: 1\nrun: {out_dir: ") and "rule: velocitune" in out and "hidden_size: 32" in out
+    static = make_config("static", mixing={"rule": "static"})
+    train(static, dry_run=True)
+    assert "config: rule=static steps=24 " in capsys.readouterr().out  # a rule that never updates has no signal
+
+
+def test_reweighting_over_a_quarter_of_the_run_warns_with_the_interval_that_fits(make_config, capsys):
+    """By FLOPs (the dry run) the eval signal costs 3 x 256 val tokens / (3 x m x 8 x 32) = 1/m of a step: at
+    m = 1 reweighting takes half the run; m = 3 brings it to a quarter, which is not over the bar."""
+    from velocitune.overhead import overhead_warning
+
+    train(make_config(mixing={"interval": 1}), dry_run=True)
+    assert ("warning: reweighting is estimated to take 50% of the run's time (100% of the training steps' time: an "
+            "evaluation every 1 step(s)); set mixing.interval=3 or more, mixing.signal=train (no extra cost), or a "
+            "smaller eval.max_tokens (now 256)") in capsys.readouterr().err
+    for interval in (3, 4):
+        train(make_config(f"m{interval}", mixing={"interval": interval}), dry_run=True)
+        assert "warning" not in capsys.readouterr().err
+    train(make_config("sig", mixing={"interval": 1, "signal": "train"}), dry_run=True)
+    assert "warning" not in capsys.readouterr().err  # the train signal costs nothing
+    assert overhead_warning(1 / 3, 10, 1) is None
+    assert "take 61% of the run's time (159% of" in overhead_warning(1.59, 1, 32768)
+    assert "mixing.interval=5 or more" in overhead_warning(1.59, 1, 32768)  # 1.59 / 5 < 1/3

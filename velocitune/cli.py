@@ -66,7 +66,7 @@ def _run_train(args, extra) -> int:
         from velocitune.report.plots import upload_plots  # matplotlib: only when W&B takes the plots
 
         on_end = upload_plots
-    train(cfg, resume=args.resume, dry_run=args.dry_run, on_end=on_end)
+    train(cfg, resume=args.resume, dry_run=args.dry_run, on_end=on_end, verbose=args.verbose)
     return 0
 
 
@@ -92,7 +92,7 @@ def _run_targets(args, extra) -> int:
     from velocitune.targets import targets_main
 
     flags = [f"--{key}={getattr(args, name)}" for name, key in _TARGET_FLAGS.items() if getattr(args, name) is not None]
-    return targets_main(_split_config(args, extra + flags), out=args.out)
+    return targets_main(_split_config(args, extra + flags), out=args.out, resume=args.resume, verbose=args.verbose)
 
 
 def _run_plan(args, extra) -> int:
@@ -158,6 +158,9 @@ def _add_targets(sub) -> None:
     p.add_argument("--proxy-schedule", choices=["compressed", "constant"], default=None,
                    help="compressed (default): the main LR schedule squeezed to the proxy's length, anneal "
                         "included; constant: peak LR without anneal (the paper's proxy)")
+    p.add_argument("--resume", action="store_true", help="continue a proxy stopped by a preemption (SIGTERM) from "
+                                                         "its checkpoint; without it such a proxy is refused")
+    p.add_argument("--verbose", action="store_true", help="the proxy prints its whole resolved config (default: one line)")
     p.set_defaults(handler=_run_targets, takes_overrides=True)
 
 
@@ -168,7 +171,8 @@ def _add_plan(sub) -> None:
                         "leave-one-mixture-out error) and recommend the mixture that minimises the objective. "
                         "Writes plan.json and plan.png; `velocitune train --mixing.plan=DIR/plan.json` uses it.",
                         "Costs plan.budget (default 0.5) of the main run's training steps, printed before it starts. "
-                        "Finished proxies are reused: re-running after a failure runs only the missing ones.")
+                        "Finished proxies are reused: re-running after a failure runs only the missing ones; a proxy "
+                        "stopped by a preemption (SIGTERM) continues from its checkpoint with --resume.")
     add_plan_arguments, _ = _delegate("plan")
     add_plan_arguments(p)
     p.set_defaults(handler=_run_plan, takes_overrides=True)
@@ -181,6 +185,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check config, data, model and targets; print the budget, memory and overhead estimates; "
                         "exit without training or writing anything")
+    p.add_argument("--verbose", action="store_true", help="print the whole resolved config (default: one line; "
+                                                          "run.out_dir/config.yaml always holds it)")
     p.set_defaults(handler=_run_train, takes_overrides=True)
 
 

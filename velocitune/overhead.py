@@ -1,11 +1,13 @@
 """The eval signal's cost, estimated before training: by FLOPs and by timing one evaluation and a step.
 
 `velocitune train` prints the estimate before step 0 and records it in summary.json beside the measured
-overhead (docs/design.md §6, house rule 7: measure honestly and always).
+overhead (docs/design.md §6, house rule 7: measure honestly and always), with a warning when reweighting would
+take more than `MAX_SHARE` of the run (`overhead_warning`: short runs update every step by default).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,21 @@ from velocitune.config import Config
 from velocitune.evaluate import ValSet, evaluate
 from velocitune.losses import forward_losses
 from velocitune.model import unwrap_model
+
+MAX_SHARE = 0.25  # of the run's wall time spent reweighting, above which training warns
+
+
+def overhead_warning(overhead: float, interval: int, max_tokens: int) -> str | None:
+    """What to set when the estimated overhead (reweighting time / training steps' time) makes reweighting take
+    more than MAX_SHARE of the run, overhead / (1 + overhead); None when it does not. The eval signal's cost
+    falls as 1/interval, so the interval that brings it under the bar is the one suggested."""
+    share = overhead / (1 + overhead)
+    if share <= MAX_SHARE:
+        return None
+    needed = math.ceil(interval * overhead * (1 - MAX_SHARE) / MAX_SHARE)
+    return (f"reweighting is estimated to take {share:.0%} of the run's time ({100 * overhead:.0f}% of the training "
+            f"steps' time: an evaluation every {interval} step(s)); set mixing.interval={needed} or more, "
+            f"mixing.signal=train (no extra cost), or a smaller eval.max_tokens (now {max_tokens})")
 
 
 def flops_overhead(val_tokens: int, interval: int, tokens_per_step: int) -> float:

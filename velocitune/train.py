@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from velocitune import dist, dist_checkpoint, runfiles
+from velocitune.announce import config_line, warn
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from velocitune.config import Config, check_resume_config, dump_yaml, to_dict
 from velocitune.controller import MixingController, check_same_on_all_ranks
@@ -40,7 +41,7 @@ from velocitune.loggers import TensorBoardLogger, WandbLogger, import_wandb, new
 from velocitune.losses import forward_losses, fused_forward_losses
 from velocitune.metrics import Throughput, Timers, flops_per_token, format_weights, peak_flops
 from velocitune.model import unwrap_model
-from velocitune.overhead import flops_overhead, overhead_line, probe_overhead
+from velocitune.overhead import flops_overhead, overhead_line, overhead_warning, probe_overhead
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
 from velocitune.schedule import step_lr
@@ -118,13 +119,15 @@ class RunResult:
 EndHook = Callable[[Path, WandbLogger, int], None]
 
 
-def train(cfg: Config, resume: bool = False, dry_run: bool = False,
-          on_end: EndHook | None = None) -> RunResult | None:
+def train(cfg: Config, resume: bool = False, dry_run: bool = False, on_end: EndHook | None = None,
+          verbose: bool = False, resume_hint: str | None = None) -> RunResult | None:
     """Set up, resume when asked, train, and write the summary and the final model of one run.
 
     dry_run: set up (config, data, model, targets, budget, memory check), print the plan and return None
     without training or writing anything. on_end: `Trainer.finish`'s end-of-run hook (None: none). resume of
-    a run that already finished returns None at once, having trained and written nothing.
+    a run that already finished returns None at once, having trained and written nothing. verbose: print the
+    whole resolved config (else one line). resume_hint: how a preempted run says to continue (a proxy names
+    its own command; default "the same command and --resume").
     """
     if resume and not dry_run and _finished(cfg):
         return None  # a requeued job of a finished run: final/ and the logs stay as they are
@@ -132,7 +135,7 @@ def train(cfg: Config, resume: bool = False, dry_run: bool = False,
     try:
         # From set-up to the end: a SIGTERM/SIGUSR1 during set-up is acted on at the first step boundary.
         with PreemptionGuard() as guard:
-            trainer = Trainer(cfg, env, guard)
+            trainer = Trainer(cfg, env, guard, verbose=verbose, resume_hint=resume_hint)
             if dry_run:
                 trainer.dry_run()
                 return None
@@ -155,9 +158,11 @@ def train(cfg: Config, resume: bool = False, dry_run: bool = False,
 class Trainer:
     """One training run: set-up in `__init__`, `start` (resume or step 0), `fit` (the loop), `finish`."""
 
-    def __init__(self, cfg: Config, env: dist.DistEnv, guard: PreemptionGuard | None = None):
+    def __init__(self, cfg: Config, env: dist.DistEnv, guard: PreemptionGuard | None = None, verbose: bool = False,
+                 resume_hint: str | None = None):
         self.t_start = time.perf_counter()
         self.cfg, self.env = cfg, env
+        self.verbose, self.resume_hint = verbose, resume_hint or "the same command and --resume"
         self.out = Path(cfg.run.out_dir)
         self.main = env.is_main
         if cfg.train.threads:
@@ -292,7 +297,8 @@ class Trainer:
             self._say(f"warning: {warning}")
 
     def _announce(self, timed: bool = True) -> None:
-        """Print the resolved config, the budget, the memory estimate and the estimated reweighting overhead.
+        """Print the resolved config (one line; all of it when verbose), the budget, the memory estimate and the
+        estimated reweighting overhead, with a warning when that is over a quarter of the run.
 
         timed=False (the dry run) leaves out the timed probe and gives the FLOPs estimate of the overhead alone.
         """
@@ -306,7 +312,8 @@ class Trainer:
         if not self.main:
             return
         names, w = lay.names, self.state.mixing.rule.initial_weights()
-        print(dump_yaml(cfg))
+        print(dump_yaml(cfg) if self.verbose else config_line(cfg, lay.steps, ("eval" if mix.eval_signal else "train")
+                                                               if mix.adaptive else None))
         source = "" if cfg.mixing.weights is not None else (f"  (the plan's, {cfg.mixing.plan})" if cfg.mixing.plan
                                                              else "  (w0 = token shares)")
         print(f"domains: {format_weights(names, w)}{source}")
@@ -322,6 +329,8 @@ class Trainer:
         line = overhead_line(cfg.mixing.signal, mix.adaptive, probe, self.overhead_flops, m, timed, env.distributed, lay.k)
         if line:
             print(line)
+        if mix.adaptive and (heavy := overhead_warning(self.overhead, m, cfg.eval.max_tokens)):
+            warn(heavy)
 
     def dry_run(self) -> None:
         """`velocitune train --dry-run`: the set-up has checked config, data, model and targets; say what a run
@@ -385,8 +394,7 @@ class Trainer:
             with self.state.timers("checkpoint"):
                 self._save_checkpoint(done)
         stop = Preempted(signal.Signals(signum).name, done)
-        self._say(f"{stop}: checkpoint written; continue with the same command and --resume "
-                  f"(exit status {PREEMPTED_EXIT})")
+        self._say(f"{stop}: checkpoint written; continue with {self.resume_hint} (exit status {PREEMPTED_EXIT})")
         raise stop
 
     def _forward_backward(self, plan: Plan) -> torch.Tensor:

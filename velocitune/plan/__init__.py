@@ -28,6 +28,7 @@ from velocitune.plan.command import add_arguments, main, make_plan
 from velocitune.plan.design import (
     PROXIES_DIR,
     PlanSetup,
+    budget_warning,
     design_mixtures,
     domain_map,
     mixture_dirs,
@@ -39,6 +40,7 @@ from velocitune.plan.design import (
 from velocitune.plan.fit import LAWS, allowance_caps, fit_laws, main_budget_losses, plan_document, recommend
 from velocitune.plan.proxies import (
     COMMANDS_FILE,
+    RESUME_HINT,
     ProxyResults,
     collect,
     emit_commands,
@@ -49,7 +51,8 @@ from velocitune.plan.proxies import (
 )
 
 __all__ = [
-    "COMMANDS_FILE", "LAWS", "PROXIES_DIR", "PlanSetup", "ProxyResults", "add_arguments", "allowance_caps",
+    "COMMANDS_FILE", "LAWS", "PROXIES_DIR", "PlanSetup", "ProxyResults", "RESUME_HINT", "add_arguments",
+    "allowance_caps", "budget_warning",
     "collect", "design_mixtures", "domain_map", "emit_commands", "fit_laws", "main", "main_budget_losses",
     "make_plan", "mixture_dirs", "needs_curve", "plan_document", "plan_predict", "plan_proxy_config",
     "plan_setup", "proxy_done", "proxy_result", "proxy_steps", "recommend", "run_proxies", "unfinished",

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from velocitune import runfiles
+from velocitune.announce import warn
 from velocitune.config import Config, load_config
 from velocitune.errors import ConfigError
 from velocitune.fileio import output_file
-from velocitune.plan.design import plan_setup
+from velocitune.plan.design import budget_warning, plan_setup
 from velocitune.plan.fit import LAWS, plan_document
 from velocitune.plan.proxies import collect, emit_commands, run_proxies, unfinished
 from velocitune.report import plot_plan
@@ -23,9 +24,10 @@ from velocitune.report import plot_plan
 MODES = ("run", "emit", "collect")
 
 
-def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
+def make_plan(cfg: Config, out: Path, mode: str = "run", resume: bool = False, verbose: bool = False) -> dict | None:
     """Run (mode "run"), emit (mode "emit": configs + commands, no fit) or collect the proxies, then fit and
-    write out/plan.json and out/plan.png. Returns the plan document (None when emitting)."""
+    write out/plan.json and out/plan.png. Returns the plan document (None when emitting). resume: continue a
+    preempted proxy (else one is refused); verbose: each proxy prints its whole config."""
     if mode not in MODES:
         raise ValueError(f"make_plan: mode {mode!r} is not one of {MODES}")
     s = plan_setup(cfg, out)
@@ -33,11 +35,13 @@ def make_plan(cfg: Config, out: Path, mode: str = "run") -> dict | None:
     print(f"plan: {len(s.design)} proxy runs x {s.steps} steps = {share:.0%} of the main run's {s.main_steps} steps "
           f"(+ {sum(len(c.eval.points) for c in s.configs)} evaluations), each on {s.steps / s.main_steps:.1%} of "
           f"every domain")
+    if (stretched := budget_warning(s.main_steps, len(s.design), cfg.plan.budget, cfg.plan.points)) is not None:
+        warn(stretched)
     if mode == "emit":
         emit_commands(s)
         return None
     if mode == "run":
-        run_proxies(s)
+        run_proxies(s, resume=resume, verbose=verbose)
     doc = plan_document(s, collect(s, unfinished(s) if mode == "collect" else []))
     path = out / runfiles.PLAN_FILE
     runfiles.write_plan(path, doc)
@@ -78,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                           "of running them (a cluster runs them; then --collect)")
     mode.add_argument("--collect", action="store_true", help="run nothing: fit from the finished proxy run "
                                                              "directories (missing ones are listed and skipped)")
+    mode.add_argument("--resume", action="store_true", help="continue a proxy stopped by a preemption (SIGTERM) "
+                                                            "from its checkpoint; without it such a proxy is refused")
+    p.add_argument("--verbose", action="store_true", help="each proxy prints its whole resolved config "
+                                                          "(default: one line)")
 
 
 def main(args: argparse.Namespace, overrides: list[str], config: str | None) -> int:
@@ -89,7 +97,8 @@ def main(args: argparse.Namespace, overrides: list[str], config: str | None) -> 
     cfg = load_config(config, overrides)
     out = Path(args.out)
     output_file(out / runfiles.PLAN_FILE, "the plan directory (--out)")
-    doc = make_plan(cfg, out, "emit" if args.emit else "collect" if args.collect else "run")
+    doc = make_plan(cfg, out, "emit" if args.emit else "collect" if args.collect else "run", resume=args.resume,
+                    verbose=args.verbose)
     if doc is not None:
         _print_plan(doc, out)
     return 0

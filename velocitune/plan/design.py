@@ -41,6 +41,18 @@ def proxy_steps(main_steps: int, n_mixtures: int, budget: float, points: int) ->
     return min(main_steps, max(points, int(round(budget * main_steps / n_mixtures))))
 
 
+def budget_warning(main_steps: int, n_mixtures: int, budget: float, points: int) -> str | None:
+    """What to set when a short main run makes the proxies together longer than plan.budget of it (each needs
+    one step per evaluation point); None when they fit."""
+    steps = proxy_steps(main_steps, n_mixtures, budget, points)
+    share = n_mixtures * steps / main_steps
+    if share <= budget + 1e-9 or steps <= max(1, int(round(budget * main_steps / n_mixtures))):
+        return None
+    return (f"the plan's {n_mixtures} proxies run {steps} steps each, {share:.0%} of the main run's {main_steps} "
+            f"steps (plan.budget={budget:g} asks for {budget:.0%}): each needs one step per evaluation point "
+            f"(plan.points={points}); lower plan.points (at least 4) or lengthen the main run (train.steps)")
+
+
 def needs_curve(cfg: Config, label: str) -> bool:
     """Whether the proxy `label` needs its whole loss curve (a law fit) or only its end loss: `extrapolate`
     fits every proxy; `offset` fits only w0's, and only when no targets file gives w0's main-budget loss."""

@@ -19,9 +19,11 @@ from velocitune.errors import ConfigError, DataError
 from velocitune.fileio import atomic_write_text
 from velocitune.plan.design import PROXIES_DIR, PlanSetup, needs_curve
 from velocitune.schedule import lr_schedule, warmup_steps
-from velocitune.targets import fit_domain
+from velocitune.targets import fit_domain, resume_proxy
 
 COMMANDS_FILE = "commands.sh"
+# How a preempted proxy says to continue (train's own line says "the same command and --resume").
+RESUME_HINT = "the same `velocitune plan` command and --resume"
 MIN_PROXIES = 4  # to fit a mixture law and leave one mixture out
 
 
@@ -56,20 +58,26 @@ def emit_commands(s: PlanSetup) -> None:
     print(f"wrote {len(s.dirs)} proxy configs under {s.out / PROXIES_DIR} and {s.out / COMMANDS_FILE}")
 
 
-def run_proxies(s: PlanSetup) -> None:
+def run_proxies(s: PlanSetup, resume: bool = False, verbose: bool = False) -> None:
     """Run every proxy not already finished with its config, one after another. Every proxy starts from the
-    same model on the same val sets, so ℓ_init is measured once (the first proxy's step 0) and reused."""
+    same model on the same val sets, so ℓ_init is measured once (the first proxy's step 0) and reused.
+
+    A proxy preempted earlier (its checkpoints, no finished summary) is continued when `resume`; without it
+    the plan is refused before anything runs (`targets.resume_proxy`). verbose: each proxy prints its whole
+    config (else one line)."""
     from velocitune.train import train  # orchestration above the trainer (torch only when a proxy runs)
 
+    todo = [j for j, (d, pc) in enumerate(zip(s.dirs, s.configs)) if not proxy_done(d, pc)]
+    again = {j: resume_proxy(s.dirs[j], resume) for j in todo}  # refuses before any proxy runs
     init_file = s.out / runfiles.INIT_LOSS_FILE
-    for j, (d, pc) in enumerate(zip(s.dirs, s.configs)):
-        if proxy_done(d, pc):
-            continue
-        print(f"plan: proxy {j + 1}/{len(s.dirs)} ({pc.run.arm}) -> {d}")
-        shutil.rmtree(d, ignore_errors=True)
+    for j in todo:
+        d, pc = s.dirs[j], s.configs[j]
+        print(f"plan: proxy {j + 1}/{len(s.dirs)} ({pc.run.arm}) -> {d}" + (" (resumed)" if again[j] else ""))
+        if not again[j]:
+            shutil.rmtree(d, ignore_errors=True)
         if init_file.exists():
             pc.mixing.init_loss = str(init_file)
-        train(pc, resume=False)
+        train(pc, resume=again[j], verbose=verbose, resume_hint=RESUME_HINT)
         if not init_file.exists():
             runfiles.write_init_loss(init_file, s.cfg.model.path or "fresh", s.names, *init_from(d, s.names))
 

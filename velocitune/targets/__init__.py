@@ -7,8 +7,9 @@ and extrapolates to the main run's budget. The maths lives in `velocitune.laws`;
 `targets` section. One job per module:
 
 - `init_loss`: `velocitune init-loss` and where init_loss.json goes (`init_loss_main`, `init_loss_path`);
-- `proxy`: the proxy recipe (`proxy_config`, `proxy_eval_steps`), the main run's length it is sized from
-  (`main_steps_for`) and whether a finished proxy can be reused (`proxy_reusable`);
+- `proxy`: the proxy recipe (`proxy_config`, `proxy_eval_steps`, `proxy_length`), the main run's length it is
+  sized from (`main_steps_for`), whether a finished proxy can be reused (`proxy_reusable`) or an unfinished
+  one continued (`resume_proxy`), and the warning when a short run stretches it (`proxy_warning`);
 - `fit`: one domain's fit and extrapolation (`fit_domain`) and its drawn curves (`law_curves`);
 - `command`: `velocitune targets` (`estimate_targets`, `targets_main`, `targets_path`).
 """
@@ -16,9 +17,18 @@ and extrapolates to the main run's budget. The maths lives in `velocitune.laws`;
 from velocitune.targets.command import estimate_targets, targets_main, targets_path
 from velocitune.targets.fit import CURVE_POINTS, fit_domain, law_curves
 from velocitune.targets.init_loss import init_loss_main, init_loss_path
-from velocitune.targets.proxy import main_steps_for, proxy_config, proxy_eval_steps, proxy_reusable
+from velocitune.targets.proxy import (
+    main_steps_for,
+    proxy_config,
+    proxy_eval_steps,
+    proxy_length,
+    proxy_reusable,
+    proxy_warning,
+    resume_proxy,
+)
 
 __all__ = [
     "CURVE_POINTS", "estimate_targets", "fit_domain", "init_loss_main", "init_loss_path", "law_curves",
-    "main_steps_for", "proxy_config", "proxy_eval_steps", "proxy_reusable", "targets_main", "targets_path",
+    "main_steps_for", "proxy_config", "proxy_eval_steps", "proxy_length", "proxy_reusable", "proxy_warning",
+    "resume_proxy", "targets_main", "targets_path",
 ]

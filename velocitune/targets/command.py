@@ -1,22 +1,25 @@
 """`velocitune targets` (docs/design.md §3 Stage B): run the proxy (or reuse a finished one), fit each
-domain, write targets.json, init_loss.json and targets.png."""
+domain, write targets.json, init_loss.json and targets.png. `--resume` continues a preempted proxy."""
 
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
 from velocitune import laws, runfiles
+from velocitune.announce import warn
 from velocitune.config import Config
 from velocitune.fileio import output_file
 from velocitune.schedule import lr_schedule, warmup_steps
 from velocitune.shards import PreparedData
 from velocitune.targets.fit import fit_domain, law_curves
 from velocitune.targets.init_loss import init_loss_path
-from velocitune.targets.proxy import main_steps_for, proxy_config, proxy_reusable
+from velocitune.targets.proxy import main_steps_for, proxy_config, proxy_reusable, proxy_warning, resume_proxy
+
+# How a preempted proxy says to continue (train's own line says "the same command and --resume").
+RESUME_HINT = "the same `velocitune targets` command and --resume"
 
 
 def targets_path(cfg: Config) -> Path:
@@ -24,10 +27,11 @@ def targets_path(cfg: Config) -> Path:
     return Path(cfg.mixing.targets) if cfg.mixing.targets else Path(cfg.run.out_dir) / runfiles.TARGETS_FILE
 
 
-def targets_main(cfg: Config, out: str | None = None) -> int:
-    """`velocitune targets`: proxy run, per-domain fits, targets.json and targets.png."""
+def targets_main(cfg: Config, out: str | None = None, resume: bool = False, verbose: bool = False) -> int:
+    """`velocitune targets`: proxy run, per-domain fits, targets.json and targets.png (resume: continue a
+    preempted proxy; verbose: the proxy prints its whole config)."""
     path = output_file(Path(out) if out else targets_path(cfg), "the targets file (--out)")
-    result = estimate_targets(cfg, path)
+    result = estimate_targets(cfg, path, resume=resume, verbose=verbose)
     print(f"wrote {path} (and {path.with_suffix('.png').name}, {init_loss_path(cfg, path)})")
     for n, d in result["domains"].items():
         flag = "  [guarded]" if d["guarded"] else ""
@@ -37,11 +41,13 @@ def targets_main(cfg: Config, out: str | None = None) -> int:
     return 0
 
 
-def estimate_targets(cfg: Config, out: Path | None = None) -> dict:
+def estimate_targets(cfg: Config, out: Path | None = None, resume: bool = False, verbose: bool = False) -> dict:
     """Run the proxy, fit each domain, write targets.json (+ targets.png beside it); return the document.
 
     `out` defaults to `targets_path(cfg)`; the proxy's run directory is `proxy/` beside it and ℓ_init (the
-    proxy's step-0 evaluation) goes to `init_loss_path(cfg, out)`.
+    proxy's step-0 evaluation) goes to `init_loss_path(cfg, out)`. A finished proxy with the same config is
+    reused; an unfinished one with checkpoints is continued when `resume`, else refused (`resume_proxy`).
+    verbose: the proxy prints its whole config (else one line).
     """
     out = output_file(Path(out) if out is not None else targets_path(cfg), "the targets file")
     tc = cfg.targets
@@ -51,7 +57,9 @@ def estimate_targets(cfg: Config, out: Path | None = None) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     proxy_dir = out.parent / "proxy"
     pc = proxy_config(cfg, proxy_dir, steps)
-    proxy_wall = _run_proxy(pc, proxy_dir)
+    if (stretched := proxy_warning(tc.fraction, tc.points, steps)) is not None:
+        warn(stretched)
+    proxy_wall = _run_proxy(pc, proxy_dir, resume, verbose)
     records = runfiles.read_log(proxy_dir / runfiles.EVAL_FILE, runfiles.EVAL, names)
     init_rec = next(r for r in records if r["step"] == 0)
     proxy_steps = pc.train.steps
@@ -70,17 +78,17 @@ def estimate_targets(cfg: Config, out: Path | None = None) -> dict:
     return doc
 
 
-def _run_proxy(pc: Config, proxy_dir: Path) -> float:
-    """Run the proxy into proxy_dir, or reuse the finished one with the same config (e.g. refitting with
-    another predictor); its wall time in seconds."""
+def _run_proxy(pc: Config, proxy_dir: Path, resume: bool, verbose: bool) -> float:
+    """Run the proxy into proxy_dir, continue a preempted one (`resume`), or reuse the finished one with the same
+    config (e.g. refitting with another predictor); its wall time in seconds (every process's, when resumed)."""
     from velocitune.train import train  # orchestration above the trainer (torch only when a proxy runs)
 
-    if proxy_reusable(proxy_dir, pc):
-        return float(runfiles.read_summary(proxy_dir / runfiles.SUMMARY_FILE)["wall_time_s"])
-    t0 = time.perf_counter()
-    shutil.rmtree(proxy_dir, ignore_errors=True)
-    train(pc, resume=False)
-    return time.perf_counter() - t0
+    if not proxy_reusable(proxy_dir, pc):
+        again = resume_proxy(proxy_dir, resume)
+        if not again:
+            shutil.rmtree(proxy_dir, ignore_errors=True)
+        train(pc, resume=again, verbose=verbose, resume_hint=RESUME_HINT)
+    return float(runfiles.read_summary(proxy_dir / runfiles.SUMMARY_FILE)["wall_time_s"])
 
 
 def _fit_domains(cfg: Config, pc: Config, records: list[dict], names: list[str], main_steps: int) -> dict[str, dict]:

@@ -1,6 +1,11 @@
 """The proxy recipe of `velocitune targets` (docs/design.md §3 Stage B): the main run's config turned into a
 short static-w0 run on a stratified subsample, its schedule compressed, evaluated at a few points; and the
-main run's length it is sized from (`schedule.main_run_steps`, the same as `velocitune train`'s)."""
+main run's length it is sized from (`schedule.main_run_steps`, the same as `velocitune train`'s); whether a proxy
+run directory is reused, resumed (`--resume`) or refused; and the warning when a short run stretches the proxy.
+
+A proxy writes a checkpoint when it is preempted (SIGTERM/SIGUSR1: what `kill` and schedulers send), not
+periodically: `velocitune targets --resume` continues it from there (docs/usage.md "Targets").
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,22 @@ def proxy_eval_steps(proxy_steps: int, n_points: int) -> list[int]:
     return [int(p) for p in pts if p >= 1]
 
 
+def proxy_length(fraction: float, points: int, main_steps: int) -> int:
+    """A proxy's steps: `fraction` of the main run, but at least one step per evaluation point and never longer
+    than the main run (short runs: `proxy_warning` says so)."""
+    return min(main_steps, max(points, int(round(fraction * main_steps))))
+
+
+def proxy_warning(fraction: float, points: int, main_steps: int) -> str | None:
+    """What to set when a short main run makes the proxy longer than `targets.fraction` of it (None: it is not)."""
+    steps = proxy_length(fraction, points, main_steps)
+    if steps <= max(1, int(round(fraction * main_steps))):
+        return None
+    return (f"the targets proxy runs {steps} steps, {steps / main_steps:.0%} of the main run's {main_steps} "
+            f"(targets.fraction={fraction:g} asks for {fraction:.0%}): it needs one step per evaluation point "
+            f"(targets.points={points}); lower targets.points (at least 4) or lengthen the main run (train.steps)")
+
+
 def proxy_config(cfg: Config, out_dir: Path, main_steps: int) -> Config:
     """The main run's config turned into its proxy: static w0 on a stratified fraction of every domain (of the
     main run's data: `targets.fraction` × `data.subsample`), `main_steps` compressed to the fraction.
@@ -38,8 +59,7 @@ def proxy_config(cfg: Config, out_dir: Path, main_steps: int) -> Config:
     pc = copy.deepcopy(cfg)
     if tc.proxy_schedule == "constant":
         pc.train.schedule = "constant"
-    # At least one step per point, but never longer than the main run (tiny test runs).
-    proxy_steps = min(main_steps, max(tc.points, int(round(tc.fraction * main_steps))))
+    proxy_steps = proxy_length(tc.fraction, tc.points, main_steps)
     pc.data.subsample = tc.fraction * cfg.data.subsample  # a fraction of what the main run trains on
     pc.train.steps = proxy_steps
     pc.train.tokens = None
@@ -67,4 +87,23 @@ def proxy_reusable(proxy_dir: Path, pc: Config) -> bool:
         check_resume_config(to_dict(runfiles.read_config(proxy_dir / runfiles.CONFIG_FILE)), to_dict(pc))
     except (ConfigError, DataError):
         return False
+    return True
+
+
+def resume_proxy(run_dir: Path, resume: bool) -> bool:
+    """Whether to continue the proxy in `run_dir` (train(pc, resume=True)) rather than start it afresh.
+
+    True when it holds checkpoints of an unfinished run and `resume` was asked (train's resume then checks
+    the config against the checkpoint's). Without `resume` such a directory is refused (ConfigError), never
+    deleted: a preempted proxy is work a plain re-run would throw away. False when there is nothing to
+    continue (no directory, a finished run, or no checkpoint): the caller clears it and starts at step 0.
+    """
+    from velocitune.checkpoint import list_checkpoints  # torch: only when a proxy runs
+
+    ckpts = list_checkpoints(run_dir / runfiles.CHECKPOINTS_DIR)
+    if not ckpts or runfiles.run_is_complete(run_dir):
+        return False
+    if not resume:
+        raise ConfigError(f"the proxy run directory {run_dir} holds an unfinished proxy (checkpoint {ckpts[-1].name}); "
+                          f"pass --resume to continue it, or delete {run_dir}")
     return True
