@@ -8,7 +8,7 @@ text files; `cython`, pyarrow's Cython sources as a Parquet table; and, where `d
 `docs` domain again as a `save_to_disk` dataset through the README's `--domain NAME=hf:PATH` line. The base
 model is a BPE tokenizer trained on that corpus and a two-layer Llama saved with `save_pretrained`. The config
 is configs/cpt.yaml with the keys a user edits. After each command its files are checked, never its console
-text (only that no traceback is in it). Marked slow: about two minutes on 2 CPU cores (make test-slow).
+text (only that no traceback is in it). Marked slow: ~80 CPU-seconds, two minutes on 2 shared cores (make test-slow).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def check_run(run: Path, rule: str) -> dict:
 
 
 def write_task(root: Path) -> Path:
-    """A local lm-eval multiple-choice task: which continuation a docstring's first words have."""
+    """A local lm-eval multiple-choice task (4 rows): which continuation a stub's signature takes."""
     tasks = root / "tasks"
     tasks.mkdir()
     rows = [{"context": "def forward(self, input_ids", "choices": [", attention_mask=None):", " the of and"],
@@ -224,7 +224,8 @@ def write_task(root: Path) -> Path:
     spec = {"task": "stub_next", "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(tasks / "stub_next.jsonl")}}, "test_split": "test",
             "output_type": "multiple_choice", "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}",
-            "doc_to_target": "{{label}}", "target_delimiter": "", "metric_list": [{"metric": "acc"}]}
+            "doc_to_target": "{{label}}", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
     (tasks / "stub_next.yaml").write_text(yaml.safe_dump(spec))
     return tasks
 
