@@ -33,6 +33,7 @@ def test_proxy_config_is_static_w0_on_a_subsample(make_config):
     cfg.targets.fraction, cfg.targets.points = 0.1, 10
     pc = proxy_config(cfg, cfg_dir := Path("/tmp/x"), 200)
     assert pc.mixing.rule == "static" and pc.mixing.weights is None and pc.mixing.targets is None
+    assert cfg.mixing.pace is True and pc.mixing.pace is False  # the main run paces (robust); the static proxy not
     assert pc.data.subsample == 0.1 and pc.train.steps == 20 and pc.train.warmup_steps == 2
     assert pc.train.lr == cfg.train.lr and pc.train.batch_size == cfg.train.batch_size
     assert pc.eval.points == proxy_eval_steps(20, 10) and pc.checkpoint.save_final is False

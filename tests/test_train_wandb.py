@@ -194,7 +194,7 @@ def test_offline_run_logs_what_the_run_directory_holds(make_config, wandb_offlin
     assert "Sampling weights" in plots["plots/weights"]["caption"]
 
 
-def test_resume_continues_the_same_wandb_run(make_config, wandb_offline, monkeypatch):
+def test_resume_continues_the_same_wandb_run(make_config, wandb_offline, monkeypatch, capsys):
     sections = dict(log={"interval": 1}, checkpoint={"interval": 8, "keep": 2})
     cfg = wandb_config(make_config, "crash", **sections)
     out = Path(cfg.run.out_dir)
@@ -204,8 +204,15 @@ def test_resume_continues_the_same_wandb_run(make_config, wandb_offline, monkeyp
     assert first["run"].run_id == run_id and first["exit_code"] == 1  # finished as failed, what it had flushed
     assert max(first["history"]) == 13
 
+    capsys.readouterr()
     train(cfg, resume=True)
     assert runfiles.read_wandb_run(out / runfiles.WANDB_RUN_FILE)["run_id"] == run_id
+    # The closing line names both offline directories, the interrupted process's first: `wandb sync` uploads all.
+    dirs = [p.parent for p, _ in wandb_runs(out)]  # oldest first, by the runs' start times
+    assert len(dirs) == 2 and dirs[0] != dirs[1]
+    [line] = [x for x in capsys.readouterr().out.splitlines() if "wandb sync" in x]
+    assert line == (f"W&B run {run_id} was logged offline in 2 directories; upload them all, oldest first, "
+                    f"with: wandb sync {dirs[0]} {dirs[1]}")
     (_, again), (_, second) = wandb_runs(out)
     assert again["history"] == first["history"]  # the first process's file is left as it was
     assert second["run"].run_id == run_id and second["exit_code"] == 0
@@ -245,3 +252,15 @@ def test_missing_wandb_package_is_a_config_error_before_any_work(make_config, mo
     with pytest.raises(ConfigError, match=r"pip install 'velocitune\[wandb\]', or set log.wandb=false"):
         train(cfg)
     assert not Path(cfg.run.out_dir).exists()
+
+
+def test_offline_sync_line_names_every_directory_of_the_run_oldest_first(tmp_path):
+    from velocitune.loggers import offline_sync_line
+
+    for name in ("offline-run-20250102_000000-abc", "offline-run-20241231_235959-abc",
+                 "offline-run-20250101_120000-other", "run-20250101_000000-abc"):  # another run; an online one
+        (tmp_path / name).mkdir()
+    assert offline_sync_line(tmp_path, "abc") == (
+        f"W&B run abc was logged offline in 2 directories; upload them all, oldest first, with: wandb sync "
+        f"{tmp_path}/offline-run-20241231_235959-abc {tmp_path}/offline-run-20250102_000000-abc")
+    assert offline_sync_line(tmp_path, "other").endswith(f"upload it with: wandb sync {tmp_path}/offline-run-20250101_120000-other")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -163,6 +164,8 @@ class WandbLogger:
         """Finish the run (exit_code != 0 marks it failed in W&B; `--resume` continues it all the same)."""
         if self._run is not None:
             run, self._run = self._run, None
+            run_id, offline = run.id, run.settings.mode in ("offline", "dryrun")
+            local = Path(run.settings.sync_dir).parent  # RUN/wandb (or $WANDB_DIR): every process's directory
             run.finish(exit_code=exit_code)
             if self._wandb.run is None:
                 # W&B's service process closes the run's files on its own schedule, after finish() returns (seen:
@@ -170,6 +173,20 @@ class WandbLogger:
                 # process, shut the service down (it waits for them), so the files are complete when training
                 # returns; the next wandb.init starts a new service.
                 self._wandb.teardown()
+            if offline:
+                print(offline_sync_line(local, run_id))
+
+
+def offline_sync_line(local_dir: Path, run_id: str) -> str:
+    """The command that uploads an offline run: `wandb sync` with every offline directory of the run, oldest first.
+
+    Each process of a resumed run writes its own `offline-run-<time>-<id>` directory; W&B's own closing line names
+    only the last, and the earlier ones hold the steps before the resume. `<time>` (YYYYMMDD_HHMMSS) sorts by age.
+    """
+    dirs = sorted(Path(local_dir).glob(f"offline-run-*-{run_id}"))
+    return (f"W&B run {run_id} was logged offline in {len(dirs)} director{'y' if len(dirs) == 1 else 'ies'}; "
+            f"upload {'it' if len(dirs) == 1 else 'them all, oldest first,'} with: wandb sync "
+            + " ".join(shlex.quote(str(d)) for d in dirs))
 
 
 def _is_number(value: Any) -> bool:

@@ -161,6 +161,13 @@ def floats(cell: str) -> list[float]:
     return [float(x) for x in re.findall(r"[-+]?\d+\.\d+|[-+]?\d+", cell)]
 
 
+def tokens_value(cell: str) -> float:
+    """A token count as the report writes it ("552", "15.4k", "1.23M", "4.56B") read back as a number."""
+    m = re.fullmatch(r"([0-9][0-9,]*(?:\.[0-9]+)?)([kMBT]?)", cell)
+    assert m, f"not a token count: {cell!r}"
+    return float(m.group(1).replace(",", "")) * {"": 1, "k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2)]
+
+
 def hms(cell: str) -> float:
     h, m, s = (int(x) for x in cell.split(":"))
     return 3600 * h + 60 * m + s

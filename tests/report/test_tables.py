@@ -20,9 +20,10 @@ from report.rundirs import (
     hms,
     read_summary,
     table_with,
+    tokens_value,
 )
 
-from velocitune.report import add_arguments, main, make_report
+from velocitune.report import add_arguments, fmt_tokens, main, make_report
 
 # ----------------------------------------------------------------------------------------------------------
 # Single-seed report: one row per run
@@ -46,7 +47,8 @@ def test_run_table_matches_the_run_files(single):
         final = s["final_val_loss"]
         for d in DOMAINS:
             assert floats(row[f"loss {d}"])[0] == pytest.approx(final[d], abs=5.1e-5)
-            assert floats(row[f"tokens {d} (M)"])[0] == pytest.approx(s["tokens_per_domain"][d] / 1e6, abs=5.1e-4)
+            # three significant digits: within half a unit of the third
+            assert tokens_value(row[f"tokens {d}"]) == pytest.approx(s["tokens_per_domain"][d], rel=5.1e-3)
         assert floats(row["mean loss"])[0] == pytest.approx(sum(final.values()) / 3, abs=5.1e-5)
         # progress, computed here from the summary: prose has l_init < l_target -> n/a
         progress = {d: (INIT[d] - final[d]) / (INIT[d] - TARGETS[d]) for d in ("math", "code")}
@@ -187,7 +189,14 @@ def _write_scores(run, scores: dict[str, dict[str, float]]) -> None:
         "tasks": {t: {"metrics": m, "stderr": {k: None for k in m}, "samples": 100} for t, m in scores.items()}})
 
 
-def test_downstream_scores_are_columns_next_to_the_losses(tmp_path):
+def _section(md: str, heading: str) -> str:
+    """The text of one `## heading` section of report.md."""
+    start = md.index(f"## {heading}\n")
+    end = md.find("\n## ", start + 1)
+    return md[start: len(md) if end < 0 else end]
+
+
+def test_downstream_scores_have_their_own_tables(tmp_path):
     rng = np.random.default_rng(7)
     runs, em, acc = [], {}, {}
     for arm, rule, base in (("static", "static", 0.30), ("velocitune", "velocitune", 0.36)):
@@ -200,7 +209,17 @@ def test_downstream_scores_are_columns_next_to_the_losses(tmp_path):
     runs.append(fabricate_run(tmp_path, "uniform-s0", arm="uniform", rule="uniform", final=FINAL))
     md = make_report(runs, tmp_path / "report").read_text()
 
-    arm_rows = {r["arm"]: r for r in table_with(md, "Δ math exact_match vs static")}
+    # The results tables (per arm, and per run in the details) are not widened by the scores.
+    results = _section(md, "Results per arm")
+    assert "exact_match" not in results and "code acc" not in results
+    assert list(table_with(results, "seeds")[0]) == [
+        "arm", "seeds", *[f"loss {d}" for d in DOMAINS], "mean loss", "Δ mean loss vs static", "worst progress",
+        "Δ worst progress vs static", "wall time", "reweighting"]
+
+    downstream = _section(md, "Downstream scores")
+    arm_rows = {r["arm"]: r for r in table_with(downstream, "Δ math exact_match vs static")}
+    assert list(arm_rows["static"]) == ["arm", "seeds", "math exact_match", "Δ math exact_match vs static",
+                                        "code acc", "Δ code acc vs static"]
     for arm in ("static", "velocitune"):
         values = [em[arm, s] for s in (0, 1, 2)]
         assert floats(arm_rows[arm]["math exact_match"]) == pytest.approx([np.mean(values), np.std(values, ddof=1)],
@@ -210,13 +229,98 @@ def test_downstream_scores_are_columns_next_to_the_losses(tmp_path):
         [d.mean(), d.std(ddof=1) / math.sqrt(3)], abs=5e-4)
     assert "paired" in arm_rows["velocitune"]["Δ code acc vs static"]
     assert arm_rows["uniform"]["math exact_match"] == "n/a"
-    run_rows = {r["run"]: r for r in table_with(md, "run")}
+    details = downstream[downstream.index("<details>"): downstream.index("</details>")]
+    run_rows = {r["run"]: r for r in table_with(details, "code acc")}
+    assert list(run_rows["static-s0"]) == ["run", "arm", "seed", "math exact_match", "code acc"]
     assert float(run_rows["velocitune-s1"]["code acc"]) == pytest.approx(acc["velocitune", 1], abs=5e-4)
     assert run_rows["uniform-s0"]["code acc"] == "—"
-    header = list(run_rows["static-s0"])
-    assert header.index("code acc") == header.index("mean loss") + 2  # right after the losses
 
 
-def test_report_without_downstream_scores_has_no_such_columns(single):
+def test_downstream_scores_one_seed_per_arm_with_delta_without_spread(tmp_path):
+    runs = []
+    for arm, rule, score in (("static", "static", 0.25), ("velocitune", "velocitune", 0.375)):
+        run = fabricate_run(tmp_path, arm, arm=arm, rule=rule, final=FINAL)
+        _write_scores(run, {"math": {"exact_match": score}})
+        runs.append(run)
+    md = make_report(runs, tmp_path / "report").read_text()
+    assert "exact_match" not in _section(md, "Results")
+    rows = {r["run"]: r for r in table_with(_section(md, "Downstream scores"), "math exact_match")}
+    assert float(rows["velocitune"]["math exact_match"]) == pytest.approx(0.375)
+    assert rows["velocitune"]["Δ math exact_match vs static"] == "+0.125 (no spread)"
+    assert rows["static"]["Δ math exact_match vs static"] == "—"
+
+
+def test_report_without_downstream_scores_has_no_such_section(single):
     _, _, md = single
-    assert "exact_match" not in md and "downstream.json" in md  # (explained in How to read, never as a column)
+    assert "exact_match" not in md and "## Downstream scores" not in md
+    assert "downstream.json" in md  # (explained in How to read)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report details (issue 28): tokens, signal of fixed rules, the targets table's source, Δ with one seed
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0"), (7, "7"), (552, "552"), (999, "999"), (1_000, "1k"), (1_566, "1.57k"), (15_000, "15k"),
+    (15_400, "15.4k"), (999_400, "999k"), (999_600, "1M"), (1_234_567, "1.23M"), (12_000_000, "12M"),
+    (4_560_000_000, "4.56B"), (2.5e12, "2.5T"),
+])
+def test_fmt_tokens_readable_at_every_scale(n, text):
+    assert fmt_tokens(n) == text
+
+
+def test_fmt_tokens_reads_back_within_three_significant_digits():
+    for n in np.unique(np.round(np.logspace(0, 13, 400))):
+        cell = fmt_tokens(n)
+        assert "e" not in cell and len(cell.replace(".", "").replace(",", "")) <= 5, cell
+        assert tokens_value(cell) == pytest.approx(n, rel=5.1e-3), (n, cell)
+
+
+def test_small_run_tokens_are_not_rounded_to_millions(tmp_path):
+    """The issue's run: ~15k tokens per domain showed as 0.015 (M); they read 15k-ish now, in table and list."""
+    run = fabricate_run(tmp_path, "small", arm="velocitune", rule="velocitune", final=FINAL, total_tokens=41_000)
+    md = make_report([run], tmp_path / "report").read_text()
+    tokens = read_summary(run)["tokens_per_domain"]
+    row = table_with(md, "worst progress")[0]
+    for d in DOMAINS:
+        assert row[f"tokens {d}"].endswith("k") and 1_000 <= tokens[d] < 1_000_000
+        assert tokens_value(row[f"tokens {d}"]) == pytest.approx(tokens[d], rel=5.1e-3)
+    assert "100 steps, 41k tokens)" in md and "(M)" not in md
+
+
+def test_fixed_rules_have_no_signal_in_the_run_list(single):
+    runs, _, md = single
+    lines = {r.name: next(line for line in md.splitlines() if line.startswith(f"- `{r.name}`")) for r in runs}
+    assert "signal" not in lines["static-s0"] and "rule `static`" in lines["static-s0"]
+    assert "signal `eval`" in lines["velo-s0"] and "signal `train`" in lines["velo-train-s0"]
+
+
+def test_targets_section_says_whose_values_it_shows(single):
+    _, _, md = single
+    section = _section(md, "Initial losses and targets")
+    assert "Values of" not in md
+    intro = section.splitlines()[2]  # heading, blank, then the sentence naming the run
+    assert intro.startswith("ℓ_init and ℓ_target of the run `velo-s0`, the first run with targets")
+    assert section.index(intro) < section.index("| domain |")
+
+
+def test_one_seed_per_arm_shows_delta_to_static_without_spread(single):
+    runs, _, md = single
+    assert "### Δ to `static` (one seed per arm)" in md and "≥ 2 seeds per arm" in md
+    rows = {r["arm"]: r for r in table_with(md, "Δ mean loss vs static")}
+    assert set(rows) == {"velocitune", "velocitune-train"}  # the static arm is the reference, not a row
+    static = read_summary(runs[0])
+    for run in runs[1:]:
+        s = read_summary(run)
+        row = rows[s["arm"]]
+        assert row["Δ mean loss vs static"].endswith("(no spread)")
+        assert floats(row["Δ mean loss vs static"])[0] == pytest.approx(mean_loss(s) - mean_loss(static), abs=5.1e-5)
+        # both runs' progress uses velo-s0's targets (static-s0 borrows them)
+        assert floats(row["Δ worst progress vs static"])[0] == pytest.approx(
+            worst_progress(s) - worst_progress(static), abs=5.1e-4)
+
+
+def test_one_seed_per_arm_without_static_says_why_there_is_no_delta(tmp_path):
+    runs = [fabricate_run(tmp_path, arm, arm=arm, rule=arm, final=FINAL) for arm in ("velocitune", "dbl")]
+    md = make_report(runs, tmp_path / "report").read_text()
+    assert "No static arm was given" in md and "Δ" not in _section(md, "Results")

@@ -36,13 +36,25 @@ from velocitune.report.runs import (
     reweight_share,
     run_result,
     static_arm,
+    weights_move,
 )
-from velocitune.report.tables import arm_table, results_section, run_table, targets_table
+from velocitune.report.tables import (
+    arm_table,
+    downstream_arm_table,
+    downstream_run_table,
+    fmt_tokens,
+    results_section,
+    run_table,
+    single_seed_delta_table,
+    targets_section,
+    targets_table,
+)
 
 __all__ = [
     "Difference", "Run", "RunNumbers", "Spread", "add_arguments", "arm_colours", "arm_table", "difference",
-    "domain_colours", "group_arms", "load_run", "load_runs", "main", "make_plots", "make_report", "mean_sd",
-    "normalised_progress", "plot_plan", "plot_targets", "plot_val_loss", "plot_velocity", "plot_weights", "results_section",
-    "reweight_share", "run_plots", "run_result", "run_table", "static_arm", "targets_figure", "targets_table",
-    "upload_plots",
+    "domain_colours", "downstream_arm_table", "downstream_run_table", "fmt_tokens", "group_arms", "load_run",
+    "load_runs", "main", "make_plots", "make_report", "mean_sd", "normalised_progress", "plot_plan", "plot_targets",
+    "plot_val_loss", "plot_velocity", "plot_weights", "results_section", "reweight_share", "run_plots", "run_result",
+    "run_table", "single_seed_delta_table", "static_arm", "targets_figure", "targets_section", "targets_table",
+    "upload_plots", "weights_move",
 ]

@@ -12,7 +12,7 @@ import velocitune
 from velocitune.fileio import atomic_write_text, output_dir
 from velocitune.report.plots import make_plots
 from velocitune.report.runs import group_arms, load_runs, reference_targets, run_result, static_arm
-from velocitune.report.tables import fmt_tokens, results_section, targets_table
+from velocitune.report.tables import fmt_tokens, results_section, targets_section
 
 HOW_TO_READ = (
     "**Loss** is each domain's validation loss (token-weighted mean cross-entropy, nats) at the end of "
@@ -20,13 +20,13 @@ HOW_TO_READ = (
     "(ℓ_init − ℓ_T) / (ℓ_init − ℓ_target): 1 means the domain reached its predicted target, 0 that it did not "
     "move from the base model, below 0 that it got worse, above 1 that it beat the target; *worst progress* "
     "is the lowest over domains, the number a mixing rule that protects lagging domains should raise. "
-    "**Tokens** are the tokens trained per domain (millions). **Reweighting** is the share of wall time spent "
-    "choosing weights (`time_update_s` / wall time: with the `eval` signal this includes the validation "
-    "passes at update points, the faithful signal's cost; with the `train` signal only the all-reduce and "
-    "the rule); — for rules whose weights never move. **Downstream** columns (`task metric`) are the final "
-    "model's scores from `velocitune eval` (lm-evaluation-harness; higher is better), shown when a run has a "
-    "downstream.json; — where a run was not evaluated on that task. In the plots, a domain keeps one colour "
-    "throughout; dashed lines mark the predicted targets."
+    "**Tokens** are the tokens trained per domain (k = thousand, M = million, B = billion). **Reweighting** is "
+    "the share of wall time spent choosing weights (`time_update_s` / wall time: with the `eval` signal this "
+    "includes the validation passes at update points, the faithful signal's cost; with the `train` signal only "
+    "the all-reduce and the rule); — for rules whose weights never move (they have no signal either). "
+    "**Downstream scores** (`task metric`) are the final model's scores from `velocitune eval` "
+    "(lm-evaluation-harness; higher is better), in their own table when a run has a downstream.json. In the "
+    "plots, a domain keeps one colour throughout; dashed lines mark the predicted targets."
 )
 
 
@@ -64,13 +64,13 @@ def make_report(run_dirs: list[Path], out_dir: Path, title: str | None = None) -
           + ", ".join(f"`{d}`" for d in domains) + ".", "",
           "## How to read this", "", HOW_TO_READ, ""]
     md += results_section(results, arms, domains, reference_arm)
-    table, notes = targets_table(runs, domains)
-    md += ["## Initial losses and targets", "", table, "", *[n + "  " for n in notes], ""]
+    md += targets_section(runs, domains)
     md += _plots_section(plots)
     md += ["## Runs", ""]
     for r in runs:
         s = r.summary
-        md.append(f"- `{r.name}`: `{r.path}` (arm `{r.arm}`, rule `{r.rule}`, signal `{s['signal']}`, "
+        signal = f"signal `{s['signal']}`, " if r.adaptive else ""  # a fixed rule's weights never move: no signal
+        md.append(f"- `{r.name}`: `{r.path}` (arm `{r.arm}`, rule `{r.rule}`, {signal}"
                   f"seed {r.seed}, {s['steps']} steps, {fmt_tokens(s['tokens'])} tokens)")
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(md) + "\n")

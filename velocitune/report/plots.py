@@ -14,6 +14,7 @@ import numpy as np
 
 from velocitune import laws
 from velocitune.report.runs import Run, load_run, reference_targets
+from velocitune.report.tables import fmt_tokens
 
 PLOT_FILES = ("weights.png", "val_loss.png", "velocity.png", "targets.png")
 PLOT_DPI = 110
@@ -62,10 +63,16 @@ def arm_colours(arms: Sequence[str], reference_arm: str | None) -> dict[str, Any
     return colours
 
 
+def _tokens_formatter():
+    """Tick labels of a tokens axis, written as the tables write tokens (fmt_tokens: 552, 15.4k, 1.23M, 4.56B)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, pos=None: fmt_tokens(x))
+
+
 def _panels(n: int, panel_w: float = 3.8, panel_h: float = 2.9, legend_w: float = 1.8):
     """A constrained-layout figure with n panels, at most MAX_PANELS_PER_ROW per row; room for a legend."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter
 
     ncols = min(MAX_PANELS_PER_ROW, n)
     nrows = math.ceil(n / ncols)
@@ -75,7 +82,7 @@ def _panels(n: int, panel_w: float = 3.8, panel_h: float = 2.9, legend_w: float 
     for ax in axes[n:]:
         fig.delaxes(ax)
     for ax in axes[:n]:
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # tokens: 200k, 1.5M, 2G
+        ax.xaxis.set_major_formatter(_tokens_formatter())  # tokens: 200k, 1.5M, 2B
         ax.grid(alpha=0.3, linewidth=0.6)
     return fig, axes[:n]
 
@@ -248,11 +255,11 @@ def _target_panel(ax, domain: str, fit: dict[str, Any], budget: float, colour: A
 
 def _log_tokens_axis(ax) -> None:
     """A log x axis labelled like the others (200k, 1M); when it spans under a decade, also at 2, 3 and 5 × 10^k."""
-    from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_xscale("log")  # resets the formatters: set them again
     lo, hi = ax.get_xlim()
-    eng = EngFormatter(sep="")
+    eng = _tokens_formatter()
     ax.xaxis.set_major_formatter(eng)
 
     def minor(x: float, pos=None) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from velocitune import runfiles
+from velocitune import rules, runfiles
 from velocitune.errors import DataError
 from velocitune.fileio import require_dir
 
@@ -25,9 +25,6 @@ from velocitune.fileio import require_dir
 # or flips meaning (a domain predicted to stay level or get worse), so the report shows "n/a". Same value
 # as the velocity floor delta_min of docs/design.md §3.
 PROGRESS_MIN_GAP = 0.02
-
-# Rules whose weights never move: they spend nothing on reweighting.
-FIXED_RULES = frozenset({"static", "uniform", "temperature", "replay"})
 
 # The files every finished run directory holds (targets.json is optional).
 REQUIRED_FILES = (runfiles.SUMMARY_FILE, runfiles.EVAL_FILE, runfiles.MIXTURE_FILE)
@@ -57,6 +54,11 @@ class Run:
         return str(self.summary["rule"])
 
     @property
+    def adaptive(self) -> bool:
+        """Do the run's weights move (`weights_move`)?"""
+        return weights_move(self.rule)
+
+    @property
     def seed(self) -> int:
         return int(self.summary["seed"])
 
@@ -68,6 +70,13 @@ class Run:
     def targets(self) -> dict[str, float | None] | None:
         """ℓ_target per domain (None for a domain without one), or None when the run trained without targets."""
         return self.summary.get("targets")
+
+
+def weights_move(rule: str) -> bool:
+    """Do a rule's weights move during a run? Those of a fixed rule (static, uniform, ...) never do: it has no
+    signal and spends nothing on reweighting. The registry says (rules.is_adaptive); a rule this process has
+    not registered (another program's) counts as moving."""
+    return rules.is_adaptive(rule) if rule in rules.rule_names() else True
 
 
 def _floats(values: dict[str, Any] | None) -> dict[str, float | None] | None:
@@ -226,7 +235,7 @@ def reweight_share(summary: dict[str, Any]) -> float | None:
     validation passes at update points (the faithful signal's cost), with either signal the all-reduce and
     the rule itself. `time_eval_s` counts only evaluations made for the loss curves, which every rule pays.
     """
-    if summary["rule"] in FIXED_RULES or summary["wall_time_s"] <= 0:
+    if not weights_move(summary["rule"]) or summary["wall_time_s"] <= 0:
         return None
     return summary["time_update_s"] / summary["wall_time_s"]
 

@@ -49,7 +49,15 @@ def _share(x: float | None) -> str:
 
 
 def fmt_tokens(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    """A token count readable at every scale: exact below 1,000 ("552"), else three significant digits with
+    k, M, B or T ("15.4k", "1.23M", "4.56B")."""
+    n = float(n)
+    if abs(n) < 999.5:
+        return f"{n:.0f}"
+    for suffix, scale in (("k", 1e3), ("M", 1e6), ("B", 1e9)):
+        if abs(n) / scale < 999.5:  # below: .3g would round up to 1000 (1e+03) of this unit
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n / 1e12:,.3g}T" if abs(n) / 1e12 < 999.5 else f"{n / 1e12:,.0f}T"
 
 
 def _progress_cell(p: float | None, borrowed: bool) -> str:
@@ -75,22 +83,21 @@ def _score_cell(x: float | None) -> str:
 def run_table(results: Sequence[RunNumbers], domains: Sequence[str]) -> str:
     """One row per run: final losses, their mean, normalised progress, tokens, wall time, reweighting share."""
     has_progress = any(r.progress is not None for r in results)
-    scores = downstream_columns([r.run for r in results])
-    header = ["run", "arm", "seed", *[f"loss {d}" for d in domains], "mean loss", *scores]
+    header = ["run", "arm", "seed", *[f"loss {d}" for d in domains], "mean loss"]
     if has_progress:
         header += [*[f"progress {d}" for d in domains], "worst progress"]
-    header += [*[f"tokens {d} (M)" for d in domains], "wall time", "reweighting"]
+    header += [*[f"tokens {d}" for d in domains], "wall time", "reweighting"]
     rows = []
     for r in results:
         row = [r.run.name, r.run.arm, str(r.run.seed), *[f"{r.final_loss[d]:.4f}" for d in domains],
-               f"{r.mean_loss:.4f}", *[_score_cell((r.run.downstream or {}).get(k)) for k in scores]]
+               f"{r.mean_loss:.4f}"]
         if has_progress:
             if r.progress is None:
                 row += ["—"] * (len(domains) + 1)
             else:
                 row += [_progress_cell(r.progress[d], r.borrowed_targets) for d in domains]
                 row += [_progress_cell(r.worst_progress, r.borrowed_targets)]
-        row += [f"{r.tokens[d] / 1e6:.3f}" for d in domains]
+        row += [fmt_tokens(r.tokens[d]) for d in domains]
         row += [_hms(r.wall_time_s), _share(r.reweight_share)]
         rows.append(row)
     return _table(header, rows, text_cols=(0, 1, 2))
@@ -102,51 +109,115 @@ def _arm_values(results: Sequence[RunNumbers], get) -> list[tuple[int, float]] |
     return None if any(v is None for _, v in values) else values
 
 
+def _stat(results: Sequence[RunNumbers], get, fmt: str) -> str:
+    """mean ± sd over an arm's seeds of `get(run numbers)`; n/a when a run lacks the value."""
+    values = _arm_values(results, get)
+    return "n/a" if values is None else _spread_cell(mean_sd([v for _, v in values]), fmt)
+
+
+def _delta(by_arm: dict[str, list[RunNumbers]], arm: str, reference_arm: str, get, fmt: str) -> str:
+    """Δ of `get` between an arm and the reference arm, ± its standard error when the seeds allow one."""
+    if arm == reference_arm:
+        return "—"
+    values, ref = _arm_values(by_arm[arm], get), _arm_values(by_arm[reference_arm], get)
+    return "n/a" if values is None or ref is None else _difference_cell(difference(values, ref), fmt)
+
+
+def _mean_loss(r: RunNumbers) -> float:
+    return r.mean_loss
+
+
+def _worst_progress(r: RunNumbers) -> float | None:
+    return r.worst_progress
+
+
 def arm_table(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str], reference_arm: str | None) -> str:
     """One row per arm: mean ± sample sd over seeds, and the difference to the reference (static) arm."""
     has_progress = any(r.progress is not None for rs in by_arm.values() for r in rs)
-    scores = downstream_columns([r.run for rs in by_arm.values() for r in rs])
     header = ["arm", "seeds", *[f"loss {d}" for d in domains], "mean loss"]
     if reference_arm is not None:
         header.append(f"Δ mean loss vs {reference_arm}")
-    for key in scores:
-        header += [key] + ([f"Δ {key} vs {reference_arm}"] if reference_arm is not None else [])
     if has_progress:
         header.append("worst progress")
         if reference_arm is not None:
             header.append(f"Δ worst progress vs {reference_arm}")
     header += ["wall time", "reweighting"]
-
-    def stat(results, get, fmt):
-        values = _arm_values(results, get)
-        return "n/a" if values is None else _spread_cell(mean_sd([v for _, v in values]), fmt)
-
-    def delta(arm, get, fmt):
-        if arm == reference_arm:
-            return "—"
-        values, ref = _arm_values(by_arm[arm], get), _arm_values(by_arm[reference_arm], get)
-        return "n/a" if values is None or ref is None else _difference_cell(difference(values, ref), fmt)
-
     rows = []
     for arm, results in by_arm.items():
         row = [arm, ", ".join(str(r.run.seed) for r in results)]
-        row += [stat(results, lambda r, d=d: r.final_loss[d], ".4f") for d in domains]
-        row.append(stat(results, lambda r: r.mean_loss, ".4f"))
+        row += [_stat(results, lambda r, d=d: r.final_loss[d], ".4f") for d in domains]
+        row.append(_stat(results, _mean_loss, ".4f"))
         if reference_arm is not None:
-            row.append(delta(arm, lambda r: r.mean_loss, ".4f"))
-        for key in scores:
-            def score(r, key=key):
-                return (r.run.downstream or {}).get(key)
-            row.append(stat(results, score, ".3f"))
-            if reference_arm is not None:
-                row.append(delta(arm, score, ".3f"))
+            row.append(_delta(by_arm, arm, reference_arm, _mean_loss, ".4f"))
         if has_progress:
-            row.append(stat(results, lambda r: r.worst_progress, ".3f"))
+            row.append(_stat(results, _worst_progress, ".3f"))
             if reference_arm is not None:
-                row.append(delta(arm, lambda r: r.worst_progress, ".3f"))
+                row.append(_delta(by_arm, arm, reference_arm, _worst_progress, ".3f"))
         shares = [r.reweight_share for r in results]
         row += [_hms(float(np.mean([r.wall_time_s for r in results]))),
                 "—" if any(s is None for s in shares) else _share(float(np.mean(shares)))]
+        rows.append(row)
+    return _table(header, rows, text_cols=(0, 1))
+
+
+def single_seed_delta_table(by_arm: dict[str, list[RunNumbers]], reference_arm: str) -> str:
+    """One row per arm other than the reference, one seed each: Δ mean loss (and Δ worst progress) to the
+    reference arm's run, a difference of two single runs, so without a standard error ("no spread")."""
+    has_progress = any(r.progress is not None for rs in by_arm.values() for r in rs)
+    header = ["arm", "seed", f"Δ mean loss vs {reference_arm}"]
+    header += [f"Δ worst progress vs {reference_arm}"] if has_progress else []
+    rows = []
+    for arm, results in by_arm.items():
+        if arm == reference_arm:
+            continue
+        row = [arm, ", ".join(str(r.run.seed) for r in results), _delta(by_arm, arm, reference_arm, _mean_loss, ".4f")]
+        if has_progress:
+            row.append(_delta(by_arm, arm, reference_arm, _worst_progress, ".3f"))
+        rows.append(row)
+    return _table(header, rows, text_cols=(0, 1))
+
+
+def _score(key: str):
+    def get(r: RunNumbers) -> float | None:
+        return (r.run.downstream or {}).get(key)
+    return get
+
+
+def downstream_run_table(results: Sequence[RunNumbers], reference_arm: str | None) -> str:
+    """One row per run: each downstream score ("task metric"); with one seed per arm, its Δ to the reference
+    arm's run beside it (no spread)."""
+    scores = downstream_columns([r.run for r in results])
+    by_arm: dict[str, list[RunNumbers]] = {}
+    for r in results:
+        by_arm.setdefault(r.run.arm, []).append(r)
+    with_delta = reference_arm is not None and all(len(rs) == 1 for rs in by_arm.values())
+    header = ["run", "arm", "seed"]
+    for key in scores:
+        header += [key] + ([f"Δ {key} vs {reference_arm}"] if with_delta else [])
+    rows = []
+    for r in results:
+        row = [r.run.name, r.run.arm, str(r.run.seed)]
+        for key in scores:
+            row.append(_score_cell(_score(key)(r)))
+            if with_delta:
+                row.append(_delta(by_arm, r.run.arm, reference_arm, _score(key), ".3f"))
+        rows.append(row)
+    return _table(header, rows, text_cols=(0, 1, 2))
+
+
+def downstream_arm_table(by_arm: dict[str, list[RunNumbers]], reference_arm: str | None) -> str:
+    """One row per arm: each downstream score, mean ± sample sd over seeds, and its Δ to the reference arm."""
+    scores = downstream_columns([r.run for rs in by_arm.values() for r in rs])
+    header = ["arm", "seeds"]
+    for key in scores:
+        header += [key] + ([f"Δ {key} vs {reference_arm}"] if reference_arm is not None else [])
+    rows = []
+    for arm, results in by_arm.items():
+        row = [arm, ", ".join(str(r.run.seed) for r in results)]
+        for key in scores:
+            row.append(_stat(results, _score(key), ".3f"))
+            if reference_arm is not None:
+                row.append(_delta(by_arm, arm, reference_arm, _score(key), ".3f"))
         rows.append(row)
     return _table(header, rows, text_cols=(0, 1))
 
@@ -192,7 +263,21 @@ def targets_table(runs: Sequence[Run], domains: Sequence[str]) -> tuple[str, lis
             differs |= any(_differs(run.targets.get(d), ref.targets.get(d)) for d in domains)
         if differs:
             notes.append(f"`{run.name}` has different ℓ_init or targets; its progress uses its own values.")
-    return _table(header, rows, text_cols=(0, 4, 6)), [f"Values of `{ref.name}`."] + notes
+    return _table(header, rows, text_cols=(0, 4, 6)), notes
+
+
+def targets_section(runs: Sequence[Run], domains: Sequence[str]) -> list[str]:
+    """The markdown of "Initial losses and targets": whose values the table shows, the table, its notes."""
+    ref = reference_targets(runs)
+    if ref is None:
+        source = f"ℓ_init of the run `{runs[0].name}` (no run has targets)."
+    elif len(runs) == 1:
+        source = f"ℓ_init and ℓ_target of the run `{ref.name}`."
+    else:
+        source = (f"ℓ_init and ℓ_target of the run `{ref.name}`, the first run with targets (a run without "
+                  f"targets of its own measures its progress against them).")
+    table, notes = targets_table(runs, domains)
+    return ["## Initial losses and targets", "", source, "", table, "", *[n + "  " for n in notes], ""]
 
 
 def _footnotes(results: Sequence[RunNumbers]) -> list[str]:
@@ -218,21 +303,64 @@ def _footnotes(results: Sequence[RunNumbers]) -> list[str]:
 # The results section of report.md
 
 
+def _no_delta_note(arms: dict[str, list[Run]], reference_arm: str | None) -> str | None:
+    """Why a report over several arms has no Δ to static, or None when it has one (or has one arm)."""
+    if len(arms) < 2 or reference_arm is not None:
+        return None
+    return ("No static arm was given (an arm whose runs all use `mixing.rule=static`), so there are no "
+            "differences to it.")
+
+
+def _single_seed_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]],
+                         reference_arm: str | None, per_run: list[str]) -> list[str]:
+    md = ["## Results", "", *per_run, ""]
+    if reference_arm is None or len(arms) < 2:
+        note = _no_delta_note(arms, reference_arm)
+        return md + ([note, ""] if note else [])
+    by_arm = {arm: [r for r in results if r.run.arm == arm] for arm in arms}
+    return md + [f"### Δ to `{reference_arm}` (one seed per arm)", "",
+                 f"Each arm's run minus the `{reference_arm}` run: a difference of two single runs, marked "
+                 f"*(no spread)*, with no standard error (it includes the seed-to-seed noise, of unknown size). "
+                 f"Run ≥ 2 seeds per arm (`velocitune sweep --seeds 3`) for Δ ± its standard error. A negative "
+                 f"Δ mean loss and a positive Δ worst progress favour the arm.", "",
+                 single_seed_delta_table(by_arm, reference_arm), ""]
+
+
+def _downstream_section(results: Sequence[RunNumbers], by_arm: dict[str, list[RunNumbers]] | None,
+                        reference_arm: str | None) -> list[str]:
+    """The downstream scores (downstream.json of `velocitune eval`) in their own tables; [] when none."""
+    if not downstream_columns([r.run for r in results]):
+        return []
+    md = ["## Downstream scores", "",
+          "Scores of each run's final model from `velocitune eval` (higher is better); — where a run was not "
+          "evaluated on that task." + (f" Δ columns: minus the `{reference_arm}` arm, as above." if reference_arm
+                                       else ""), ""]
+    per_run = downstream_run_table(results, reference_arm)
+    if by_arm is None:
+        return md + [per_run, ""]
+    return md + [downstream_arm_table(by_arm, reference_arm), "",
+                 "<details><summary>Per-run downstream scores</summary>", "", per_run, "", "</details>", ""]
+
+
 def results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
-                     reference_arm: str | None) -> list[str]:
-    """The results: per arm (per-run table folded away) when an arm has several seeds, else per run."""
+                    reference_arm: str | None) -> list[str]:
+    """The results: per arm (per-run table folded away) when an arm has several seeds, else per run with the
+    single-seed Δ to static; then the downstream scores, when any run has them, in their own tables."""
     per_run = [run_table(results, domains), ""] + [n + "  " for n in _footnotes(results)]
     if not any(len(rs) > 1 for rs in arms.values()):
-        return ["## Results", "", *per_run, ""]
+        return _single_seed_section(results, arms, reference_arm, per_run) + \
+            _downstream_section(results, None, reference_arm)
     result_of = {res.run.path: res for res in results}
     by_arm = {arm: [result_of[r.path] for r in rs] for arm, rs in arms.items()}
+    note = _no_delta_note(arms, reference_arm)
     return ["## Results per arm", "",
             "Each cell is the mean over seeds ± the **sample standard deviation** (ddof = 1); (n=1) marks "
             "an arm with one seed." + (
                 f" Δ columns are the arm's mean minus the `{reference_arm}` arm's mean, ± its standard "
                 f"error: *paired* by seed (sd of the per-seed differences / √n) when both arms ran the same "
-                f"seeds, otherwise *unpaired* (√(s₁²/n₁ + s₂²/n₂)). A negative Δ mean loss and a positive "
-                f"Δ worst progress or downstream score favour the arm." if reference_arm else
-                " No static arm was given, so there are no differences to it."), "",
+                f"seeds, otherwise *unpaired* (√(s₁²/n₁ + s₂²/n₂)); *(no spread)* when an arm has one seed. "
+                f"A negative Δ mean loss and a positive Δ worst progress or downstream score favour the arm."
+                if reference_arm else f" {note or ''}"), "",
             arm_table(by_arm, domains, reference_arm), "",
-            "<details><summary>Per-run results</summary>", "", *per_run, "", "</details>", ""]
+            "<details><summary>Per-run results</summary>", "", *per_run, "", "</details>", "",
+            *_downstream_section(results, by_arm, reference_arm)]
