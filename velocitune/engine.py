@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from velocitune import dist
 from velocitune.config import Config
@@ -60,6 +61,10 @@ def build_engine(cfg: Config, env: dist.DistEnv, data: PreparedData, layout: Lay
     if cfg.train.loss_kernel == "liger" and device.type != "cuda":
         raise ConfigError(f"train.loss_kernel=liger runs Liger Kernel's Triton kernels, on CUDA only; this run is "
                           f"on {device}: use train.loss_kernel=chunked (the same losses, any device)")
+    if not (cfg.log.progress and env.rank == 0):
+        # log.progress=false (and ranks > 0) mean no bars at all: transformers' own "Loading weights" and
+        # "Writing model shards" bars too, which print to stderr on every load and save_pretrained.
+        hf_logging.disable_progress_bar()
     model = make_model(cfg, data)
     blocks = dist.transformer_blocks(model)
     if cfg.train.activation_checkpointing == "block":
