@@ -107,13 +107,8 @@ def arms(full: bool, seeds: int) -> list[tuple[str, list[str]]]:
 def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: int | None = None,
              steps: int = CPT_STEPS, base_steps: int = BASE_STEPS, scale: float = 1.0) -> Path:
     """Run every stage into `out`; return the path of report.md."""
-    from velocitune.config import from_dict
     from velocitune.prepare import prepare_corpus
     from velocitune.report import make_report
-    from velocitune.runfiles import read_targets, run_is_complete
-    from velocitune.sweep import Arm, run_arms
-    from velocitune.targets import estimate_targets
-    from velocitune.train import train
 
     t0 = time.perf_counter()
     out = Path(out).resolve()
@@ -131,26 +126,7 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     _stage(2, "base model",
            "A tiny Llama pretrained on general prose only, so that code, math and scientific docs are new "
            "to it and continual pre-training is a real distribution shift (cached for the next demo).")
-    if not run_is_complete(out / "base"):
-        prepare_corpus(tok, out / "data_base", {PRETRAIN_DOMAIN: [str(corpus[PRETRAIN_DOMAIN])]},
-                       val_fraction=0.05, val_tokens=EVAL_TOKENS * 2, workers=2)
-        base = from_dict({
-            "run": {"out_dir": str(out / "base"), "arm": "base"},
-            "data": {"path": str(out / "data_base"), "seq_len": SEQ_LEN, "max_repetition": 4.0},
-            "model": {**MODEL, "tokenizer": str(tok)},
-            "train": {"steps": base_steps, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 0.05,
-                      "threads": parallel},
-            "mixing": {"rule": "static"},
-            "eval": {"max_tokens": EVAL_TOKENS, "interval": base_steps},
-            "log": {"interval": 20},
-            "checkpoint": {"interval": 0},
-        })
-        import shutil
-
-        shutil.rmtree(out / "base", ignore_errors=True)
-        train(base)
-    else:
-        print("      cached: base/final")
+    _base_model(out, corpus, tok, base_steps, parallel)
 
     _stage(3, "prepare the CPT domains",
            "Tokenise each domain into headered token shards with a fixed held-out validation set; the "
@@ -163,30 +139,86 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
            "ℓ_init is the base model's loss per domain. A proxy run on a stratified 10 % of every domain "
            "(static w0, same batch, peak LR and schedule shape) is evaluated at 20 points; the LR-aware CPT law "
            "fitted per domain predicts the loss reachable at the full budget: the target ℓ_target.")
-    config = cpt_config(out, steps)
-    config_path = _write_yaml(out / "cpt.yaml", config)
+    config_path = _targets(out, steps, parallel)
+
+    _stage(5, "train the arms",
+           f"Every arm continues the same base model for {steps} steps ({steps * BATCH * SEQ_LEN:,} tokens), "
+           f"{parallel} one-thread processes at a time. Velocitune re-weights every {INTERVAL} steps by how far "
+           f"each domain still is from its target.")
+    dirs = _train_arms(out, config_path, full, seeds, parallel)
+
+    _stage(6, "downstream evaluation",
+           "lm-evaluation-harness scores each final model on three tasks over held-out text: exact match of the "
+           "answer of generated math problems, picking a problem's first step among steps of other kinds, and "
+           "picking a code file's true next line among four of its lines.")
+    _downstream(out, dirs)
+
+    _stage(7, "report", "Per-domain final loss, downstream scores, normalised progress toward the targets, tokens "
+                        "and cost; plots.")
+    report = make_report(dirs, out, title="velocitune demo: " + ("all arms" if full else "static vs velocitune"))
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s: {report}")
+    return report
+
+
+def _base_model(out: Path, corpus: dict[str, Path], tok: Path, base_steps: int, parallel: int) -> None:
+    """Stage 2: the base model, pretrained on general prose only, into out/base (kept when complete)."""
+    import shutil
+
+    from velocitune.config import from_dict
+    from velocitune.prepare import prepare_corpus
+    from velocitune.runfiles import run_is_complete
+    from velocitune.train import train
+
+    if run_is_complete(out / "base"):
+        print("      cached: base/final")
+        return
+    prepare_corpus(tok, out / "data_base", {PRETRAIN_DOMAIN: [str(corpus[PRETRAIN_DOMAIN])]},
+                   val_fraction=0.05, val_tokens=EVAL_TOKENS * 2, workers=2)
+    base = from_dict({
+        "run": {"out_dir": str(out / "base"), "arm": "base"},
+        "data": {"path": str(out / "data_base"), "seq_len": SEQ_LEN, "max_repetition": 4.0},
+        "model": {**MODEL, "tokenizer": str(tok)},
+        "train": {"steps": base_steps, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 0.05,
+                  "threads": parallel},
+        "mixing": {"rule": "static"},
+        "eval": {"max_tokens": EVAL_TOKENS, "interval": base_steps},
+        "log": {"interval": 20},
+        "checkpoint": {"interval": 0},
+    })
+    shutil.rmtree(out / "base", ignore_errors=True)
+    train(base)
+
+
+def _targets(out: Path, steps: int, parallel: int) -> Path:
+    """Stage 4: the arms' config (out/cpt.yaml, returned) and the targets of its proxy (kept when present)."""
+    from velocitune.runfiles import read_targets
+    from velocitune.targets import estimate_targets
+
+    config_path = _write_yaml(out / "cpt.yaml", cpt_config(out, steps))
     if not (out / "targets" / "targets.json").is_file():
         estimate_targets(targets_config(out, steps, parallel), out / "targets" / "targets.json")
     doc = read_targets(out / "targets" / "targets.json")
     for name, d in doc["domains"].items():
         print(f"      {name:>8s}: ℓ_init {d['init']:.3f} → target {d['target']:.3f} ({d['predictor']})"
               + ("  [guarded]" if d["guarded"] else ""))
+    return config_path
 
-    _stage(5, "train the arms",
-           f"Every arm continues the same base model for {steps} steps ({steps * BATCH * SEQ_LEN:,} tokens), "
-           f"{parallel} one-thread processes at a time. Velocitune re-weights every {INTERVAL} steps by how far "
-           f"each domain still is from its target.")
-    plan = arms(full, seeds)
-    dirs = run_arms(config_path, [Arm(n, ov) for n, ov in plan], out / "runs", parallel=parallel, threads=1)
+
+def _train_arms(out: Path, config_path: Path, full: bool, seeds: int, parallel: int) -> list[Path]:
+    """Stage 5: every arm as parallel one-thread processes; with `full`, the replay ablation after them."""
+    from velocitune.sweep import Arm, run_arms
+
+    dirs = run_arms(config_path, [Arm(n, ov) for n, ov in arms(full, seeds)], out / "runs", parallel=parallel,
+                    threads=1)
     if full:  # data-ordering ablation: static at velocitune's time-averaged weights
         replay = [Arm(f"replay/seed{s}", ["--mixing.rule=replay", f"--mixing.replay_from={out / 'runs' / 'velocitune' / f'seed{s}'}",
                                           f"--train.seed={s}", "--run.arm=replay"]) for s in range(seeds)]
         dirs += run_arms(config_path, replay, out / "runs", parallel=parallel, threads=1)
+    return dirs
 
-    _stage(6, "downstream evaluation",
-           "lm-evaluation-harness scores each final model on three tasks over held-out text: exact match of the "
-           "answer of generated math problems, picking a problem's first step among steps of other kinds, and "
-           "picking a code file's true next line among four of its lines.")
+
+def _downstream(out: Path, dirs: list[Path]) -> None:
+    """Stage 6: the demo's downstream tasks for every run that has not scored them yet."""
     from velocitune.demo.tasks import TASKS, write_tasks
     from velocitune.downstream import evaluate_runs, evaluated_tasks
 
@@ -194,12 +226,6 @@ def run_demo(out: Path, full: bool = False, seeds: int | None = None, parallel: 
     pending = [d for d in dirs if not set(TASKS) <= evaluated_tasks(d)]
     if pending:
         evaluate_runs(pending, list(TASKS), include=tasks_dir, batch_size=32)
-
-    _stage(7, "report", "Per-domain final loss, downstream scores, normalised progress toward the targets, tokens "
-                        "and cost; plots.")
-    report = make_report(dirs, out, title="velocitune demo: " + ("all arms" if full else "static vs velocitune"))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s: {report}")
-    return report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
