@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from velocitune import mixing
+from velocitune.peers import ado
 from velocitune.errors import ConfigError
 from velocitune.fileio import require_dir
 
@@ -164,6 +165,15 @@ _BUILTIN = (
              adaptive=True, signal="train", interval=1, warmup=0.02),  # every step after 2 % (2000 of 100k)
     RuleSpec("replay", "a previous run's mixture (mixing.replay_from; mixing.replay_mode: average | final), fixed",
              requires={"replay_from": "a run directory"}, reads_run="replay_from", inputs=_replay_inputs),
+    # Every step on the train signal; the first update after 1/60 of the run (their ignore_steps and update_interval,
+    # 1000 of 60000 steps) starts the fitted history and sets the refit interval (docs/design.md §3).
+    RuleSpec("ado", "Adaptive Data Optimization (per-domain scaling laws fitted online, as its authors ran it)",
+             tuple(Param("ado", name, doc, ado.DEFAULTS[name]) for name, doc in (
+                 ("refit", "steps between refits of the laws, >= 0 (0: the step of the first update, their 1000 of 60k)"),
+                 ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
+                 ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
+                 ("starts", "L-BFGS-B starts per fit, the best of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
+             adaptive=True, signal="train", interval=1, warmup=1 / 60, build=ado.make_ado),
 )
 _REGISTRY: dict[str, RuleSpec] = {s.name: s for s in _BUILTIN}
 

@@ -1,0 +1,249 @@
+"""ADO, Adaptive Data Optimization (Jiang et al. 2024), as its authors ran it: per-domain scaling laws fitted online.
+
+yidingjiang/ado @ 731863d, src/data_selectors/ado.py (AdoSelector.update / curr_dist / compute_scaling_law_params,
+fit_scaling_law and its loss_fn), called after every optimizer step by src/dataloader/adaptive_loader.py with the
+per-domain training loss of that step (y_axis "train_loss", the default none of their configs changes).
+
+Every update (every step by default, docs/design.md §3):
+  history  <- the window's per-domain training loss ℓ (k,), at x = n = step · samples_per_step;
+  p_hist   <- γ·p_hist + (1-γ)·ŵ, γ = 0.9 (their EMA of each step's realised domain proportions);
+  refit, at the first update and every `refit` steps after: per domain i, the law ℓ_i(n) = E_i + A_i / n^α_i
+    (params (a, e, α) = (log A, log E, α)) is fitted to the Savitzky-Golay-filtered history (window 101,
+    order 3), one point in 10, by L-BFGS on Σ huber_δ(log ℓ - log ℓ̂) + penalties, δ = 1e-3, from a grid of
+    8 × 8 × 8 starts; the fit of least objective is kept (a non-finite fit keeps the previous laws);
+  dist_i   ∝ max(α_i, 0.05) · (ℓ̂_i(n) - E_i) / n · w0_i · sqrt(p_hist_i (1 - p_hist_i)), clipped to >= 1e-2;
+  w        <- 0.9·p_avg + 0.1·dist;  p_avg <- (1 - 1/t)·p_avg + dist/t, t = steps done (p_avg starts at w0).
+w0 is their `empirical_dist` (the corpus's token shares, our default w0). The differences from their code are
+listed in the README's rule table and docs/design.md §3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.signal import savgol_filter
+
+from velocitune.errors import CheckpointError, ConfigError
+from velocitune.mixing import Rule, Update, normalize
+
+__all__ = ["ADORule", "DEFAULTS", "GRID", "clip_min_probability", "fit_laws", "fit_objective", "law", "make_ado",
+           "smoothed", "target_distribution"]
+
+# The authors' constants (ado.py at 731863d).
+SAVGOL_WINDOW, SAVGOL_ORDER = 101, 3  # savgol_filter(task_loss, 101, 3) before every train-loss fit
+FIT_STRIDE = 10  # one history point in ten enters the fit ([ignore_steps::10])
+GAMMA = 0.9  # EMA of the realised proportions (p_history)
+MIX = 0.1  # p = 0.9·p_avg + 0.1·dist
+MIN_EXPONENT = 0.05  # "arbitrarily bound exponent to be >= 0.05" in curr_dist
+HUBER_DELTA = 1e-3
+MAX_ITER, GTOL = 200, 1e-5  # their LBFGS(maxiter=200, tol=1e-5)
+# The starting grid of every fit, (512, 3) columns (a, e, α), in their meshgrid order (indexing "ij").
+GRID = np.stack(np.meshgrid(np.arange(-2.0, 6.0, 1.0), np.arange(-2.0, 2.0, 0.5), np.arange(0.0, 0.8, 0.1),
+                            indexing="ij"), axis=-1).reshape(-1, 3)
+# Parameters (mixing.params.<name>) and their defaults; bounds are checked by make_ado.
+DEFAULTS: dict[str, Any] = {"refit": 0, "min_prob": 1e-2, "samples_per_step": 1.0, "starts": 4}
+
+
+# ------------------------------------------------------------------------------------------------- the law
+
+
+def law(params: np.ndarray, n: float | np.ndarray) -> np.ndarray:
+    """ℓ̂(n) = exp(e) + exp(a) / n^α, params (k, 3) -> (k,) (their scaling_law)."""
+    a, e, alpha = params[:, 0], params[:, 1], params[:, 2]
+    return np.exp(e) + np.exp(a) / np.power(n, alpha)
+
+
+def fit_objective(theta: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Their loss_fn and its gradient for N fits at once: theta (N, 3), log_n (T,), log_loss (N, T) -> (N,), (N, 3).
+
+    Σ_t huber_δ(log ℓ_t - log(exp(a - α log n_t) + exp(e))) + max(α - 0.8, 0) - min(α, 0.001) + max(a - 6.5, 0)
+    - min(e - 0.5, 0): the penalties keep α in [0, 0.8], a <= 6.5 and the irreducible loss exp(e) >= e^0.5.
+    """
+    a, e, alpha = theta[:, 0:1], theta[:, 1:2], theta[:, 2:3]
+    u = a - alpha * log_n  # log of the reducible term, (N, T)
+    pred = np.logaddexp(u, e)
+    r = log_loss - pred
+    big = np.abs(r) > HUBER_DELTA
+    f = np.where(big, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA), 0.5 * r * r).sum(axis=1)
+    a, e, alpha = theta[:, 0], theta[:, 1], theta[:, 2]
+    f = f + np.maximum(alpha - 0.8, 0) - np.minimum(alpha, 0.001) + np.maximum(a - 6.5, 0) - np.minimum(e - 0.5, 0)
+    dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r, (N, T)
+    share = np.exp(u - pred)  # d pred / d u = sigmoid(u - e), (N, T)
+    grad = np.stack([-(dr * share).sum(axis=1) + (a > 6.5),
+                     -(dr * (1.0 - share)).sum(axis=1) - (e < 0.5),
+                     (dr * share * log_n).sum(axis=1) + (alpha > 0.8) - (alpha < 0.001)], axis=1)
+    return f, grad
+
+
+def fit_laws(n: np.ndarray, losses: np.ndarray, starts: int = len(GRID)) -> np.ndarray:
+    """Fit every domain's law to its points: n (T,) sample counts, losses (T, k) -> params (k, 3).
+
+    Their fit runs jaxopt's LBFGS from all 512 grid points (vmapped) and keeps the one of least objective; here
+    scipy's L-BFGS-B runs from the `starts` grid points of least objective (all 512: theirs), scored in one
+    vectorised pass. A domain whose points are not all finite and > 0 gets NaN parameters (the rule then keeps
+    its previous laws, as their check_valid does).
+    """
+    n = np.asarray(n, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64).reshape(n.size, -1)
+    k = losses.shape[1]
+    out = np.full((k, 3), np.nan)
+    log_n = np.log(n)
+    for i in range(k):
+        y = losses[:, i]
+        if not (np.all(np.isfinite(y)) and np.all(y > 0)):
+            continue
+        log_loss = np.log(y)[None, :]
+        score, _ = fit_objective(GRID, log_n, np.broadcast_to(log_loss, (len(GRID), n.size)))
+        best_f, best_x = math.inf, None
+        for j in np.argsort(score, kind="stable")[:starts]:
+            res = minimize(_scalar_objective, GRID[j], args=(log_n, log_loss), jac=True, method="L-BFGS-B",
+                           options={"maxiter": MAX_ITER, "gtol": GTOL})
+            if res.fun < best_f:  # their nanargmin: the first of least objective; NaN never wins
+                best_f, best_x = float(res.fun), res.x
+        if best_x is not None:
+            out[i] = best_x
+    return out
+
+
+def _scalar_objective(x: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray) -> tuple[float, np.ndarray]:
+    f, g = fit_objective(x[None, :], log_n, log_loss)
+    return float(f[0]), g[0]
+
+
+def smoothed(losses: np.ndarray) -> np.ndarray:
+    """Their Savitzky-Golay filter (window 101, order 3, along time) of the history (T, k); the window shrinks to
+    the largest odd length <= T while the history is shorter (theirs would raise), and a history of fewer than
+    SAVGOL_ORDER + 2 rows is fitted unfiltered."""
+    t = losses.shape[0]
+    window = min(SAVGOL_WINDOW, t if t % 2 else t - 1)
+    if window <= SAVGOL_ORDER:
+        return losses.copy()
+    return savgol_filter(losses, window, SAVGOL_ORDER, axis=0)
+
+
+# ------------------------------------------------------------------------------------------- the weights
+
+
+def clip_min_probability(p: np.ndarray, floor: float) -> np.ndarray:
+    """Their clip_min_probability: scale p to leave room for the floor, lift every entry to it, renormalise (k,)."""
+    deficit = max(floor * p.size - p.sum(), 0.0)
+    clipped = np.maximum(p * ((1.0 - deficit) / p.sum()), floor)
+    return clipped / clipped.sum()
+
+
+def target_distribution(params: np.ndarray, n: float, prior: np.ndarray, p_hist: np.ndarray,
+                        floor: float) -> np.ndarray:
+    """Their curr_dist before the averaging: dist_i ∝ max(α_i, 0.05)·(ℓ̂_i(n) - E_i)/n · w0_i·sqrt(p_i(1 - p_i)),
+    clipped to >= floor. Shapes (k, 3), (k,), (k,) -> (k,). When every entry is 0 (one domain, or p_hist
+    one-hot) or the slope overflows, dist is w0 before the clip."""
+    reducible = law(params, n) - np.exp(params[:, 1])  # ℓ̂_i(n) - E_i, (k,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        slope = np.maximum(params[:, 2], MIN_EXPONENT) * reducible / n
+        weighted = slope * prior * np.sqrt(p_hist * (1.0 - p_hist))
+    total = weighted.sum()
+    dist = weighted / total if np.isfinite(total) and total > 0 else prior.copy()
+    return clip_min_probability(dist, floor)
+
+
+# ---------------------------------------------------------------------------------------------- the rule
+
+
+class ADORule(Rule):
+    """ADO as a mixing rule (module docstring). Called every step on the train signal by default.
+
+    Its first update fixes the start of the fitted history (their ignore_steps, by default mixing.warmup = 1/60 of
+    the run: their 1000 of 60000 steps) and, with refit = 0, the steps between refits (their update_interval,
+    also 1000). The history holds one row (k floats) per update, so the state grows with the run.
+    """
+
+    def __init__(self, name: str, weights: np.ndarray, names: Sequence[str], *, refit: int, min_prob: float,
+                 samples_per_step: float, starts: int):
+        super().__init__(name, weights, names)
+        self.refit, self.min_prob, self.samples_per_step, self.starts = refit, min_prob, samples_per_step, starts
+        self.prior = self._initial.copy()  # their empirical_dist, (k,)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._steps: list[int] = []  # the step of every history row
+        self._history: list[list[float]] = []  # per-domain training loss of every update, (T, k)
+        self._params: np.ndarray | None = None  # the laws in force, (k, 3) columns (a, e, α)
+        self._last_fit: int | None = None
+        self._p_hist = self._initial.copy()  # EMA of ŵ, (k,)
+        self._p_avg = self._initial.copy()  # running average of dist, (k,)
+
+    def _refit_due(self, step: int) -> bool:
+        every = self.refit or self._steps[0]  # 0: the step of the first update
+        return self._last_fit is None or step - self._last_fit >= every
+
+    def _fit(self) -> None:
+        rows = smoothed(np.array(self._history))[::FIT_STRIDE]  # (T', k)
+        n = np.array(self._steps[::FIT_STRIDE], dtype=np.float64) * self.samples_per_step
+        with np.errstate(all="ignore"):
+            params = fit_laws(n, rows, self.starts)
+        if np.all(np.isfinite(params)):  # their check_valid: a fit with a NaN or inf keeps the previous laws
+            self._params = params
+
+    def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
+        self._steps.append(int(step))
+        self._history.append(losses.tolist())
+        realised = self._w if sampling_weights is None else sampling_weights
+        self._p_hist = GAMMA * self._p_hist + (1.0 - GAMMA) * realised
+        if self._refit_due(step):
+            self._fit()
+            self._last_fit = step
+        if self._params is None:  # no valid fit yet: their curr_dist returns None, the mixture stays
+            return Update(self._w.copy())
+        dist = target_distribution(self._params, step * self.samples_per_step, self.prior, self._p_hist,
+                                   self.min_prob)
+        w = (1.0 - MIX) * self._p_avg + MIX * dist
+        self._p_avg = (1.0 - 1.0 / step) * self._p_avg + dist / step  # their 1/(itr + 1), itr = step - 1
+        return Update(normalize(w), dist)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps": list(self._steps), "history": [list(r) for r in self._history],
+                "params": None if self._params is None else self._params.tolist(), "last_fit": self._last_fit,
+                "p_hist": self._p_hist.tolist(), "p_avg": self._p_avg.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        try:
+            self._steps = [int(s) for s in state["steps"]]
+            self._history = [[float(x) for x in row] for row in state["history"]]
+            self._params = None if state["params"] is None else np.array(state["params"], dtype=np.float64)
+            self._last_fit = None if state["last_fit"] is None else int(state["last_fit"])
+            self._p_hist = np.array(state["p_hist"], dtype=np.float64)
+            self._p_avg = np.array(state["p_avg"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint's ado state is incomplete or malformed ({e!r}); resume with the "
+                                  "run's original checkpoint") from None
+
+
+def _bounded(key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (lo <= v <= hi) or (integer and v != int(v)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"mixing.params.{key} (rule 'ado') must be {kind} in [{lo:g}, {hi:g}], got {value!r}")
+    return int(v) if integer else v
+
+
+def make_ado(name: str, w0: Mapping[str, float] | np.ndarray, names: Sequence[str], **params: Any) -> ADORule:
+    """The `ado` rule over `names` from w0 (the registry's builder); params: DEFAULTS' keys (None: the default)."""
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"rule 'ado' has no parameter {unknown[0]!r} (valid: {sorted(DEFAULTS)})")
+    p = {key: DEFAULTS[key] if params.get(key) is None else params[key] for key in DEFAULTS}
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"domain names must be non-empty and distinct, got {list(names)}")
+    w = np.array([w0[n] for n in names], dtype=np.float64) if isinstance(w0, Mapping) else np.asarray(w0, float)
+    return ADORule(name, normalize(w), names,
+                   refit=_bounded("refit", p["refit"], 0, math.inf, integer=True),
+                   min_prob=_bounded("min_prob", p["min_prob"], 0.0, 1.0 / len(names)),
+                   samples_per_step=_bounded("samples_per_step", p["samples_per_step"], 1e-12, math.inf),
+                   starts=_bounded("starts", p["starts"], 1, len(GRID), integer=True))
