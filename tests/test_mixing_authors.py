@@ -131,3 +131,144 @@ def test_default_timing_is_the_authors():
     """ODM: every step, training loss, after 2 % of the run; DBL: at every evaluation from the start."""
     assert rule_timing("odm") == {"signal": "train", "interval": 1, "warmup": 0.02}
     assert rule_timing("dbl")["signal"] == "eval" and rule_timing("dbl")["warmup"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- ADO
+# yidingjiang/ado, commit 731863df66c2378e426eb07e188c8d731d58787d, src/data_selectors/ado.py: AdoSelector.update,
+# curr_dist, compute_scaling_law_params (y_axis "train_loss", use_same_step_size True), clip_min_probability,
+# huber_loss, logsumexp, loss_fn, scaling_law, fit_scaling_law. Theirs fits with jaxopt's LBFGS (vmapped over the
+# 512 grid starts); jax is not installed here, so the transcription's fit runs scipy's L-BFGS-B on their loss_fn
+# (gradient by central differences of it, so that it shares nothing with ours) from the grid starts of least
+# objective, `starts` of them as our rule's default.
+ADO_COMMIT = "yidingjiang/ado@731863df66c2378e426eb07e188c8d731d58787d"
+
+
+def _ado_huber(target, pred, delta=1e-3):
+    d = np.abs(target - pred)
+    return np.where(d > delta, delta * (d - .5 * delta), 0.5 * d ** 2)
+
+
+def _ado_logsumexp(a, axis):
+    m = np.max(a, axis=axis, keepdims=True)
+    return np.squeeze(np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m, axis=axis)
+
+
+def _ado_loss_fn(params_3, D, L):
+    a, e, alpha = params_3
+    arg1 = a - alpha * np.log(D)
+    pred = _ado_logsumexp(np.stack((arg1, e + np.zeros(arg1.shape)), axis=0), axis=0)
+    return (np.sum(_ado_huber(np.log(L), pred)) + max(alpha - 0.8, 0) - min(alpha, 0.001) + max(a - 6.5, 0)
+            - min(e - 0.5, 0))
+
+
+def _ado_fit_scaling_law(D_T, losses_T, starts):
+    from scipy.optimize import minimize
+
+    X, Y, Z = np.meshgrid(np.arange(-2, 6, 1), np.arange(-2, 2, 0.5), np.arange(0, 0.8, 0.1), indexing="ij")
+    grid = np.stack((X.flatten(), Y.flatten(), Z.flatten()), axis=1).astype(float)
+    values = np.array([_ado_loss_fn(g, D_T, losses_T) for g in grid])
+    results, finals = [], []
+    for g in grid[np.argsort(values, kind="stable")[:starts]]:
+        r = minimize(_ado_loss_fn, g, args=(D_T, losses_T), method="L-BFGS-B", jac="3-point",
+                     options={"maxiter": 200, "gtol": 1e-5})
+        results.append(r.x)
+        finals.append(r.fun)
+    return results[int(np.nanargmin(finals))]
+
+
+def _ado_clip_min_probability(probs, min_prob):
+    total_deficit = max(min_prob * len(probs) - probs.sum(), 0)
+    scaled = probs * ((1 - total_deficit) / probs.sum())
+    clipped = np.maximum(scaled, min_prob)
+    return clipped / clipped.sum()
+
+
+class AuthorsADO:
+    """Transcription of AdoSelector (train-loss path, one host), its fit as described above."""
+
+    def __init__(self, task_token_count, ignore_steps, start_step, update_interval, starts):
+        self.k = len(task_token_count)
+        self.empirical_dist = task_token_count / task_token_count.sum()
+        self.ignore_steps, self.start_step, self.update_interval, self.starts = (
+            ignore_steps, start_step, update_interval, starts)
+        self.current_params = None
+        self.task_cnt_TxK = np.empty((0, self.k), dtype=np.int32)
+        self.task_loss_TxK = np.empty((0, self.k), dtype=np.float64)
+        self.p = self.p_avg = self.p_history = self.empirical_dist
+
+    def update(self, counts_K, task_loss_K, itr):
+        self.task_cnt_TxK = np.append(self.task_cnt_TxK, np.ones_like(counts_K[None]) * counts_K.sum(), axis=0)
+        self.p_history = 0.9 * self.p_history + 0.1 * counts_K / counts_K.sum()
+        self.task_loss_TxK = np.append(self.task_loss_TxK, task_loss_K[None], axis=0)
+        if itr >= self.start_step and itr % self.update_interval == 0:
+            params = self.compute_scaling_law_params()
+            if not (np.isnan(np.sum(params)) or np.isinf(np.sum(params))):
+                self.current_params = params
+
+    def compute_scaling_law_params(self):
+        from scipy.signal import savgol_filter
+
+        cum_cnt_KxT = np.cumsum(self.task_cnt_TxK, 0)[self.ignore_steps::10].T
+        task_loss_KxT = savgol_filter(self.task_loss_TxK.T, 101, 3, axis=-1)[:, self.ignore_steps::10]
+        return np.stack([_ado_fit_scaling_law(d, l, self.starts) for d, l in zip(cum_cnt_KxT, task_loss_KxT)])
+
+    def curr_dist(self, itr):
+        if itr < self.start_step or self.current_params is None:
+            return None
+        a, e, alpha = self.current_params[:, 0], self.current_params[:, 1], self.current_params[:, 2]
+        irred_loss_K = np.exp(e)
+        expnt_K = np.maximum(alpha, 0.05)
+        n = self.task_cnt_TxK.sum(0)
+        curr_loss_K = np.exp(e) + np.exp(a) / n ** alpha
+        slope_K = expnt_K * (curr_loss_K - irred_loss_K) / np.float32(n)
+        weighted = slope_K * self.empirical_dist * (self.p_history * (1 - self.p_history)) ** 0.5
+        dist_K = _ado_clip_min_probability(weighted / weighted.sum(), 1e-2)
+        self.p = 0.9 * self.p_avg + 0.1 * dist_K
+        self.p_avg = (1 - 1 / (itr + 1)) * self.p_avg + 1 / (itr + 1) * dist_K
+        return self.p
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 27 item 5): with 4 starts the fits of ours and of the "
+                   "transcription land in different local minima of their loss_fn (one domain's reducible loss 0.70 "
+                   "vs 0.07 on the same points), and the first fit (one point) differs by the filter's left edge; "
+                   "measured max |Δw| 0.10 / 0.08 / 0.16 over the three phases")
+def test_ado_matches_the_authors_update():
+    """A synthetic run of 600 steps (k = 3, 64 sequences a step, per-domain power laws plus noise): theirs with
+    ignore_steps = update_interval = 119 (their 1000 of 60000 steps, scaled so their filter has its 101 rows) and
+    start_step 59, ours first called after 120 steps (their itr 119) with refit = 119, both fed the same batches.
+
+    Tolerance: the filter's first 50 points differ (theirs sees the rows before ignore_steps, ours starts at its
+    first update) and the two L-BFGS-B runs differ in gradient (analytic vs differences) and rounding, so the fitted
+    laws agree to ~1e-4 and the weights to 2e-3; the weights move by ~0.1 over the run."""
+    rng = np.random.default_rng(0)
+    names, batch, steps, first = ["a", "b", "c"], 64, 600, 119
+    counts0 = np.array([5.0, 3.0, 2.0])
+    truth = np.array([[1.5, 0.7, 0.4], [1.0, 0.9, 0.3], [2.0, 0.6, 0.5]])  # (a, e, α) per domain
+    ref = AuthorsADO(counts0, ignore_steps=first, start_step=first // 2, update_interval=first, starts=4)
+    ours = make_rule_ado(counts0 / counts0.sum(), names, refit=first, samples_per_step=batch)
+    moved = 0.0
+    for itr in range(steps):
+        p = np.asarray(ref.p, dtype=np.float64)
+        counts = rng.multinomial(batch, p / p.sum())
+        n = (itr + 1) * batch
+        losses = np.exp(truth[:, 1]) + np.exp(truth[:, 0]) / n ** truth[:, 2] + rng.normal(0, 0.02, 3)
+        ref.update(counts, losses, itr)
+        want = ref.curr_dist(itr)
+        if itr >= first:
+            got = ours.update(itr + 1, losses, None, None, sampling_weights=counts / batch).weights
+            np.testing.assert_allclose(got, want / want.sum(), atol=2e-3, err_msg=f"{ADO_COMMIT}, itr {itr}")
+            moved = max(moved, float(np.abs(got - counts0 / counts0.sum()).max()))
+        else:
+            assert want is None
+    assert moved > 0.05  # the comparison is not between two mixtures that never moved
+
+
+def make_rule_ado(w0, names, **params):
+    from velocitune.peers.ado import make_ado
+
+    return make_ado("ado", w0, names, **params)
+
+
+def test_ado_default_timing_is_the_authors():
+    """Every step, training loss, first update after 1/60 of the run (their 1000 of 60000 steps)."""
+    assert rule_timing("ado") == {"signal": "train", "interval": 1, "warmup": 1 / 60}

@@ -43,8 +43,8 @@ def _build(mc, tmp_path=None):
 
 
 def test_the_old_tables_are_what_the_registry_says():
-    assert rules.rule_names() == OLD_RULES
-    assert tuple(n for n in rules.rule_names() if rules.is_adaptive(n)) == OLD_ADAPTIVE == schedule.ADAPTIVE_RULES
+    assert rules.rule_names() == (*OLD_RULES, "ado")  # ado: issue 27, after the old tables
+    assert tuple(n for n in rules.rule_names() if rules.is_adaptive(n)) == (*OLD_ADAPTIVE, "ado") == schedule.ADAPTIVE_RULES
     for name in OLD_RULES:
         assert rules.timing(name) == OLD_TIMING.get(name, OLD_DEFAULT_TIMING), name
         for preset in ("faithful", "robust"):
@@ -54,7 +54,7 @@ def test_the_old_tables_are_what_the_registry_says():
     assert [n for n in OLD_RULES if rules.spec(n).needs_init] == ["velocitune", "velocitune-no-target"]
     from velocitune import config
 
-    assert config.RULES == OLD_RULES and config.rule_timing("odm") == OLD_TIMING["odm"]
+    assert config.RULES == (*OLD_RULES, "ado") and config.rule_timing("odm") == OLD_TIMING["odm"]
     assert config.pace_default("velocitune", "robust") and not config.pace_default("dbl", "robust")
     assert rules.MIXTURE_FILE == runfiles.MIXTURE_FILE
 
@@ -172,7 +172,7 @@ def test_a_registered_rule_is_accepted_everywhere(toy_rule):
     text = help_text()
     assert "toy: w ∝ w0^gamma [signal train, interval 3, warmup 0.0]" in text
     assert "gamma = 1.0: the exponent" in text
-    assert "one of: static, uniform, temperature, velocitune, velocitune-no-target, dbl, odm, replay, toy" in text
+    assert "one of: static, uniform, temperature, velocitune, velocitune-no-target, dbl, odm, replay, ado, toy" in text
     with pytest.raises(ConfigError, match="did you mean 'gamma'"):
         load_config(None, ["--mixing.rule=toy", "--mixing.params.gama=2"])
     with pytest.raises(ConfigError, match="already registered"):

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from velocitune import mixing
-from velocitune.peers import ado
 from velocitune.errors import ConfigError
 from velocitune.fileio import require_dir
+from velocitune.peers import ado
 
 if TYPE_CHECKING:  # the config imports this module: the type only, never at run time
     from velocitune.config import MixingConfig
