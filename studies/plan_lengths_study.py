@@ -36,15 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from velocitune import runfiles  # noqa: E402
 from velocitune.config import dump_yaml, load_config  # noqa: E402
 from velocitune.fileio import atomic_write_text  # noqa: E402
-from velocitune.plan import plan_proxy_config  # noqa: E402
-from velocitune.schedule import resolve_steps  # noqa: E402
+from velocitune.plan.design import plan_proxy_config  # noqa: E402
+from velocitune.schedule import main_run_steps  # noqa: E402
 from velocitune.shards import PreparedData  # noqa: E402
 from velocitune.sweep import Arm, run_arms  # noqa: E402
 
 
 def main_steps_of(cfg, data: PreparedData) -> int:
-    """The main run's steps (train.steps, or train.tokens resolved against the prepared data)."""
-    return resolve_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains])
+    """The main run's steps (train.steps, or train.tokens resolved against the prepared data), as `train` counts them."""
+    return main_run_steps(cfg, [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains])
 
 
 def parse_nominal(spec: str, names: list[str], w0: dict[str, float], realised: dict[str, float]) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from velocitune.fileio import atomic_write_text  # noqa: E402
-from velocitune.plan import plan_predict  # noqa: E402
+from velocitune.laws import plan_predict  # noqa: E402
 from velocitune.runfiles import read_plan, read_summary  # noqa: E402
 
 STATIC_RULES = ("static", "uniform")

@@ -69,7 +69,9 @@ class Ctx:
 
     def prepare(self, *domains: str, out: str = "prep", extra: tuple = ()) -> list:
         """argv of `velocitune prepare` with the tiny tokenizer; domains as NAME=PATH."""
-        argv = ["prepare", "--tokenizer", self.tokenizer, "--out", self.tmp / out, "--workers", "1", "--no-progress"]
+        # data.seq_len of the tiny config (conftest): prepare checks every val split against it.
+        argv = ["prepare", "--tokenizer", self.tokenizer, "--out", self.tmp / out, "--workers", "1", "--no-progress",
+                "--data.seq_len=32"]
         for d in domains:
             argv += ["--domain", d]
         return argv + list(extra)
@@ -166,6 +168,20 @@ def _single_document(c: Ctx):
     return c.prepare(f"math={c.corpus['math']}", f"one={p}"), (
         "error: domain 'one' has a single document, so a held-out val set would take all of it; give it at "
         "least 2 documents (a text file is one document: split it into several files)")
+
+
+def _val_split_without_a_window(c: Ctx):
+    # The tiny math domain's val split is one document of 80 tokens: no whole window of 1001 tokens.
+    return c.prepare(f"math={c.corpus['math']}", extra=("--data.seq_len=1000",)), (
+        "error: domain 'math': its validation split holds 80 tokens, 0 whole window(s) of data.seq_len + 1 = "
+        "1001 tokens, fewer than the 1 needed to measure a val loss; raise --val-fraction (now 0.01), lower "
+        "data.seq_len (now 1000) or give the domain more data")
+
+
+def _val_tokens_below_a_window(c: Ctx):
+    return c.prepare(f"math={c.corpus['math']}", extra=("--val-tokens", "20")), (
+        "error: val_tokens 20 caps every domain's validation split below 1 window(s) of data.seq_len + 1 = 33 "
+        "tokens; raise --val-tokens to at least 33 or lower data.seq_len")
 
 
 def _malformed_jsonl(c: Ctx):
@@ -439,8 +455,8 @@ def _target_missing(c: Ctx):
 
 
 def _targets_file_missing(c: Ctx):
-    p = c.tmp / "targets.json"
-    return ["train", c.config(), f"--mixing.targets={p}"], (
+    p = c.tmp / "targets.json"  # under a rule that reads targets (static, the default here, does not need them)
+    return ["train", c.config(), f"--mixing.targets={p}", "--mixing.rule=velocitune"], (
         f"error: mixing.targets: '{p}' does not exist; run `velocitune targets` first")
 
 
@@ -495,6 +511,10 @@ ROWS: list[Row] = [
     ("domain-name", "a domain name that cannot be a directory name", _bad_domain_name),
     ("domain-empty", "an empty domain", _empty_domain),
     ("domain-single-document", "a domain with a single document (no room for a val split)", _single_document),
+    ("val-split-no-window", "a val split shorter than one window of data.seq_len + 1 tokens",
+     _val_split_without_a_window),
+    ("val-tokens-below-a-window", "a --val-tokens cap below one window of data.seq_len + 1 tokens",
+     _val_tokens_below_a_window),
     ("jsonl-malformed", "malformed JSON on one line of a JSONL file", _malformed_jsonl),
     ("jsonl-not-object", "a JSONL line that is not an object", _jsonl_not_object),
     ("jsonl-wrong-field", "the text under another field name", _wrong_text_field),
@@ -747,6 +767,7 @@ def test_disk_full_during_a_checkpoint(ctx, capsys, monkeypatch):
 def test_resume_with_a_changed_config(ctx, capsys):
     cfg = ctx.config(train={"steps": 6}, checkpoint={"interval": 2})
     assert cli(["train", cfg], capsys)[0] == 0
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     expect_error(["train", cfg, "--resume", "--train.lr=1e-3", "--mixing.rule=uniform"], capsys,
                  "error: cannot resume: the config differs from the checkpoint's in keys that shape the run:\n"
                  "  train.lr: 0.003 -> 0.001\n"
@@ -768,6 +789,7 @@ def test_resume_on_re_prepared_data(ctx, capsys):
     expect_ok(argv, capsys)
     cfg = ctx.config(data=ctx.tmp / "prep", train={"steps": 4}, checkpoint={"interval": 2})
     expect_ok(["train", cfg], capsys)
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     more = ctx.tmp / "more-math.jsonl"
     write_jsonl(more, [f"Q: {i} + {i} = ?\nA: {2 * i}." for i in range(400)])
     expect_ok(argv + ["--domain", f"math={more}"], capsys)
@@ -783,6 +805,7 @@ def test_damaged_log_line_mid_file_on_resume(ctx, capsys):
     lines = metrics.read_text().splitlines()
     lines[1] = lines[1][:20]
     metrics.write_text("\n".join(lines) + "\n")
+    (ctx.run() / "summary.json").unlink()  # as if stopped before the end: a finished run is not resumed
     expect_error(["train", cfg, "--resume"], capsys,
                  f"error: {metrics}, line 2: not valid JSON (")
 

@@ -12,7 +12,7 @@ from velocitune.cli import main
 from velocitune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare", "init-loss", "targets", "train", "report", "demo", "sweep"]
+COMMANDS = ["prepare", "init-loss", "targets", "plan", "train", "eval", "report", "sweep", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -50,3 +50,58 @@ def test_help_config_lists_keys(capsys):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_top_level_help_lists_commands_in_pipeline_order(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    order = ["prepare", "init-loss", "targets", "plan", "train", "eval", "report", "sweep", "demo"]
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()[0] in order]
+    assert listed == order
+    from velocitune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == order  # every command is listed, none is left out
+
+
+def test_sweep_help_and_overrides(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    assert "Config overrides are accepted" in out and "--section.key=value" in out
+    seen = {}
+    monkeypatch.setattr("velocitune.sweep.main", lambda args: seen.setdefault("set", args.set) and 0)
+    assert main(["sweep", "cfg.yaml", "--set", "train.lr=1e-4", "--train.steps=5", "--seeds", "1"]) == 0
+    assert seen["set"] == ["train.lr=1e-4", "--train.steps=5"]
+    assert main(["sweep", "cfg.yaml", "--bogus"]) == 2
+    assert "config overrides look like --section.key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, env_all, printed", [(None, None, True), ("0", None, True), ("1", None, False),
+                                                     ("3", "all_ranks", True)])
+def test_only_rank_0_prints_the_error_line(rank, env_all, printed, capsys, monkeypatch):
+    for name, value in (("RANK", rank), ("VELOCITUNE_ERRORS", env_all)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert main(["train", "--train.lrr=1"]) == 2  # the same status on every rank
+    err = capsys.readouterr().err
+    assert (err.strip() == "error: unknown config key 'train.lrr'. Did you mean 'train.lr'?") == printed
+    assert printed or err == ""
+
+
+def test_a_missing_optional_package_is_one_error_line(capsys, monkeypatch):
+    def needs(package):
+        def handler(args):
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
+        return handler
+
+    monkeypatch.setattr("velocitune.report.main", needs("matplotlib"))
+    assert main(["report", "somewhere"]) == 2
+    assert capsys.readouterr().err.startswith("error: this command needs the `matplotlib` package, which is not "
+                                              "installed: pip install matplotlib")
+    monkeypatch.setattr("velocitune.report.main", needs("velocitune_typo"))
+    with pytest.raises(ModuleNotFoundError):  # not a known optional package: a bug, shown as a traceback
+        main(["report", "somewhere"])

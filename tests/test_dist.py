@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from velocitune import dist
+from velocitune import dist, dist_checkpoint
 from velocitune.config import dump_yaml
 from velocitune.errors import CheckpointError, ConfigError, TrainingError
 from velocitune.fileio import read_jsonl
@@ -281,7 +281,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tiny_prepared, fsdp2_kill
 
 def test_fsdp2_run_writes_sharded_dcp_checkpoints(fsdp2_resumed):
     ckpts = fsdp2_resumed / "checkpoints"
-    assert sorted(p.name for p in (ckpts / dist.SHARDED_DIR).iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
+    assert sorted(p.name for p in (ckpts / dist_checkpoint.SHARDED_DIR).iterdir()) == ["step_00000004", "step_00000008", "step_00000012"]
     assert not (ckpts / "step_00000008" / "model.pt").exists()
 
 
@@ -377,7 +377,7 @@ def test_fsdp2_in_a_group_of_one_under_torchrun(runs, ddp2, tmp_path):
     run(torchrun(1, *train_args(runs / "run.yaml", out, "--dist.strategy=fsdp2", "--train.activation_checkpointing=block")),
         tmp_path / "one.log")
     assert summary(out)["world_size"] == 1
-    assert (out / "checkpoints" / dist.SHARDED_DIR).is_dir()  # FSDP2 wrote sharded (DCP) checkpoints
+    assert (out / "checkpoints" / dist_checkpoint.SHARDED_DIR).is_dir()  # FSDP2 wrote sharded (DCP) checkpoints
     assert_same_run(out, ddp2, loss_tol=1e-5, weight_tol=1e-6)
 
 
@@ -521,16 +521,16 @@ def test_positional_optimizer_checkpoint_is_rekeyed_by_name():
     legacy_model, legacy_optim = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     assert all(isinstance(i, int) for i in legacy_optim["state"])
 
-    by_name = dist.optim_state_by_name(legacy_optim, model, opt)
+    by_name = dist_checkpoint.optim_state_by_name(legacy_optim, model, opt)
     order = [n for n, p in model.named_parameters() if p.dim() >= 2] + [n for n, p in model.named_parameters() if p.dim() < 2]
     assert [n for g in by_name["param_groups"] for n in g["params"]] == order
-    _, named_optim = dist.full_state(model, opt)
+    _, named_optim = dist_checkpoint.full_state(model, opt)
     assert by_name["state"].keys() == named_optim["state"].keys()
-    assert dist.optim_state_by_name(named_optim, model, opt) is named_optim  # already by name: untouched
+    assert dist_checkpoint.optim_state_by_name(named_optim, model, opt) is named_optim  # already by name: untouched
 
     model2, net2, opt2 = _tiny_model_and_optimizer()
-    dist.load_full_state(model2, opt2, legacy_model, legacy_optim)
-    _assert_same_state(dist.full_state(model2, opt2), dist.full_state(model, opt))
+    dist_checkpoint.load_full_state(model2, opt2, legacy_model, legacy_optim)
+    _assert_same_state(dist_checkpoint.full_state(model2, opt2), dist_checkpoint.full_state(model, opt))
     _train_step(net, opt, 2)
     _train_step(net2, opt2, 2)
     for p, q in zip(model.parameters(), model2.parameters()):
@@ -538,44 +538,44 @@ def test_positional_optimizer_checkpoint_is_rekeyed_by_name():
 
     short = {**legacy_optim, "param_groups": [{**legacy_optim["param_groups"][0], "params": [0, 1]}]}
     with pytest.raises(CheckpointError, match="holds 2 parameters"):
-        dist.optim_state_by_name(short, model2, opt2)
+        dist_checkpoint.optim_state_by_name(short, model2, opt2)
 
 
 def test_sharded_state_round_trip_damage_and_pruning(tmp_path):
     env = dist.DistEnv()
     model, net, opt = _tiny_model_and_optimizer()
     _train_step(net, opt, 3)
-    ref = dist.full_state(model, opt)
+    ref = dist_checkpoint.full_state(model, opt)
     root = tmp_path / "checkpoints"
-    ref_doc = dist.save_sharded(root / dist.SHARDED_DIR / "step_00000004", model, opt, env)
-    part = {"sharded": {"path": f"{dist.SHARDED_DIR}/step_00000004", **ref_doc}}
+    ref_doc = dist_checkpoint.save_sharded(root / dist_checkpoint.SHARDED_DIR / "step_00000004", model, opt, env)
+    part = {"sharded": {"path": f"{dist_checkpoint.SHARDED_DIR}/step_00000004", **ref_doc}}
     assert ".metadata" in ref_doc["files"] and all(size > 0 for size in ref_doc["files"].values())
 
     model2, _, opt2 = _tiny_model_and_optimizer()
-    dist.restore_model_state(root, part, model2, opt2, env)
-    _assert_same_state(dist.full_state(model2, opt2), ref)
+    dist_checkpoint.restore_model_state(root, part, model2, opt2, env)
+    _assert_same_state(dist_checkpoint.full_state(model2, opt2), ref)
     # the full form goes through the same entry point
     model3, _, opt3 = _tiny_model_and_optimizer()
-    full_part = dist.checkpoint_model_state(root, 4, model, opt, env, "ddp")
+    full_part = dist_checkpoint.checkpoint_model_state(root, 4, model, opt, env, "ddp")
     assert set(full_part) == {"model", "optimizer"}
-    dist.restore_model_state(root, full_part, model3, opt3, env)
-    _assert_same_state(dist.full_state(model3, opt3), ref)
+    dist_checkpoint.restore_model_state(root, full_part, model3, opt3, env)
+    _assert_same_state(dist_checkpoint.full_state(model3, opt3), ref)
 
     shard = next(f for f in ref_doc["files"] if f.endswith(".distcp"))
-    path = root / dist.SHARDED_DIR / "step_00000004" / shard
+    path = root / dist_checkpoint.SHARDED_DIR / "step_00000004" / shard
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=f"{shard} is .* bytes, expected"):
-        dist.restore_model_state(root, part, model2, opt2, env)
+        dist_checkpoint.restore_model_state(root, part, model2, opt2, env)
     with pytest.raises(CheckpointError, match="missing or incomplete"):
-        dist.load_sharded(root / dist.SHARDED_DIR / "step_00000099", model2, opt2, env)
+        dist_checkpoint.load_sharded(root / dist_checkpoint.SHARDED_DIR / "step_00000099", model2, opt2, env)
 
     # Shards are kept while their checkpoint directory exists; orphans and temporaries go.
     (root / "step_00000004").mkdir()
     for name in ("step_00000008", ".tmp-step_00000012"):
-        (root / dist.SHARDED_DIR / name).mkdir()
-    gone = dist.prune_sharded(root)
+        (root / dist_checkpoint.SHARDED_DIR / name).mkdir()
+    gone = dist_checkpoint.prune_sharded(root)
     assert sorted(p.name for p in gone) == [".tmp-step_00000012", "step_00000008"]
-    assert [p.name for p in (root / dist.SHARDED_DIR).iterdir()] == ["step_00000004"]
+    assert [p.name for p in (root / dist_checkpoint.SHARDED_DIR).iterdir()] == ["step_00000004"]
 
 
 # --------------------------------------------------------------------------- dist.py under gloo, 2 ranks
@@ -604,11 +604,11 @@ def _gloo_worker(rank: int, port: int, root: str) -> None:
         torch.manual_seed(0)
         model, net, opt = _tiny_model_and_optimizer(env, "fsdp2")
         _train_step(net, opt, 10 + rank)
-        part = dist.checkpoint_model_state(root, 4, model, opt, env, "fsdp2")
-        ref = dist.full_state(model, opt)  # gathered on rank 0 only
+        part = dist_checkpoint.checkpoint_model_state(root, 4, model, opt, env, "fsdp2")
+        ref = dist_checkpoint.full_state(model, opt)  # gathered on rank 0 only
         model2, _, opt2 = _tiny_model_and_optimizer(env, "fsdp2")
-        dist.restore_model_state(root, part, model2, opt2, env)
-        reloaded = dist.full_state(model2, opt2)
+        dist_checkpoint.restore_model_state(root, part, model2, opt2, env)
+        reloaded = dist_checkpoint.full_state(model2, opt2)
         out["local_numel"] = sum(p.to_local().numel() for p in model.parameters())
         out["full_numel"] = sum(p.numel() for p in model.parameters())
         if env.is_main:
@@ -642,5 +642,5 @@ def test_two_ranks_gloo_collectives_weight_check_and_fsdp2_states(tmp_path):
     env = dist.DistEnv()
     for part in (saved["part"], {"model": saved["ref"][0], "optimizer": saved["ref"][1]}):
         model, _, opt = _tiny_model_and_optimizer()
-        dist.restore_model_state(tmp_path, part, model, opt, env)
-        _assert_same_state(dist.full_state(model, opt), saved["ref"])
+        dist_checkpoint.restore_model_state(tmp_path, part, model, opt, env)
+        _assert_same_state(dist_checkpoint.full_state(model, opt), saved["ref"])

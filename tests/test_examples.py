@@ -62,3 +62,67 @@ def test_memory_figures_in_the_comments_are_current(name):
     comment = "\n".join(line for line in (EXAMPLES / name).read_text().splitlines() if line.startswith("#"))
     written = [float(x) for x in re.findall(r"(\d+\.\d+) GiB \(params", comment)]
     assert written == pytest.approx(computed, abs=0.05), (written, computed)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _fake_repo(tmp_path: Path, script: str, venv_tool: str | None) -> tuple[Path, Path]:
+    """A copy of `script` in REPO/examples/, REPO/.venv/bin/`venv_tool` (when given) echoing its arguments, and a
+    bin/ directory of only the tools the scripts call, so that neither torchrun nor velocitune is on PATH."""
+    import shutil
+
+    repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
+    (repo / "examples").mkdir(parents=True)
+    shutil.copy(EXAMPLES / script, repo / "examples" / script)
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "wc", "head", "env"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    fakes = {"srun": 'while [[ $1 == --* ]]; do shift; done\nexport SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0\n'
+                     'exec "$@"', "scontrol": "echo node1"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    if venv_tool:
+        (repo / ".venv" / "bin").mkdir(parents=True)
+        fake = repo / ".venv" / "bin" / venv_tool
+        fake.write_text(f'#!/bin/bash\necho "{venv_tool} $*"\necho "RANK=${{RANK:-}}"\n')
+        fake.chmod(0o755)
+    return repo, bin_dir
+
+
+def _run_script(repo: Path, bin_dir: Path, script: str, *args: str, cwd: Path | None = None):
+    env = {"PATH": str(bin_dir), "HOME": str(repo)}
+    return subprocess.run([str(bin_dir / "bash"), str(repo / "examples" / script), *args], env=env,
+                          capture_output=True, text=True, cwd=cwd or repo.parent)
+
+
+def test_torchrun_script_finds_the_repositorys_venv_torchrun(tmp_path):
+    repo, bin_dir = _fake_repo(tmp_path, "torchrun_1node.sh", "torchrun")
+    out = _run_script(repo, bin_dir, "torchrun_1node.sh", "cfg.yaml", "2", "--train.steps=5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == ("torchrun --standalone --nproc_per_node=2 -m velocitune train cfg.yaml "
+                                          "--resume --train.steps=5")
+
+
+def test_torchrun_script_without_torchrun_says_where_it_looked(tmp_path):
+    repo, bin_dir = _fake_repo(tmp_path, "torchrun_1node.sh", None)
+    out = _run_script(repo, bin_dir, "torchrun_1node.sh", "cfg.yaml", "2")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("error: torchrun not found") and f"{repo}/.venv/bin/torchrun" in out.stderr
+
+
+def test_slurm_script_finds_the_repositorys_venv_python(tmp_path):
+    repo, bin_dir = _fake_repo(tmp_path, "slurm_multinode.sbatch", "python")
+    out = _run_script(repo, bin_dir, "slurm_multinode.sbatch", "cfg.yaml", "--train.steps=5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["python -m velocitune train cfg.yaml --resume --train.steps=5", "RANK=0"]
+
+
+def test_slurm_script_without_python_says_where_it_looked(tmp_path):
+    repo, bin_dir = _fake_repo(tmp_path, "slurm_multinode.sbatch", None)
+    out = _run_script(repo, bin_dir, "slurm_multinode.sbatch", "cfg.yaml")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: no Python with velocitune found") and f"{repo}/.venv/bin/python" in out.stderr

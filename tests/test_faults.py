@@ -53,11 +53,11 @@ FAULT_POINTS: dict[str, tuple[str, str, str]] = {
     "checkpoint.part": ("velocitune.checkpoint", "_write_part", "after"),  # mid checkpoint write
     "checkpoint.rename": ("velocitune.fileio", "install_dir", "before"),  # complete temp dir, not renamed
     "checkpoint.prune": ("velocitune.checkpoint", "_prune", "before"),  # installed, older not pruned
-    "final.save": ("velocitune.train", "save_final", "before"),  # summary written, final/ not
-    "final.saved": ("velocitune.train", "save_final", "after"),  # final/ written, process not finished
+    "final.save": ("velocitune.train", "save_final", "before"),  # neither final/ nor summary.json written
+    "final.saved": ("velocitune.train", "save_final", "after"),  # final/ written, summary.json (written last) not
     "prepare.shard": ("velocitune.shards", "ShardWriter.close", "after"),  # a shard complete, domain not
-    "prepare.done": ("velocitune.prepare.pipeline", "_finish_domain", "before"),  # all shards, no .done marker
-    "prepare.manifest": ("velocitune.prepare.pipeline", "_build_manifest", "after"),  # every domain done, no manifest
+    "prepare.done": ("velocitune.manifest", "write_done_marker", "before"),  # all shards, no .done marker
+    "prepare.manifest": ("velocitune.manifest", "build_manifest", "after"),  # every domain done, no manifest
 }
 
 
@@ -469,9 +469,10 @@ def _report(title: str, attempts: list[Attempt]) -> tuple[int, int]:
 # Targeted kills, one process each, in order; call numbers count from each process's start (resumed
 # processes start at their checkpoint). With the tiny config (24 steps, warm-up 2, eval signal, update every
 # 4 steps at 2, 6, 10, ...; checkpoint every 3 steps, keep 2) they fall as the comments say. Every eval-signal
-# process first runs train.probe_overhead: PROBE_STEP_FORWARDS training-module forwards and one evaluation
-# (3 forwards, one per domain) after the ℓ_init one, so those kills count past them.
-PROBE_STEP_FORWARDS = 7  # warm-up, 5 timed micro-batches, a forward-only warm-up (eval signal only)
+# process first runs overhead.probe_overhead: one evaluation (3 forwards, one per domain) after the ℓ_init one,
+# so eval.forward kills count past them. Its micro-batches call velocitune.overhead's forward_losses, not
+# velocitune.train's, so step.forward counts the loop's forwards only.
+PROBE_STEP_FORWARDS = 0  # the probe's forwards seen by the step.forward fault point
 TARGETED = [
     {"point": "step.forward", "call": PROBE_STEP_FORWARDS + 2},  # step 1, no checkpoint yet: resume starts over
     {"point": "eval.forward", "call": 8},  # 1-3 ℓ_init, 4-6 the probe, 8: mid-evaluation for the update at step 2
@@ -483,8 +484,8 @@ TARGETED = [
     {"point": "log.record", "call": 1, "file": "mixture.jsonl"},  # from 12: the update at 14 logged
     {"point": "checkpoint.prune", "call": 2},  # from 12: 18 installed, 12 not pruned yet
     {"point": "update.sampler", "call": 1},  # from 18: the update at 22 applied, not logged
-    {"point": "final.save", "call": 1},  # from 21: summary.json written, final/ not
-    {"point": "final.saved", "call": 1},  # from 21: final/ written, the process not finished
+    {"point": "final.save", "call": 1},  # from 21: neither final/ nor summary.json written
+    {"point": "final.saved", "call": 1},  # from 21: final/ written, summary.json not: the run is not complete
 ]
 
 

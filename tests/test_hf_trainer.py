@@ -11,7 +11,7 @@ import torch
 
 from velocitune import mixing, runfiles
 from velocitune.errors import ConfigError
-from velocitune.integrations.hf_trainer import STATE_FILE, MixtureDataset, VelocituneCallback, trainer_args_for
+from velocitune.integrations.hf_trainer import MixtureDataset, VelocituneCallback, trainer_args_for
 from velocitune.model import build_model
 
 TARGETS = {"prose": 3.0, "code": 2.0, "math": 1.5}
@@ -47,8 +47,10 @@ def test_trainer_weights_follow_the_rule_and_resume(tiny_prepared, tmp_path):
     assert not np.allclose(w, data.w0)
     # The sampler's schedule holds the updates, effective from the recorded steps.
     assert [s for s, _ in data.sampler.schedule][1:] == [3, 5, 7]
-    saved = tmp_path / "a" / "checkpoint-4" / STATE_FILE
-    assert json.loads(saved.read_text())["rule"]["rule"] == "velocitune"  # plain JSON, nothing to unpickle
+    saved = tmp_path / "a" / "checkpoint-4" / runfiles.CALLBACK_STATE_FILE
+    doc = json.loads(saved.read_text())  # plain JSON, nothing to unpickle, in a versioned format
+    assert (doc["format"], doc["version"]) == ("velocitune-callback-state", 1)
+    assert doc["controller"]["rule"]["rule"] == "velocitune" and len(doc["controller"]["sig_sum"]) == 3
     logged = runfiles.read_log(tmp_path / "a" / "mix.jsonl", runfiles.MIXTURE, names)
     assert [r["step"] for r in logged] == [0, 3, 5, 7]
 

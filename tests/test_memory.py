@@ -179,7 +179,7 @@ def test_memory_line_printed_and_refusal(make_config, capsys, monkeypatch):
     assert " GiB available RAM; micro-batch 8 x 32 tok, activation_checkpointing=off, attn=sdpa" in line
     assert "(params 0.00, grads 0.00, optimizer 0.00, activations 0.00, logits 0.00, margin 0.25)" in line
     monkeypatch.setattr(memory, "device_capacity", lambda device, n=1: (10 * 1024**2, " available RAM"))
-    monkeypatch.setattr("velocitune.train.device_capacity", memory.device_capacity)
+    monkeypatch.setattr("velocitune.engine.device_capacity", memory.device_capacity)
     cfg = make_config("refused", train={"steps": 2}, mixing={"rule": "static"})
     with pytest.raises(ConfigError, match=r"exceeds the 0.0 GiB available RAM; lower train.micro_batch_size \(now 8"):
         train(cfg)

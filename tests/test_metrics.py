@@ -1,4 +1,5 @@
-"""Tests for velocitune.metrics: FLOPs per token and named peaks, throughput/MFU, timers, TensorBoard."""
+"""Tests for velocitune.metrics (FLOPs per token and named peaks, throughput/MFU, timers) and velocitune.loggers
+(TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,8 @@ import pytest
 import torch
 
 from velocitune.errors import ConfigError
-from velocitune.metrics import (
-    TensorBoardLogger,
-    Throughput,
-    Timers,
-    WandbLogger,
-    flat_scalars,
-    flops_per_token,
-    format_weights,
-    new_wandb_run_id,
-    peak_flops,
-)
+from velocitune.loggers import TensorBoardLogger, WandbLogger, flat_scalars, new_wandb_run_id
+from velocitune.metrics import Throughput, Timers, flops_per_token, format_weights, peak_flops
 
 
 class FakeClock:

@@ -99,6 +99,44 @@ def test_load_model_errors(tmp_path):
         load_model(bad)
 
 
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Online settings (HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE unset) with every outgoing connection refused, so a
+    load that reached for the Hub would fail with this AssertionError instead of our ConfigError."""
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model load tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("name", ["models/base", "HuggingFaceTB/SmolLM2-135M", "base-model", "./models/base"])
+def test_a_missing_local_path_is_our_error_never_a_download(name, tmp_path, monkeypatch, no_hub):
+    import time
+
+    from velocitune.model import make_model
+
+    monkeypatch.chdir(tmp_path)  # the usage.md Trainer snippet's relative `models/base`, absent here
+    for load, what in ((load_model, "model"), (load_tokenizer, "tokenizer")):
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError) as err:
+            load(name)
+        assert time.perf_counter() - t0 < 1.0  # no retries, no time-outs: nothing was attempted
+        msg = str(err.value)
+        assert msg.startswith(f"{what} path '{name}' does not exist.")
+        assert "loads models from local directories only (it never downloads)" in msg
+    # The run's own path: make_model loads model.path before it looks at the data.
+    cfg = type("Cfg", (), {"model": type("M", (), {"path": name, "attn_implementation": "sdpa"})()})()
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_model(cfg, data=None)
+
+
 def save_tiny_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +17,11 @@ from velocitune.cli import main as cli_main
 from velocitune.config import dump_yaml
 from velocitune.errors import ConfigError, DataError, FitError
 from velocitune.fileio import read_jsonl
-from velocitune.plan import (
-    _main_budget_losses,
-    _mixture_dirs,
-    _proxy_done,
-    design_mixtures,
-    fit_laws,
-    make_plan,
-    plan_predict,
-    plan_proxy_config,
-    proxy_steps,
-    recommend,
-)
+from velocitune.laws import plan_predict
+from velocitune.plan import make_plan
+from velocitune.plan.design import design_mixtures, mixture_dirs, plan_proxy_config, plan_setup, proxy_steps
+from velocitune.plan.fit import allowance_caps, fit_laws, main_budget_losses, recommend
+from velocitune.plan.proxies import proxy_done
 from velocitune.train import train
 
 NAMES = ["prose", "code", "math"]
@@ -129,21 +123,21 @@ def test_stage1_offset_moves_each_mixture_effect_to_the_main_runs_level(make_con
     labels = ["w0", "uniform", "tilt-prose"]
     X = np.array([[3.0, 2.0, 1.5], [2.9, 2.2, 1.4], [2.7, 2.3, 1.6]])  # each proxy's own extrapolation
     P = np.array([[4.0, 3.5, 3.0], [4.1, 3.4, 2.8], [3.9, 3.6, 3.1]])  # each proxy's end loss
-    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
+    Y, source, cost = main_budget_losses(cfg, NAMES, labels, X, P)  # no targets file: the w0 proxy's fit is the base
     assert source == "the w0 proxy" and cost == 0.0
     assert Y == pytest.approx(X[0] + (P - P[0]))
     runfiles.write_targets(tmp_path / "t.json", {"proxy_cost_share": 0.2, "domains": {
         n: {"init": 5.0, "points": [], "target": t, "predictor": "cpt_law", "guarded": False}
         for n, t in zip(NAMES, [2.5, 1.9, 1.2])}})
     cfg.mixing.targets = str(tmp_path / "t.json")
-    Y, source, cost = _main_budget_losses(cfg, NAMES, labels, X, P)
+    Y, source, cost = main_budget_losses(cfg, NAMES, labels, X, P)
     assert source == str(tmp_path / "t.json") and cost == 0.2
     assert Y[2] == pytest.approx([2.5 - 0.1, 1.9 + 0.1, 1.2 + 0.1])
     cfg.plan.stage1 = "extrapolate"
-    assert _main_budget_losses(cfg, NAMES, labels, X, P)[0] is X
+    assert main_budget_losses(cfg, NAMES, labels, X, P)[0] is X
     cfg.plan.stage1 = "offset"
     with pytest.raises(DataError, match="against the w0 proxy, which has not finished"):
-        _main_budget_losses(cfg, NAMES, labels[1:], X[1:], P[1:])
+        main_budget_losses(cfg, NAMES, labels[1:], X[1:], P[1:])
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -211,21 +205,21 @@ def test_finished_proxies_are_reused_and_changed_ones_are_not(planned):
     doc = runfiles.read_plan(out / "plan.json")
     w0 = np.array([doc["mixtures"][0]["nominal"][n] for n in NAMES])
     design = design_mixtures(NAMES, w0, cfg.plan.tilt)
-    dirs = _mixture_dirs(out, design)
+    dirs = mixture_dirs(out, design)
     configs = [plan_proxy_config(cfg, d, 60, doc["proxy_steps"], r, NAMES, label) for d, (label, r) in zip(dirs, design)]
-    assert all(_proxy_done(d, pc) for d, pc in zip(dirs, configs)), "a re-run of the same plan trains nothing"
+    assert all(proxy_done(d, pc) for d, pc in zip(dirs, configs)), "a re-run of the same plan trains nothing"
     fewer = copy.deepcopy(configs[0])
     fewer.eval.points = fewer.eval.points[-1:]
-    assert _proxy_done(dirs[0], fewer), "a proxy evaluated more often than needed is still usable"
+    assert proxy_done(dirs[0], fewer), "a proxy evaluated more often than needed is still usable"
     more = copy.deepcopy(configs[1])
     more.eval.points = [3, 6]
-    assert not _proxy_done(dirs[1], more), "one evaluated less often is not"
+    assert not proxy_done(dirs[1], more), "one evaluated less often is not"
     changed = copy.deepcopy(configs[1])
     changed.train.lr *= 2
-    assert not _proxy_done(dirs[1], changed), "a proxy run with another config is run again"
+    assert not proxy_done(dirs[1], changed), "a proxy run with another config is run again"
     (dirs[2] / "summary.json").rename(dirs[2] / "summary.tmp")
     try:
-        assert not _proxy_done(dirs[2], configs[2]), "an unfinished proxy is run again"
+        assert not proxy_done(dirs[2], configs[2]), "an unfinished proxy is run again"
     finally:
         (dirs[2] / "summary.tmp").rename(dirs[2] / "summary.json")
 
@@ -260,6 +254,42 @@ def test_emit_then_collect_fits_from_the_finished_runs_and_names_the_missing(mak
     doc = make_plan(cfg, out, "collect")
     assert len(doc["mixtures"]) == 4 and any("fitted on 4 of 5" in w for w in doc["warnings"])
     assert "m4-tilt-math" in capsys.readouterr().err
+
+
+def test_train_targets_and_plan_agree_on_the_main_runs_length_under_a_subsample(make_config, tmp_path, capsys):
+    """With data.subsample < 1 and no train.steps the main run is one epoch of what the subsample keeps: the
+    Trainer, the targets proxy and the plan size it the same way (schedule.main_run_steps), not from the
+    prepared windows."""
+    from velocitune.dist import DistEnv
+    from velocitune.schedule import resolve_steps
+    from velocitune.shards import PreparedData
+    from velocitune.targets import main_steps_for, proxy_config
+    from velocitune.train import Trainer
+
+    cfg = make_config("sub", train={"steps": None}, data={"subsample": 0.5}, mixing={"interval": 2},
+                      targets={"points": 4})
+    data = PreparedData(cfg.data.path)
+    raw = [data.train(n).n_windows(cfg.data.seq_len) for n in data.domains]
+    kept = [math.ceil(w * 0.5) for w in raw]
+    steps = Trainer(cfg, DistEnv()).layout.steps
+    assert steps == sum(kept) // cfg.train.batch_size
+    assert steps != resolve_steps(cfg, raw), "the prepared windows would give a longer run"
+    assert main_steps_for(cfg, data) == steps  # what estimate_targets sizes its proxy and budget by
+    pc = proxy_config(cfg, tmp_path / "proxy", main_steps_for(cfg, data))
+    assert pc.train.steps == round(cfg.targets.fraction * steps)
+    assert pc.data.subsample == cfg.targets.fraction * 0.5, "the proxy takes a fraction of the main run's data"
+    plan_cfg = copy.deepcopy(cfg)
+    plan_cfg.plan.stage1 = "extrapolate"
+    assert plan_setup(plan_cfg, tmp_path / "plan").main_steps == steps
+    make_plan(plan_cfg, tmp_path / "plan", "emit")
+    assert f"of the main run's {steps} steps" in capsys.readouterr().out
+
+
+def test_the_repetition_allowance_counts_the_windows_the_subsample_keeps(make_config):
+    cfg = make_config(data={"subsample": 0.5, "max_repetition": 1.5})
+    budget = 100.0 * cfg.data.seq_len  # tokens of 100 windows
+    caps = allowance_caps(cfg, [40, 101, 1000], budget)  # 20, 51 and 500 windows kept, each seen 1.5 times at most
+    assert caps.tolist() == pytest.approx([20 * 1.5 / 100, 51 * 1.5 / 100, 1.0], rel=1e-12)
 
 
 def test_plan_cli_flags_set_the_objective_and_report_errors(make_config, tmp_path, capsys):

@@ -218,3 +218,31 @@ def test_wandb_run_file_round_trips_and_names_what_is_wrong(tmp_path):
     with pytest.raises(DataError, match=r"wandb-run format version 2, but this velocitune reads version 1; it was "
                                         r"written by a newer velocitune"):
         runfiles.read_wandb_run(path)
+
+
+def test_callback_state_is_versioned_and_reads_the_unversioned_file(tmp_path):
+    """The Trainer callback's velocitune_state.json: stamped and checked; a newer version is refused with what
+    to do; the unversioned file of velocitune 0.1 still reads, as the same document."""
+    import json
+
+    controller = {"rule": {"rule": "static"}, "sampler": {}, "init": [3.0], "sig_last": None,
+                  "sig_sum": [0.1], "sig_cnt": [2.0]}
+    records = [{"step": 0, "weights": {"a": 1.0}}]
+    path = tmp_path / runfiles.CALLBACK_STATE_FILE
+    runfiles.write_callback_state(path, controller, records)
+    doc = json.loads(path.read_text())
+    assert (doc["format"], doc["version"]) == ("velocitune-callback-state", 1)
+    got = runfiles.read_callback_state(path)
+    assert got["controller"] == controller and got["records"] == records
+    path.write_text(json.dumps({**doc, "version": 2}))
+    with pytest.raises(DataError, match="callback-state format version 2, but this velocitune reads version 1; it "
+                                        "was written by a newer velocitune: upgrade"):
+        runfiles.read_callback_state(path)
+    path.write_text(json.dumps({**controller, "history": records}))  # velocitune 0.1
+    old = runfiles.read_callback_state(path)
+    assert old["controller"] == controller and old["records"] == records
+    path.write_text(json.dumps({"format": "velocitune-callback-state", "version": 1, "controller": {}}))
+    with pytest.raises(DataError, match="the key 'records' is missing"):
+        runfiles.read_callback_state(path)
+    with pytest.raises(DataError, match="does not exist"):
+        runfiles.read_callback_state(tmp_path / "nowhere.json")

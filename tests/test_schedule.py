@@ -7,17 +7,29 @@ import pytest
 
 from velocitune.errors import ConfigError, DataError
 from velocitune.schedule import (
+    as_steps,
     default_interval,
+    first_update_setting,
     is_update_step,
     lr_at,
     lr_schedule,
-    mixing_interval,
-    mixing_warmup,
+    main_run_steps,
     resolve_steps,
     step_lr,
     subsampled_windows,
+    update_interval,
     warmup_steps,
 )
+
+
+def mixing_interval(cfg, steps: int) -> int:
+    return update_interval(cfg.mixing, steps)
+
+
+def mixing_warmup(cfg, steps: int) -> int:
+    """Steps before the first update, as the controller resolves them: the setting, else the LR warm-up."""
+    setting = first_update_setting(cfg.mixing)
+    return warmup_steps(cfg, steps) if setting is None else as_steps(setting, steps)
 
 
 def test_lr_schedules():
@@ -56,6 +68,18 @@ def test_budget_from_steps_tokens_or_one_epoch(make_config):
     with pytest.raises(DataError, match="fewer than one global batch of 8"):
         resolve_steps(make_config(train={"steps": None}), [3, 4])
     assert subsampled_windows([100, 3, 1], 0.1) == [10, 1, 1]  # at least one window per domain
+
+
+def test_main_run_steps_applies_the_subsample_to_the_prepared_windows(make_config):
+    """One epoch of what data.subsample keeps, not of the prepared windows; train.steps / train.tokens win."""
+    windows = [400, 250, 3]  # as prepared
+    cfg = make_config(train={"steps": None}, data={"subsample": 0.25})
+    assert main_run_steps(cfg, windows) == (100 + 63 + 1) // 8  # ceil(w × 0.25) each, one epoch of batches of 8
+    assert main_run_steps(cfg, windows) != resolve_steps(cfg, windows)  # the raw windows would give 81
+    assert main_run_steps(make_config(train={"steps": None}), windows) == 653 // 8  # no subsample: the raw epoch
+    assert main_run_steps(make_config(train={"steps": 13}, data={"subsample": 0.25}), windows) == 13
+    tokens = make_config(train={"steps": None, "tokens": 2561}, data={"subsample": 0.25})
+    assert main_run_steps(tokens, windows) == 11
 
 
 def test_interval_default_and_guard(make_config):

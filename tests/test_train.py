@@ -258,7 +258,7 @@ def test_overhead_probe_leaves_no_trace(make_config):
 
     from velocitune.dist import DistEnv
     from velocitune.evaluate import ValSet
-    from velocitune.train import probe_overhead
+    from velocitune.overhead import probe_overhead
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -286,12 +286,13 @@ def test_overhead_probe_leaves_no_trace(make_config):
 def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, signal):
     """The estimate is the probe's evaluation time over m steps' time; the FLOPs formula is kept beside it."""
     import velocitune.train as T
+    from velocitune.overhead import OverheadProbe
 
     calls = []
 
     def fake_probe(*args, **kwargs):
         calls.append(args)
-        return T.OverheadProbe(eval_s=0.6, step_s=0.1)
+        return OverheadProbe(eval_s=0.6, step_s=0.1)
 
     monkeypatch.setattr(T, "probe_overhead", fake_probe)
     out = train(make_config(mixing={"signal": signal})).out_dir
@@ -311,7 +312,7 @@ def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, s
 
 
 def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
-    from velocitune.train import default_arm
+    from velocitune.summary import default_arm
 
     assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"
     assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
@@ -322,3 +323,77 @@ def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
     assert default_arm(make_config(mixing={"rule": "uniform", "pace": True})) == "uniform-pace"
     assert default_arm(make_config(mixing={"preset": "faithful"})) == "velocitune-faithful"
     assert default_arm(make_config(mixing={"preset": "faithful"}, run={"arm": "mine"})) == "mine"
+
+
+def test_a_skipped_step_keeps_the_earlier_steps_sums(make_config, monkeypatch):
+    """nan_policy=skip: step 2 is non-finite; the log window and the train signal's window of steps 0-3 hold
+    exactly the sums of steps 0, 1 and 3 (before the fix a skip zeroed both, dropping steps 0 and 1)."""
+    import velocitune.train as T
+
+    real = T.forward_losses
+    seen = []
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        seen.append((out.nll_sum.detach().double().clone(), out.count.detach().double().clone()))
+        if len(seen) == 3:  # step 2 (one micro-batch per step)
+            out = out._replace(loss=out.loss * float("nan"), nll_sum=out.nll_sum * float("nan"))
+        return out
+
+    monkeypatch.setattr(T, "forward_losses", poisoned)
+    res = train(make_config("skip", train={"nan_policy": "skip", "steps": 8},
+                            mixing={"signal": "train", "warmup": 0, "interval": 4}, log={"interval": 4}))
+    total, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for s, c in (seen[0], seen[1], seen[3]):  # the kept steps, added in the loop's order
+        total += s
+        count += c
+    want = dict(zip(["prose", "code", "math"], (total / count).tolist()))
+    metrics = read_jsonl(res.out_dir / "metrics.jsonl")
+    assert metrics[0]["step"] == 4 and metrics[0]["skipped_steps"] == 1
+    assert metrics[0]["domain_loss"] == want  # exact
+    update = next(r for r in read_jsonl(res.out_dir / "mixture.jsonl") if r["step"] == 4)
+    assert update["losses"] == want  # the train signal's window: the same three steps, exactly
+
+
+def test_resume_of_a_finished_run_trains_and_writes_nothing(make_config, capsys):
+    cfg = make_config("done", train={"steps": 4}, mixing={"rule": "static"}, checkpoint={"interval": 2})
+    train(cfg)
+    out = Path(cfg.run.out_dir)
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train(cfg, resume=True) is None
+    printed = capsys.readouterr().out
+    assert "is complete (its summary.json says so): nothing to resume" in printed
+    assert "resumed from step" not in printed and "done:" not in printed
+    assert (out / "metrics.jsonl").read_text() == metrics  # no new lines
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+    assert after == before  # final/, summary.json, config.yaml, checkpoints: untouched
+    # The CLI says the same and exits 0.
+    from velocitune.cli import main
+    from velocitune.config import dump_yaml
+
+    path = out.parent / "done.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert main(["train", str(path), "--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_missing_targets_are_refused_before_the_model_loads(make_config, tmp_path, monkeypatch):
+    """mixing.targets names a file not made yet: the velocitune rule is refused at set-up, before any model is
+    built; the static rule (it reads no targets) trains without it (issue 28)."""
+    import velocitune.engine as E
+
+    missing = str(tmp_path / "targets.json")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built")
+
+    with monkeypatch.context() as m:
+        m.setattr(E, "make_model", no_model)
+        with pytest.raises(ConfigError, match="targets.json' does not exist; run `velocitune targets` first"):
+            train(make_config("vt", mixing={"targets": missing, "target_values": None}), dry_run=True)
+    res = train(make_config("static", train={"steps": 2}, mixing={"rule": "static", "targets": missing,
+                                                                    "target_values": None}))
+    assert json.loads((res.out_dir / "summary.json").read_text())["targets"] is None
+    assert not (res.out_dir / "targets.json").exists()

@@ -22,6 +22,7 @@ from velocitune import dist, runfiles
 from velocitune.config import to_dict
 from velocitune.errors import ConfigError
 from velocitune.fileio import read_jsonl
+from velocitune.report.plots import upload_plots
 from velocitune.train import train
 
 pytest.importorskip("wandb")
@@ -132,7 +133,7 @@ def scalar_keys(history: dict) -> set[str]:
 
 def test_offline_run_logs_what_the_run_directory_holds(make_config, wandb_offline):
     cfg = wandb_config(make_config, "wb", log={"tensorboard": True})
-    out = train(cfg).out_dir
+    out = train(cfg, on_end=upload_plots).out_dir  # the hook `velocitune train` passes when W&B logs
     saved = runfiles.read_wandb_run(out / runfiles.WANDB_RUN_FILE)
     [(path, wb)] = wandb_runs(out)
     assert path.name == f"run-{saved['run_id']}.wandb" and wb["run"].run_id == saved["run_id"]

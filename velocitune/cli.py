@@ -60,7 +60,13 @@ def _run_train(args, extra) -> int:
     from velocitune.train import train
 
     cfg = _split_config(args, extra)
-    train(cfg, resume=args.resume, dry_run=args.dry_run)
+    # The report's plots go to W&B at the end of a logged run; the Trainer itself never imports the report.
+    on_end = None
+    if cfg.log.wandb:
+        from velocitune.report.plots import upload_plots  # matplotlib: only when W&B takes the plots
+
+        on_end = upload_plots
+    train(cfg, resume=args.resume, dry_run=args.dry_run, on_end=on_end)
     return 0
 
 
@@ -104,25 +110,25 @@ def _delegate(module: str) -> tuple[Callable, Callable]:
     return mod.add_arguments, mod.main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="velocitune",
-        description="Continual pre-training on a mixture of domains, re-weighted by learning velocity.",
-    )
-    parser.add_argument("--version", action="version", version=f"velocitune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_delegated(sub, name: str, module: str, help: str, handler: Callable | None = None) -> None:
+    """A subcommand whose module owns its arguments (`add_arguments`, `main`); with `handler`, it takes dotted
+    config overrides too and the handler passes them on."""
+    add_arguments, main = _delegate(module)
+    p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    add_arguments(p)  # may set its own description, epilog and formatter
+    p.set_defaults(handler=handler or (lambda a, extra, main=main: main(a)), takes_overrides=handler is not None)
 
-    for name, module, help in [
-        ("report", "report", "tables and plots comparing run directories"),
-        ("eval", "downstream", "downstream scores of finished runs with lm-evaluation-harness, offline"),
-        ("demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU"),
-        ("sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes"),
-    ]:
-        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        add_arguments, main = _delegate(module)
-        add_arguments(p)
-        p.set_defaults(handler=lambda a, extra, main=main: main(a))
 
+def _run_sweep(args, extra) -> int:
+    from velocitune.sweep import main
+
+    # Dotted overrides after the config apply to every arm, like --set (checked the same way as train's).
+    _, overrides = _config_args(argparse.Namespace(config=None), extra)
+    args.set = list(args.set) + overrides
+    return main(args)
+
+
+def _add_prepare(sub) -> None:
     from velocitune.prepare import command as prepare_command
 
     p = _config_command(sub, "prepare", "tokenize corpora into token shards with fixed validation sets",
@@ -130,19 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare_command.add_arguments(p)
     p.set_defaults(handler=_run_prepare, takes_overrides=True)
 
-    p = _config_command(sub, "train", "continual pre-training with a mixing rule",
-                        "Continue pre-training a model on prepared domains, re-weighting them while it trains.")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check config, data, model and targets; print the budget, memory and overhead estimates; "
-                        "exit without training or writing anything")
-    p.set_defaults(handler=_run_train, takes_overrides=True)
 
+def _add_init_loss(sub) -> None:
     p = _config_command(sub, "init-loss", "the base model's per-domain validation loss (l_init)",
                         "Measure the base model's per-domain validation loss and write init_loss.json.")
     p.add_argument("--out", help="where to write init_loss.json (default: mixing.init_loss, else RUN.out_dir/init_loss.json)")
     p.set_defaults(handler=_run_init_loss, takes_overrides=True)
 
+
+def _add_targets(sub) -> None:
     p = _config_command(sub, "targets", "predict per-domain target losses from a proxy run",
                         "Run a short proxy on a stratified subsample with static w0, fit a scaling law per "
                         "domain and write targets.json (+ targets.png).")
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "included; constant: peak LR without anneal (the paper's proxy)")
     p.set_defaults(handler=_run_targets, takes_overrides=True)
 
+
+def _add_plan(sub) -> None:
     p = _config_command(sub, "plan", "predict any mixture's per-domain loss from a few proxies; recommend one",
                         "Run short proxies at k + 2 mixtures (w0, uniform, a tilt toward each domain), fit a "
                         "mixture law per domain (Ye et al.'s mixing law or the D-CPT share law, chosen by "
@@ -168,7 +172,64 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments, _ = _delegate("plan")
     add_plan_arguments(p)
     p.set_defaults(handler=_run_plan, takes_overrides=True)
+
+
+def _add_train(sub) -> None:
+    p = _config_command(sub, "train", "continual pre-training with a mixing rule",
+                        "Continue pre-training a model on prepared domains, re-weighting them while it trains.")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config, data, model and targets; print the budget, memory and overhead estimates; "
+                        "exit without training or writing anything")
+    p.set_defaults(handler=_run_train, takes_overrides=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="velocitune",
+        description="Continual pre-training on a mixture of domains, re-weighted by learning velocity.",
+        epilog="The commands are listed in pipeline order; `velocitune COMMAND --help` describes each.",
+    )
+    parser.add_argument("--version", action="version", version=f"velocitune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Pipeline order (the order --help lists them in): data, targets, training, evaluation, comparison.
+    _add_prepare(sub)
+    _add_init_loss(sub)
+    _add_targets(sub)
+    _add_plan(sub)
+    _add_train(sub)
+    _add_delegated(sub, "eval", "downstream", "downstream scores of finished runs with lm-evaluation-harness, offline")
+    _add_delegated(sub, "report", "report", "tables and plots comparing run directories")
+    _add_delegated(sub, "sweep", "sweep", "a grid of training runs over seeds, as parallel resumable processes",
+                   handler=_run_sweep)
+    _add_delegated(sub, "demo", "demo", "the whole pipeline on the embedded demo corpus, on a CPU")
     return parser
+
+
+# Packages a command may need that a lean environment (the bare GPU image of docs/scaling.md) can lack, with how
+# to get each; a ModuleNotFoundError for one of them is a one-line error, not a traceback.
+_INSTALL_HINTS = {
+    "matplotlib": "pip install matplotlib (a dependency of velocitune, used for the plots of report, targets "
+                  "and plan; training needs it only for W&B's images)",
+    "zstandard": "pip install 'velocitune[formats]' (for .zst inputs)",
+    "psutil": "pip install psutil (the memory check of CPU runs; or set train.memory_check=false)",
+    "yaml": "pip install pyyaml (a dependency of velocitune)",
+    "tqdm": "pip install tqdm (a dependency of velocitune)",
+}
+
+
+def _prints_errors() -> bool:
+    """Whether this process prints the `error:` line: always outside torchrun; under torchrun (RANK set) only
+    rank 0, since every rank meets the same config and data checks and would print the same line;
+    VELOCITUNE_ERRORS=all_ranks makes every rank print (for an error only one rank meets)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("VELOCITUNE_ERRORS") == "all_ranks"
+
+
+def _error(message: str) -> None:
+    if _prints_errors():
+        print(f"error: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,16 +247,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Training already said where it stopped and how to continue; the status lets a job script requeue.
         return PREEMPTED_EXIT
     except VelocituneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
+        return 2
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in _INSTALL_HINTS:
+            raise
+        _error(f"this command needs the `{package}` package, which is not installed: {_INSTALL_HINTS[package]}")
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Checkpoint writes say which checkpoint survived (CheckpointError); any other write lands here.
-        print(f"error: the disk is full ({e}); free some space, then continue the run with --resume", file=sys.stderr)
+        _error(f"the disk is full ({e}); free some space, then continue the run with --resume")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if _prints_errors():
+            print("interrupted", file=sys.stderr)
         return 130
 
 

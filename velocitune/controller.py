@@ -1,12 +1,14 @@
 """The mixing controller: how the mixture changes while a model trains (docs/design.md §3, Stage C).
 
 One object owns everything between the maths of `mixing.py` and the token stream of `sampler.py`: when an
-update is due (every m optimizer steps from the end of warm-up, never at step 0), the `train` signal's
+update is due (every m optimizer steps from the end of warm-up, never at step 0; or at the steps a rule sets
+itself, `rule_schedule`), the `train` signal's
 per-domain loss sums over the window since the last update (on the device, read once per update), the
 rule's update, the sampler's weight schedule (new weights take effect from a later step), and the records
-of `mixture.jsonl`. `velocitune train` and the `transformers.Trainer` callback both drive it, so the two
-agree on the schedule, the defaults and the records. Its `state_dict()` is everything a resumed run needs
-to continue the same mixture.
+of `mixture.jsonl`. `velocitune train` and the `transformers.Trainer` callback both build it with
+`MixingController.from_config` (plan, targets, ℓ_init, rule, warm-up, interval and pacing, each read once)
+and drive it, so the two agree on the schedule, the defaults and the records. Its `state_dict()` is plain
+JSON and is everything a resumed run needs to continue the same mixture.
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from velocitune import dist, mixing, runfiles
+from velocitune import dist, mixing, rules, runfiles
 from velocitune.config import MixingConfig
 from velocitune.errors import ConfigError, TrainingError
-from velocitune.fileio import require_dir
 from velocitune.sampler import MixtureSampler, Plan, cap_weights
-from velocitune.schedule import ADAPTIVE_RULES, is_update_step
+from velocitune.schedule import as_steps, first_update_setting, is_update_step, update_interval
 
 # Receives (tag, {domain: value}, step) for TensorBoard-style scalars; the trainer passes its logger's.
 ScalarSink = Callable[[str, Mapping[str, float], int], None]
+# Builds the run's sampler from the rule's initial weights (k,): the caller owns the stream's geometry.
+SamplerFactory = Callable[[np.ndarray], MixtureSampler]
+
+
+def rule_schedule(rule: mixing.Rule, first: int, steps: int) -> frozenset[int] | None:
+    """The update steps of a rule that sets its own (aioli's LearnParams blocks, docs/design.md §3), or None.
+
+    Such a rule has `schedule(first, steps) -> steps`: the optimizer steps (after `first`, the controller's
+    warm-up, and before `steps`) at which it needs the signal; each `update` there returns the weights of the
+    next block, and its `record_fields()` adds what that block is to the record. Every other rule updates
+    every m steps from the warm-up on (`is_update_step`).
+    """
+    plan = getattr(rule, "schedule", None)
+    return None if plan is None else frozenset(plan(int(first), int(steps)))
 
 
 # ---------------------------------------------------------------------------------- inputs from the config
@@ -45,11 +60,10 @@ def read_plan(mc: MixingConfig, names: Sequence[str], budget_tokens: float | Non
     return doc
 
 
-def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray) -> np.ndarray:
-    """mixing.weights over exactly the prepared domains, else the plan's recommended mixture (mixing.plan),
-    else w0 (the corpus's token shares). Shape (k,)."""
+def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray, plan: dict | None) -> np.ndarray:
+    """mixing.weights over exactly the prepared domains, else the plan's recommended mixture (`plan`, the
+    document of mixing.plan), else w0 (the corpus's token shares). Shape (k,)."""
     if mc.weights is None:
-        plan = read_plan(mc, names)
         if plan is not None:
             return np.array([plan["recommended"][n] for n in names], dtype=np.float64)
         return np.asarray(w0, dtype=np.float64).copy()
@@ -60,15 +74,19 @@ def initial_weights(mc: MixingConfig, names: Sequence[str], w0: np.ndarray) -> n
     return np.array([mc.weights[n] for n in names], dtype=np.float64)
 
 
-def read_targets(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
-    """Targets from mixing.plan (the predicted losses under its mixture) or else mixing.targets (targets.json),
-    then mixing.target_values over either; NaN for domains without one."""
-    plan = read_plan(mc, names)
+def read_targets(mc: MixingConfig, names: Sequence[str], plan: dict | None, needed: bool = True) -> np.ndarray | None:
+    """Targets from the plan (its predicted losses under its mixture) or else mixing.targets (targets.json),
+    then mixing.target_values over either; NaN for domains without one.
+
+    needed: the rule reads targets. A rule that does not (static, uniform, ...) records them when they are
+    at hand, but a targets.json that does not exist yet is no reason to refuse it (issue 28).
+    """
     values: dict[str, float] = dict(plan["predicted"]) if plan is not None else {}
-    if plan is None and mc.targets and not Path(mc.targets).exists():
-        raise ConfigError(f"mixing.targets: '{mc.targets}' does not exist; run `velocitune targets` first")
     if plan is None and mc.targets:
-        values.update(runfiles.target_values(runfiles.read_targets(mc.targets)))
+        if Path(mc.targets).exists():
+            values.update(runfiles.target_values(runfiles.read_targets(mc.targets)))
+        elif needed:
+            raise ConfigError(f"mixing.targets: '{mc.targets}' does not exist; run `velocitune targets` first")
     values.update(mc.target_values or {})
     if not values:
         return None
@@ -78,10 +96,9 @@ def read_targets(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
     return np.array([values.get(n, np.nan) for n in names], dtype=np.float64)
 
 
-def read_given_init(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None:
-    """ℓ_init from mixing.plan (its proxies' step 0), else mixing.init_loss (init_loss.json), or None: the run
+def read_given_init(mc: MixingConfig, names: Sequence[str], plan: dict | None) -> np.ndarray | None:
+    """ℓ_init from the plan (its proxies' step 0), else mixing.init_loss (init_loss.json), or None: the run
     then measures it at step 0."""
-    plan = read_plan(mc, names)
     if plan is not None:
         return np.array([plan["init"][n] for n in names], dtype=np.float64)
     if not mc.init_loss:
@@ -96,26 +113,11 @@ def read_given_init(mc: MixingConfig, names: Sequence[str]) -> np.ndarray | None
 
 
 def make_rule(mc: MixingConfig, w0: np.ndarray, names: Sequence[str], token_counts: np.ndarray) -> mixing.Rule:
-    """The config's mixing rule, starting from `w0`; `token_counts` (k,) feed the temperature rule."""
-    params = {
-        key: getattr(mc, key)
-        for key in ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema", "alpha")
-        if getattr(mc, key) is not None
-    }
-    if mc.rule in ("velocitune", "velocitune-no-target"):
-        params["preset"] = mc.preset
-    if mc.rule == "temperature":
-        params = {"temperature": mc.temperature, "token_counts": np.asarray(token_counts, dtype=np.float64)}
-    if mc.rule == "replay":
-        require_dir(mc.replay_from, "mixing.replay_from", "point it at a finished run directory")
-        src = Path(mc.replay_from) / runfiles.MIXTURE_FILE
-        if not src.is_file():
-            raise ConfigError(f"mixing.replay_from: '{src}' does not exist; point it at a finished run directory")
-        records = runfiles.read_log(src, runfiles.MIXTURE, names)
-        params = {"replay_weights": mixing.replay_weights_from_records(records, names, mode=mc.replay_mode)}
-    if mc.rule in ("static", "uniform"):
-        params = {}
-    return mixing.make_rule(mc.rule, w0, names, **params)
+    """The config's mixing rule from the registry, starting from `w0`; `token_counts` (k,) feed the temperature
+    rule; a rule built from a previous run (replay) gets that run's mixture.jsonl records."""
+    src = rules.run_log_input(mc)
+    records = runfiles.read_log(src, runfiles.MIXTURE, names) if src is not None else None
+    return rules.build_rule(mc, w0, names, token_counts, records)
 
 
 def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Sequence[str]) -> None:
@@ -131,6 +133,9 @@ def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Se
         )
 
 
+# ------------------------------------------------------------------------------------------------- timing
+
+
 # --------------------------------------------------------------------------------------------- controller
 
 
@@ -138,24 +143,29 @@ class MixingController:
     """Owns the mixture of one run: the rule, the sampler's schedule, the train-signal window, the records.
 
     rule: the mixing rule (its state is the weights w). sampler: the token stream, whose schedule holds
-    every w with the step it takes effect. steps/warmup/interval: the run's length, warm-up and m.
-    signal: "eval" (the caller evaluates the val sets at update points) or "train" (the per-domain losses
-    of the training batches since the last update, accumulated here with `observe`). targets: ℓ_target,
-    (k,) or None. seq_len: tokens per sequence (for tokens per domain). log: the mixture.jsonl writer
-    (None on ranks that write no files). scalars: where weights, velocities and targets go as scalars. pace: spread
-    every domain's repetition allowance over the rest of the run (mixing.pace; `paced`).
+    every w with the step it takes effect. steps/warmup/interval: the run's length, the step of the first
+    update and m. signal: "eval" (the caller evaluates the val sets at update points) or "train" (the
+    per-domain losses of the training batches since the last update, accumulated here with `observe`).
+    targets: ℓ_target, (k,) or None. given_init: ℓ_init from the plan or init_loss.json, (k,), or None (the
+    caller measures it). seq_len: tokens per sequence (for tokens per domain). log: the mixture.jsonl writer
+    (None on ranks that write no files). scalars: where weights, velocities and targets go as scalars. pace:
+    spread every domain's repetition allowance over the rest of the run (mixing.pace; `paced`).
+    keep_records: also keep every record in `records` (the Trainer callback saves them with its state).
+    Build it with `from_config`; the constructor is for tests and callers that bring their own rule.
     """
 
-    def __init__(self, rule: mixing.Rule, sampler: MixtureSampler, *, steps: int, warmup: int, interval: int,
+    def __init__(self, rule: mixing.Rule, sampler: MixtureSampler, *, steps: int, warmup: int | None, interval: int,
                  signal: str, targets: np.ndarray | None, seq_len: int, device: torch.device,
-                 log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None, pace: bool = False):
+                 log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None, pace: bool = False,
+                 given_init: np.ndarray | None = None, keep_records: bool = False):
         self.rule, self.sampler = rule, sampler
         self.pace = pace
         self.names = list(sampler.names)
         self.steps, self.warmup, self.interval, self.signal = steps, warmup, interval, signal
-        self.targets, self.seq_len = targets, seq_len
-        self.adaptive = rule.name in ADAPTIVE_RULES
+        self.targets, self.seq_len, self.given_init = targets, seq_len, given_init
+        self.adaptive = rules.is_adaptive(rule.name)
         self.log, self.scalars = log, scalars
+        self.records: list[dict] | None = [] if keep_records else None
         k = len(self.names)
         self.init: np.ndarray | None = None  # ℓ_init (k,), set by `start`
         # Train-signal window: per-domain NLL sums and token counts on the device, float64 (k,).
@@ -163,17 +173,75 @@ class MixingController:
         self.sig_cnt = torch.zeros_like(self.sig_sum)
         self.sig_last: np.ndarray | None = None  # the last estimate, kept for a domain absent from a window
         self._logged_w_hat: np.ndarray | None = None  # ŵ of the newest record, to record cap changes
+        self._warmup_from_lr = warmup is None  # the first update waits for `use_lr_warmup`
+        # The update steps of a rule that sets its own (None: every m steps), known once the warm-up is.
+        self._own_steps = None if warmup is None else rule_schedule(rule, warmup, steps)
+
+    @classmethod
+    def from_config(cls, mc: MixingConfig, names: Sequence[str], w0: np.ndarray, token_counts: np.ndarray, *,
+                    make_sampler: SamplerFactory, steps: int, lr_warmup: int | None, seq_len: int,
+                    device: torch.device, budget_tokens: float | None = None, given_init: np.ndarray | None = None,
+                    rule_interval: bool = True, keep_records: bool = False) -> MixingController:
+        """The controller of a run from its `mixing` config and its prepared data; the one way to build it.
+
+        names, w0, token_counts: the prepared domains, their token shares and training tokens, (k,).
+        make_sampler: builds the sampler from the rule's initial weights. steps: the run's length.
+        lr_warmup: the LR warm-up in steps, where the first update falls when neither mixing.warmup nor the
+        rule sets it (None: not known yet, give it to `use_lr_warmup` before training). budget_tokens: the run's
+        tokens, checked against the plan's. given_init: ℓ_init given by the caller (over the plan's and
+        init_loss.json's). rule_interval: use the rule's own interval as the default (see `update_interval`).
+
+        plan.json is read once and gives the initial weights, the targets and ℓ_init; a rule that reads no
+        targets does not need targets.json to exist. Everything here is checked before a model is loaded,
+        so a refusal is immediate.
+        """
+        names = list(names)
+        plan = read_plan(mc, names, budget_tokens)
+        rule = make_rule(mc, initial_weights(mc, names, w0, plan), names, token_counts)
+        targets = read_targets(mc, names, plan, needed=rule.needs_targets)
+        check_targets_cover(rule, targets, names)
+        if given_init is None:
+            given_init = read_given_init(mc, names, plan)
+        setting = first_update_setting(mc)
+        warmup = lr_warmup if setting is None else as_steps(setting, steps)
+        c = cls(rule, make_sampler(rule.initial_weights()), steps=steps, warmup=warmup,
+                interval=update_interval(mc, steps, rule_interval), signal=mc.signal, targets=targets,
+                seq_len=seq_len, device=device, pace=bool(mc.pace), given_init=given_init, keep_records=keep_records)
+        c._warmup_from_lr = setting is None
+        return c
+
+    def use_lr_warmup(self, lr_warmup: int) -> None:
+        """The LR warm-up, once the caller knows it (the Trainer callback: at train begin); the first update
+        falls there when neither mixing.warmup nor the rule sets it."""
+        if self._warmup_from_lr:
+            self.warmup = int(lr_warmup)
+            self._own_steps = rule_schedule(self.rule, self.warmup, self.steps)
+
+    @property
+    def eval_signal(self) -> bool:
+        """The rule re-weights from evaluations of the val sets (the caller evaluates at update points)."""
+        return self.adaptive and self.signal == "eval"
 
     # ------------------------------------------------------------------------------------ the schedule
 
     def due(self, done: int, lag: int = 0) -> bool:
         """Is an update due after `done` optimizer steps, with weights effective `lag` steps later?"""
-        return self.adaptive and is_update_step(done, self.warmup, self.interval) and done + lag < self.steps
+        if not self.adaptive:
+            return False
+        if self.warmup is None:
+            raise TrainingError("the mixing controller's first update is not known: call use_lr_warmup first")
+        if self._own_steps is not None:
+            return done > 0 and done in self._own_steps and done + lag < self.steps  # step 0: `start`
+        return is_update_step(done, self.warmup, self.interval) and done + lag < self.steps
 
     def start(self, init: np.ndarray) -> list[str]:
         """Begin a fresh run from ℓ_init: record step 0's weights; return the rule's warnings for the user."""
         self.init = np.asarray(init, dtype=np.float64)
         self.sig_last = self.init.copy()  # train signal: the estimate of a domain not sampled in a window
+        if self._own_steps is not None and 0 in self._own_steps:
+            # The rule's first block starts at step 0 on ℓ_init (aioli's first round): its weights are in force
+            # from step 0, and step 0's record is theirs.
+            return list(self.update(0, self.init, None).warnings)
         preview = self.rule.update(0, self.init, self.init, self.targets) if self.rule.needs_init else None
         warnings = list(preview.warnings) if preview is not None else []
         if self.pace:
@@ -204,14 +272,13 @@ class MixingController:
     # ------------------------------------------------------------------------------------- the signal
 
     def observe(self, nll_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Add one micro-batch's per-domain NLL sums and token counts (device, (k,)) to the train-signal window."""
+        """Add per-domain NLL sums and token counts (device, (k,)) to the train-signal window.
+
+        The trainer adds a step's sums once the step is kept: a skipped non-finite step never reaches the
+        window, and the earlier steps' sums stay (no host sync: the sums stay on the device).
+        """
         self.sig_sum += nll_sum
         self.sig_cnt += count
-
-    def drop_window(self) -> None:
-        """Forget the window (a skipped non-finite step must not feed the signal)."""
-        self.sig_sum.zero_()
-        self.sig_cnt.zero_()
 
     def window_losses(self, env: dist.DistEnv) -> tuple[np.ndarray, np.ndarray]:
         """The train signal: token-weighted loss per domain over the window, summed over ranks; then reset.
@@ -224,7 +291,8 @@ class MixingController:
         observed = packed[k:] > 0
         losses = np.where(observed, packed[:k] / np.maximum(packed[k:], 1.0), self.sig_last)
         self.sig_last = losses
-        self.drop_window()
+        self.sig_sum.zero_()
+        self.sig_cnt.zero_()
         return losses, observed
 
     # ------------------------------------------------------------------------------------- the update
@@ -271,7 +339,7 @@ class MixingController:
     def _write(self, step: int, trained: int, losses, velocity, weights, w_hat, guarded, warnings) -> None:
         """One mixture.jsonl record: weights effective from `step`, after `trained` optimizer steps."""
         self._logged_w_hat = w_hat
-        if self.log is None:
+        if self.log is None and self.records is None:
             return
         named = lambda v: runfiles.per_domain(self.names, v)  # noqa: E731 (a local shorthand)
         record = {"step": step, "tokens": step * self.seq_len * self.sampler.global_batch, "signal": self.signal,
@@ -279,9 +347,14 @@ class MixingController:
                   "velocity": named(velocity), "weights": named(weights), "sampling_weights": named(w_hat),
                   "tokens_per_domain": dict(zip(self.names, self.tokens_per_domain(trained).tolist())),
                   "guarded": list(guarded)}
+        if self._own_steps is not None and hasattr(self.rule, "record_fields"):
+            record.update(self.rule.record_fields())  # which block these weights are (aioli: learn / mix)
         if warnings:
             record["warnings"] = list(warnings)
-        self.log.write(record)
+        if self.records is not None:
+            self.records.append(record)
+        if self.log is not None:
+            self.log.write(record)
         if self.scalars is not None and losses is not None:
             self.scalars("weight", named(w_hat), step)
             if velocity is not None:
@@ -297,21 +370,27 @@ class MixingController:
     # ------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain values (JSON) plus the window's two device tensors, moved to the CPU."""
+        """Plain JSON values only: the window's device sums become lists of floats (float64 -> Python float and
+        back through JSON is exact, so a resumed run continues bit-identically)."""
         return {
             "rule": self.rule.state_dict(), "sampler": self.sampler.state_dict(),
             "init": None if self.init is None else self.init.tolist(),
             "sig_last": None if self.sig_last is None else self.sig_last.tolist(),
-            "sig_sum": self.sig_sum.cpu(), "sig_cnt": self.sig_cnt.cpu(),
+            "sig_sum": self.sig_sum.cpu().tolist(), "sig_cnt": self.sig_cnt.cpu().tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """A `state_dict()`; the window's sums as lists, or as tensors (checkpoints written before 0.2)."""
         self.rule.load_state_dict(state["rule"])
         self.sampler.load_state_dict(state["sampler"])
         self.init = None if state["init"] is None else np.array(state["init"], dtype=np.float64)
         self.sig_last = None if state["sig_last"] is None else np.array(state["sig_last"], dtype=np.float64)
-        self.sig_sum.copy_(state["sig_sum"].to(self.sig_sum.device))
-        self.sig_cnt.copy_(state["sig_cnt"].to(self.sig_cnt.device))
+        for key, window in (("sig_sum", self.sig_sum), ("sig_cnt", self.sig_cnt)):
+            saved = torch.as_tensor(state[key], dtype=torch.float64)
+            if saved.shape != window.shape:
+                raise TrainingError(f"the saved mixing state's {key} has shape {tuple(saved.shape)}, the run has "
+                                    f"{len(self.names)} domains: resume with the data the run was started on")
+            window.copy_(saved.to(window.device))
 
 
 def check_same_on_all_ranks(w: np.ndarray, env: dist.DistEnv) -> None:

@@ -146,7 +146,9 @@ def evaluate_model(model_dir: Path, tasks: Sequence[str], manager, *, limit: int
                    max_length: int | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
     """{task: {"metrics", "stderr", "samples"}} of one model directory on `tasks` (lm-eval's simple_evaluate)."""
     lm_eval, HFLM, _ = _import_lm_eval()
-    kwargs: dict[str, Any] = {"pretrained": str(model_dir), "device": device, "batch_size": batch_size}
+    # An absolute path to a directory final_model_dir checked: lm-eval passes it to from_pretrained, which
+    # could take a relative name for a Hub id; the offline() context around the evaluation forbids downloads.
+    kwargs: dict[str, Any] = {"pretrained": str(Path(model_dir).resolve()), "device": device, "batch_size": batch_size}
     if max_length is not None:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from velocitune.errors import ConfigError, TrainingError
-from velocitune.model import _unwrap_chain, unwrap_model
+from velocitune.model import unwrap_chain, unwrap_model
 
 IGNORE_INDEX = -100
 
@@ -445,7 +445,7 @@ def loss_path(model: nn.Module) -> LossPath:
     a transform the chunked loss does not reproduce, `head` is None and a warning says, once, that
     full logits are used.
     """
-    inner, call_target, compiled = _unwrap_chain(model)
+    inner, call_target, compiled = unwrap_chain(model)
     name = type(inner).__name__
     if compiled:
         _warn_once(

@@ -78,7 +78,7 @@ def shape_from_config(config_path: str) -> ModelShape:
 
     from velocitune.dist import transformer_blocks
 
-    config = AutoConfig.from_pretrained(config_path)
+    config = AutoConfig.from_pretrained(config_path, local_files_only=True)  # a local file; never the Hub
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return ModelShape.from_model(model, transformer_blocks(model))

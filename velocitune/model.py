@@ -31,7 +31,8 @@ _HOW_TO_GET_A_MODEL = (
     "`python -c \"from velocitune.smollm import export_smollm; export_smollm('DIR')\"`."
 )
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The `from_pretrained` / `from_config` keyword that sets the weights' dtype, for this transformers."""
     # transformers renamed `torch_dtype` to `dtype` in 4.56; support both ends of our range.
     import transformers
     from packaging.version import Version
@@ -46,6 +47,8 @@ def _local_dir(path: str | Path, what: str) -> Path:
     if not p.exists():
         looks_like_hub_id = not Path(str(path)).is_absolute() and str(path).count("/") == 1
         hint = " It looks like a Hugging Face Hub id, not a local path." if looks_like_hub_id else ""
+        # Checked here, before transformers sees the name: from_pretrained takes a missing path for a Hub id
+        # and, even with local_files_only, answers with a message about connecting to huggingface.co.
         raise ConfigError(f"{what} path '{path}' does not exist.{hint} {_HOW_TO_GET_A_MODEL}")
     if not p.is_dir():
         raise ConfigError(
@@ -84,7 +87,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implem
         raise ConfigError(f"'{p}' is not a model directory: it has no config.json. {_HOW_TO_GET_A_MODEL}")
     try:
         return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, attn_implementation=attn_implementation,
-                                                    **_dtype_kwargs(dtype))
+                                                    **dtype_kwargs(dtype))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(
             f"could not load a causal language model from '{p}': {exc}. Check that the directory was "
@@ -255,7 +258,7 @@ def _fsdp2_module_type() -> type | None:
     return None
 
 
-def _unwrap_chain(model: nn.Module) -> tuple[nn.Module, nn.Module | None, bool]:
+def unwrap_chain(model: nn.Module) -> tuple[nn.Module, nn.Module | None, bool]:
     """(the innermost model, the outermost wrapper whose forward must run or None, compiled?)."""
     sync_types = _sync_wrapper_types()
     call_target: nn.Module | None = None
@@ -306,7 +309,7 @@ def checkpoint_blocks(blocks: list[nn.Module]) -> None:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP / FSDP / torch.compile wrappers."""
-    return _unwrap_chain(model)[0]
+    return unwrap_chain(model)[0]
 
 
 def make_model(cfg: Config, data: PreparedData) -> nn.Module:

@@ -36,7 +36,7 @@ import numpy as np
 from velocitune import mixing
 from velocitune.errors import ConfigError
 from velocitune.fileio import require_dir
-from velocitune.peers import ado
+from velocitune.peers import ado, aioli
 
 if TYPE_CHECKING:  # the config imports this module: the type only, never at run time
     from velocitune.config import MixingConfig
@@ -165,17 +165,50 @@ _BUILTIN = (
              adaptive=True, signal="train", interval=1, warmup=0.02),  # every step after 2 % (2000 of 100k)
     RuleSpec("replay", "a previous run's mixture (mixing.replay_from; mixing.replay_mode: average | final), fixed",
              requires={"replay_from": "a run directory"}, reads_run="replay_from", inputs=_replay_inputs),
-    # Every step on the train signal; the first update after 1/60 of the run (their ignore_steps and update_interval,
-    # 1000 of 60000 steps) starts the fitted history and sets the refit interval (docs/design.md §3).
-    RuleSpec("ado", "Adaptive Data Optimization (per-domain scaling laws fitted online, as its authors ran it)",
-             tuple(Param("ado", name, doc, ado.DEFAULTS[name]) for name, doc in (
-                 ("refit", "steps between refits of the laws, >= 0 (0: the step of the first update, their 1000 of 60k)"),
-                 ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
-                 ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
-                 ("starts", "L-BFGS-B starts per fit, the best of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
-             adaptive=True, signal="train", interval=1, warmup=1 / 60, build=ado.make_ado),
 )
-_REGISTRY: dict[str, RuleSpec] = {s.name: s for s in _BUILTIN}
+
+
+def _aioli_inputs(mc, names, token_counts, records) -> dict[str, Any]:
+    """aioli evaluates the val sets at the steps it sets itself (its LearnParams blocks): no train signal, no m."""
+    if mc.signal != "eval":
+        raise ConfigError("rule 'aioli' learns from evaluations of the val sets after each LearnParams block; "
+                          "set mixing.signal=eval (or leave it unset)")
+    if mc.interval is not None:
+        raise ConfigError("rule 'aioli' sets its own update steps (rounds of mixing.params.update_steps, each "
+                          "starting with LearnParams blocks of lp_steps); drop mixing.interval")
+    return {}
+
+
+_AIOLI_DOCS = {
+    "eta": "η of w = exp(η·Σ_i A[i]) (their 3-domain run: 0.1)",
+    "ema": "γ, EMA of A across rounds (their 3-domain run: 0.5); see cumulative",
+    "cumulative": "1: their path without --ema: w <- w·exp(η·Σ_i A[i]) from the last round's weights",
+    "one_hot_factor": "f: a LearnParams block trains at f on its domain, (1 - f)/(k - 1) elsewhere; f = 1 skips the solve",
+    "lp_rounds": "sweeps over the k domains per LearnParams (lowered to fit a scaled round)",
+    "lp_steps": "steps per LearnParams block (< 1: fraction of the run, theirs 6 of 5000; at least 1)",
+    "update_steps": "steps per round, LearnParams included (< 1: fraction of the run, theirs 250 of 5000)",
+    "normalize": "1 (0 off): shift A to non-negative and divide by its sum (their runs: on)",
+    "diagonal": "1: keep only A_ii = G_ii / f",
+    "seed": "seed of the LearnParams order (a generator per round)",
+}
+_AIOLI = RuleSpec(
+    "aioli", "Aioli (Chen et al. 2024): LearnParams blocks estimate the mixing law's A, w = exp(η·Σ_i A[i]) (as its "
+    "authors ran it)",
+    tuple(Param("aioli", name, doc, aioli.DEFAULTS[name]) for name, doc in _AIOLI_DOCS.items()),
+    adaptive=True, warmup=0.0, inputs=_aioli_inputs, build=aioli.make_aioli)  # rounds from step 0, no prior
+
+# Every step on the train signal; the first update after 1/60 of the run (their ignore_steps and update_interval,
+# 1000 of 60000 steps) starts the fitted history and sets the refit interval (docs/design.md §3).
+_ADO = RuleSpec(
+    "ado", "Adaptive Data Optimization (per-domain scaling laws fitted online, as its authors ran it)",
+    tuple(Param("ado", name, doc, ado.DEFAULTS[name]) for name, doc in (
+        ("refit", "steps between refits of the laws, >= 0 (0: the step of the first update, their 1000 of 60k)"),
+        ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
+        ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
+        ("starts", "L-BFGS-B starts per fit, the best of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
+    adaptive=True, signal="train", interval=1, warmup=1 / 60, build=ado.make_ado)
+
+_REGISTRY: dict[str, RuleSpec] = {s.name: s for s in (*_BUILTIN, _AIOLI, _ADO)}
 
 
 # ------------------------------------------------------------------------------------------------ queries

@@ -42,6 +42,7 @@ FINAL_DIR = "final"
 TENSORBOARD_DIR = "tb"
 WANDB_RUN_FILE = "wandb.json"  # the W&B run id that `--resume` continues (log.wandb)
 WANDB_DIR = "wandb"  # W&B's own local files (offline runs, media), unless $WANDB_DIR says elsewhere
+CALLBACK_STATE_FILE = "velocitune_state.json"  # the Trainer callback's state, in each Trainer checkpoint
 LOG_FILES = (METRICS_FILE, EVAL_FILE, MIXTURE_FILE)
 
 
@@ -143,7 +144,13 @@ WANDB_RUN = Format("wandb-run", 1, {
     # W&B's id of the run this directory logs to; project and entity it was created in (entity null: the default).
     "run_id": Field("text"), "project": Field("text"), "entity": Field("text", nullable=True),
 }, "delete it: the next start or --resume logs to a new W&B run")
-FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, DOWNSTREAM, WANDB_RUN)}
+CALLBACK_STATE = Format("callback-state", 1, {
+    # The transformers.Trainer callback's mixing controller (MixingController.state_dict, plain JSON) and every
+    # mixture record it wrote up to the checkpoint (mixture.jsonl's format), so a resume continues both.
+    "controller": Field("mapping"), "records": Field("list"),
+}, "delete that Trainer checkpoint, or resume from an earlier one")
+FORMATS = {f.name: f for f in (METRICS, EVAL, MIXTURE, INIT_LOSS, TARGETS, SUMMARY, PLAN, DOWNSTREAM, WANDB_RUN,
+                               CALLBACK_STATE)}
 
 
 def _is_number(v: Any) -> bool:
@@ -385,6 +392,29 @@ def read_downstream(path: str | os.PathLike) -> dict:
     """downstream.json checked against its schema: every task has finite scores."""
     path = Path(path)
     return _check_downstream_tasks(_read_doc(path, DOWNSTREAM, "downstream scores"), str(path))
+
+
+def write_callback_state(path: str | os.PathLike, controller: Mapping[str, Any], records: Sequence[Mapping]) -> None:
+    """velocitune_state.json of a Trainer checkpoint: the callback's controller state and its mixture records."""
+    doc = _stamped(CALLBACK_STATE, {"controller": dict(controller), "records": [dict(r) for r in records]})
+    check_record(doc, CALLBACK_STATE, str(path))
+    atomic_write_json(Path(path), doc)
+
+
+def read_callback_state(path: str | os.PathLike) -> dict:
+    """The Trainer callback's state: {controller, records}, checked.
+
+    A file of velocitune 0.1 (unstamped: the controller's keys and `history` at the top level) is read too,
+    as the same document: its controller state is what `MixingController.load_state_dict` still accepts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return _read_doc(path, CALLBACK_STATE, "Trainer callback state")  # says what is wrong with the path
+    raw = read_json(path, fix=CALLBACK_STATE.fix)
+    if isinstance(raw, dict) and "format" not in raw and "rule" in raw and "history" in raw:
+        raw = _stamped(CALLBACK_STATE, {"controller": {k: v for k, v in raw.items() if k != "history"},
+                                        "records": raw["history"]})
+    return check_record(raw, CALLBACK_STATE, str(path))
 
 
 def run_is_complete(run_dir: str | os.PathLike) -> bool:

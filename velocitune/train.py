@@ -15,108 +15,37 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from velocitune import __version__, dist, runfiles
+from velocitune import dist, dist_checkpoint, runfiles
 from velocitune.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
-from velocitune.config import Config, check_resume_config, dump_yaml, pace_default, rule_timing, to_dict
-from velocitune.controller import (
-    MixingController,
-    check_same_on_all_ranks,
-    check_targets_cover,
-    initial_weights,
-    make_rule,
-    read_given_init,
-    read_plan,
-    read_targets,
-)
-from velocitune.errors import ConfigError, DataError, TrainingError
+from velocitune.config import Config, check_resume_config, dump_yaml, to_dict
+from velocitune.controller import MixingController, check_same_on_all_ranks
+from velocitune.engine import build_engine
+from velocitune.errors import ConfigError, TrainingError
 from velocitune.evaluate import ValSet, evaluate, load_val_set
 from velocitune.fileio import output_dir
-from velocitune.losses import check_loss_path, forward_losses, fused_forward_losses, liger_nll_sum, loss_path
-from velocitune.memory import ModelShape, check_fits, device_capacity, estimate_memory
-from velocitune.metrics import (
-    TensorBoardLogger,
-    Throughput,
-    Timers,
-    WandbLogger,
-    flops_per_token,
-    format_weights,
-    import_wandb,
-    new_wandb_run_id,
-    peak_flops,
-)
-from velocitune.model import check_attn_implementation, checkpoint_blocks, load_tokenizer, make_model, unwrap_model
+from velocitune.layout import assemble, eval_points, plan_layout, train_windows
+from velocitune.loggers import TensorBoardLogger, WandbLogger, import_wandb, new_wandb_run_id
+from velocitune.losses import forward_losses, fused_forward_losses
+from velocitune.metrics import Throughput, Timers, flops_per_token, format_weights, peak_flops
+from velocitune.model import unwrap_model
+from velocitune.overhead import flops_overhead, overhead_line, probe_overhead
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
-from velocitune.schedule import (
-    ADAPTIVE_RULES,
-    mixing_interval,
-    mixing_warmup,
-    resolve_steps,
-    step_lr,
-    subsampled_windows,
-    warmup_steps,
-)
+from velocitune.schedule import step_lr
 from velocitune.shards import PreparedData
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The shape of a run, fixed at set-up: domains, steps, batch geometry and when each event happens."""
-
-    names: list[str]
-    seq_len: int
-    steps: int
-    batch: int  # global batch, sequences per optimizer step
-    micro: int  # sequences per forward on this rank
-    n_micro: int  # micro-batches per rank per step (gradient accumulation)
-    warmup: int  # LR warm-up steps
-    first_update: int  # steps before the first weight update (mixing.warmup, or the rule's default)
-    interval: int  # m: steps between weight updates
-    eval_signal: bool  # the rule re-weights from evaluations of the val sets
-    eval_points: frozenset  # steps with an evaluation for the loss curves
-    ckpt_every: int  # 0: no checkpoints
-
-    @property
-    def k(self) -> int:
-        return len(self.names)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch * self.seq_len
-
-
-def plan_layout(cfg: Config, windows: list[int], names: list[str], world_size: int, adaptive: bool) -> Layout:
-    """Steps and batch geometry from the config and the data; ConfigError when they do not fit together."""
-    steps = resolve_steps(cfg, subsampled_windows(windows, cfg.data.subsample))
-    B = cfg.train.batch_size
-    if B % world_size:
-        raise ConfigError(f"train.batch_size={B} must be divisible by the number of processes ({world_size})")
-    per_rank = B // world_size
-    micro = cfg.train.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} must divide the per-process batch {per_rank}")
-    m = mixing_interval(cfg, steps)
-    eval_signal = adaptive and cfg.mixing.signal == "eval"
-    eval_every = cfg.eval.interval or (m if eval_signal else max(1, steps // 10))
-    points = cfg.eval.points if cfg.eval.points is not None else range(eval_every, steps, eval_every)
-    ckpt_every = cfg.checkpoint.interval if cfg.checkpoint.interval is not None else max(1, steps // 5)
-    return Layout(names=names, seq_len=cfg.data.seq_len, steps=steps, batch=B, micro=micro, n_micro=per_rank // micro,
-                  warmup=warmup_steps(cfg, steps), first_update=mixing_warmup(cfg, steps), interval=m,
-                  eval_signal=eval_signal,
-                  eval_points=frozenset(points), ckpt_every=ckpt_every)
+from velocitune.summary import default_arm, run_summary, save_final
 
 
 class TrainState:
@@ -124,7 +53,9 @@ class TrainState:
 
     Progress (optimizer steps done, skipped non-finite steps, wall seconds of earlier processes), the
     timers, the log window's per-domain NLL sums on the device (float64 (k,)) and step-loss sum, and the
-    mixing controller (rule, sampler schedule, ℓ_init, train-signal window, tokens per domain).
+    mixing controller (rule, sampler schedule, ℓ_init, train-signal window, tokens per domain). The step
+    buffers hold the current step's per-domain sums until the step is kept (`keep_step`): a skipped
+    non-finite step leaves both windows as the earlier steps made them.
     """
 
     def __init__(self, mixing: MixingController, k: int, device: torch.device):
@@ -137,16 +68,30 @@ class TrainState:
         self.log_cnt = torch.zeros_like(self.log_sum)
         self.loss_acc = torch.zeros((), dtype=torch.float64, device=device)  # sum of step losses over the window
         self.loss_steps = 0  # steps in that sum: skipped non-finite steps are not
+        self.step_sum = torch.zeros_like(self.log_sum)  # this step's per-domain NLL sums, (k,); zero at a boundary
+        self.step_cnt = torch.zeros_like(self.log_sum)
+
+    def keep_step(self, step_loss: torch.Tensor) -> None:
+        """The step was finite: its loss and per-domain sums join the log window and the train signal's."""
+        self.loss_acc += step_loss
+        self.loss_steps += 1
+        self.log_sum += self.step_sum
+        self.log_cnt += self.step_cnt
+        self.mixing.observe(self.step_sum, self.step_cnt)
+        self.step_sum.zero_(), self.step_cnt.zero_()
+
+    def drop_step(self) -> None:
+        """A skipped non-finite step: its sums go, the windows keep the earlier steps'."""
+        self.skipped += 1
+        self.step_sum.zero_(), self.step_cnt.zero_()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values (stored as JSON) and tensors (stored with torch.save): nothing that runs code on load."""
-        mixing = self.mixing.state_dict()
         return {
             "progress": {"step": self.step, "skipped": self.skipped, "elapsed_s": self.elapsed_s,
                          "loss_steps": self.loss_steps, "timers": self.timers.state_dict()},
-            "mixing": {k: v for k, v in mixing.items() if not isinstance(v, torch.Tensor)},
-            "tensors": {"log_sum": self.log_sum.cpu(), "log_cnt": self.log_cnt.cpu(), "loss_acc": self.loss_acc.cpu(),
-                        **{k: v for k, v in mixing.items() if isinstance(v, torch.Tensor)}},
+            "mixing": self.mixing.state_dict(),
+            "tensors": {"log_sum": self.log_sum.cpu(), "log_cnt": self.log_cnt.cpu(), "loss_acc": self.loss_acc.cpu()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -154,7 +99,8 @@ class TrainState:
         self.step, self.skipped, self.loss_steps = int(progress["step"]), int(progress["skipped"]), int(progress["loss_steps"])
         self.timers.load_state_dict(progress["timers"])
         self.elapsed_s = float(progress["elapsed_s"])
-        self.mixing.load_state_dict({**state["mixing"], "sig_sum": tensors["sig_sum"], "sig_cnt": tensors["sig_cnt"]})
+        # Checkpoints of velocitune 0.1 kept the train-signal window with the tensors.
+        self.mixing.load_state_dict({**{k: tensors[k] for k in ("sig_sum", "sig_cnt") if k in tensors}, **state["mixing"]})
         self.log_sum.copy_(tensors["log_sum"].to(self.log_sum.device))
         self.log_cnt.copy_(tensors["log_cnt"].to(self.log_cnt.device))
         self.loss_acc.copy_(tensors["loss_acc"].to(self.loss_acc.device))
@@ -168,12 +114,20 @@ class RunResult:
     weights: dict[str, float]
 
 
-def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult | None:
+# The end-of-run hook of `Trainer.finish`: (run dir, W&B logger, steps) -> None.
+EndHook = Callable[[Path, WandbLogger, int], None]
+
+
+def train(cfg: Config, resume: bool = False, dry_run: bool = False,
+          on_end: EndHook | None = None) -> RunResult | None:
     """Set up, resume when asked, train, and write the summary and the final model of one run.
 
     dry_run: set up (config, data, model, targets, budget, memory check), print the plan and return None
-    without training or writing anything.
+    without training or writing anything. on_end: `Trainer.finish`'s end-of-run hook (None: none). resume of
+    a run that already finished returns None at once, having trained and written nothing.
     """
+    if resume and not dry_run and _finished(cfg):
+        return None  # a requeued job of a finished run: final/ and the logs stay as they are
     env = dist.init(cfg.train.device, cfg.dist.backend, cfg.dist.strategy)
     try:
         # From set-up to the end: a SIGTERM/SIGUSR1 during set-up is acted on at the first step boundary.
@@ -186,7 +140,7 @@ def train(cfg: Config, resume: bool = False, dry_run: bool = False) -> RunResult
                 try:
                     trainer.start(resume)
                     trainer.fit()
-                    return trainer.finish()
+                    return trainer.finish(on_end)
                 except Preempted:
                     trainer.close_logs()
                     trainer.close_loggers(exit_code=PREEMPTED_EXIT)  # W&B shows it stopped early; resume continues it
@@ -211,31 +165,24 @@ class Trainer:
         self.data = PreparedData(cfg.data.path)
         names, L = list(self.data.domains), cfg.data.seq_len
         self.domains = {n: self.data.train(n) for n in names}
-        windows = [self.domains[n].n_windows(L) for n in names]
-        empty = [n for n, w in zip(names, windows) if w == 0]
-        if empty:
-            raise DataError(
-                f"domain(s) {empty} hold fewer training tokens than one window of data.seq_len + 1 = {L + 1}; "
-                f"lower data.seq_len or add documents"
-            )
-        rule = make_rule(cfg.mixing, initial_weights(cfg.mixing, names, self.data.w0), names,
-                         np.array([self.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64))
-        self.layout = lay = plan_layout(cfg, windows, names, env.world_size, rule.name in ADAPTIVE_RULES)
-        read_plan(cfg.mixing, names, float(lay.steps * lay.tokens_per_step))  # a plan for this budget, or none
-        self._set_up_model()
-        targets = read_targets(cfg.mixing, names)
-        self.given_init = read_given_init(cfg.mixing, names)
-        check_targets_cover(rule, targets, names)
-        sampler = MixtureSampler(
-            seed=cfg.train.seed, global_batch=lay.batch, windows_per_domain=windows, initial_weights=rule.initial_weights(),
-            max_repetition=cfg.data.max_repetition, floor=cfg.mixing.sampling_floor, subsample=cfg.data.subsample,
-            names=names, tokens_per_window=L,
-        )
+        windows = train_windows(self.domains, L)
+        self.layout = lay = plan_layout(cfg, windows, names, env.world_size)
+        # The mixture before the model: a missing or mismatched plan or targets file is refused at once.
+        sampler = partial(MixtureSampler, seed=cfg.train.seed, global_batch=lay.batch, windows_per_domain=windows,
+                          max_repetition=cfg.data.max_repetition, floor=cfg.mixing.sampling_floor,
+                          subsample=cfg.data.subsample, names=names, tokens_per_window=L)
+        tokens = np.array([self.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64)
+        mix = MixingController.from_config(
+            cfg.mixing, names, self.data.w0, tokens, make_sampler=lambda w: sampler(initial_weights=w),
+            steps=lay.steps, lr_warmup=lay.warmup, seq_len=L, device=env.device,
+            budget_tokens=float(lay.steps * lay.tokens_per_step))
+        self.eval_points = eval_points(cfg, lay.steps, mix.interval, mix.eval_signal)
+        e = self.engine = build_engine(cfg, env, self.data, lay, self.domains[names[0]].windows(np.arange(1), L)[:, :-1])
+        self.model, self.net, self.optimizer, self.autocast, self.fused = e.model, e.net, e.optimizer, e.autocast, e.fused
+        self.throughput = Throughput(flops_per_token(e.model, L), peak_flops(env.device)[0], env.world_size)
+        self.peak_name = peak_flops(env.device)[1]
         self.val: ValSet = load_val_set(self.data, L, cfg.eval.max_tokens)
-        controller = MixingController(rule, sampler, steps=lay.steps, warmup=lay.first_update, interval=lay.interval,
-                                      signal=cfg.mixing.signal, targets=targets, seq_len=L, device=env.device,
-                                      pace=cfg.mixing.pace)
-        self.state = TrainState(controller, lay.k, env.device)
+        self.state = TrainState(mix, lay.k, env.device)
         self.tb = TensorBoardLogger(self.out / runfiles.TENSORBOARD_DIR, enabled=False)
         self.wb = WandbLogger(enabled=False)
         if cfg.log.wandb and self.main:
@@ -243,70 +190,6 @@ class Trainer:
         self.metrics_log = self.eval_log = None
         self.stop = StopAgreement(guard or PreemptionGuard(), env, cfg.checkpoint.preempt_check_interval)
         self.last_checkpoint = -1  # the step of the checkpoint this process wrote last
-
-    def _set_up_model(self) -> None:
-        """Seeds, the model (and the tokenizer final/ ships with), autocast, wrapping and the optimizer."""
-        cfg, env = self.cfg, self.env
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed % 2**32)
-        device = env.device
-        check_attn_implementation(cfg.model.attn_implementation, device)
-        if cfg.train.loss_kernel == "liger" and device.type != "cuda":
-            raise ConfigError(f"train.loss_kernel=liger runs Liger Kernel's Triton kernels, on CUDA only; this run is "
-                              f"on {device}: use train.loss_kernel=chunked (the same losses, any device)")
-        model = make_model(cfg, self.data)
-        blocks = dist.transformer_blocks(model)
-        if cfg.train.activation_checkpointing == "block":
-            checkpoint_blocks(blocks)
-        bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
-        self._check_memory(model, blocks, bf16)  # before the model takes any device memory
-        tok_dir = cfg.model.tokenizer or cfg.model.path or self.data.manifest["tokenizer"].get("name_or_path")
-        self.tokenizer = None
-        if cfg.model.tokenizer or (tok_dir and Path(tok_dir).is_dir()):
-            self.tokenizer = load_tokenizer(tok_dir)  # a model.tokenizer that does not exist is an error, not skipped
-        model.to(device)
-        model.train()  # load_model returns eval mode
-        # Once, before any step: the chunked loss must equal the model's own logits (catches unknown heads).
-        first = self.domains[self.layout.names[0]].windows(np.arange(1), self.layout.seq_len)[:, :-1]
-        check_loss_path(model, torch.from_numpy(first).to(device))
-        # train.loss_kernel=liger: the fused kernel in place of the chunked head (None: the chunked path).
-        self.fused = liger_nll_sum(loss_path(model).softcap) if cfg.train.loss_kernel == "liger" else None
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        self.throughput = Throughput(flops_per_token(model, self.layout.seq_len), peak_flops(device)[0], env.world_size)
-        self.peak_name = peak_flops(device)[1]
-        if cfg.train.compile:
-            # Compile the decoder in place: the chunked loss calls it directly and runs the head itself.
-            getattr(model, "base_model", model).compile()
-        self.model = model
-        offload = env.distributed and cfg.dist.fsdp_cpu_offload
-        self.net = dist.wrap_model(model, cfg.dist.strategy, env, bf16, cpu_offload=offload)
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            # The fused kernel needs device parameters; offloaded shards live on the host.
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda" and not offload,
-        )
-
-    def _check_memory(self, model: torch.nn.Module, blocks: list[torch.nn.Module], bf16: bool) -> None:
-        """The memory estimate per device (printed by `_announce`); ConfigError when it exceeds the device's memory."""
-        cfg, env, lay = self.cfg, self.env, self.layout
-        strategy = cfg.dist.strategy if env.distributed else "single"
-        param_bytes = next(model.parameters()).element_size()
-        self.memory = estimate_memory(
-            ModelShape.from_model(model, blocks), micro_batch=lay.micro, seq_len=lay.seq_len,
-            loss_chunk_tokens=cfg.train.loss_chunk_tokens, strategy=strategy, world_size=env.world_size,
-            param_bytes=param_bytes, act_bytes=2 if bf16 else param_bytes,
-            gather_bytes=2 if bf16 and strategy == "fsdp2" else None,  # dist.wrap_model's MixedPrecisionPolicy
-            checkpointing=cfg.train.activation_checkpointing, attn_implementation=cfg.model.attn_implementation,
-            cpu_offload=strategy == "fsdp2" and cfg.dist.fsdp_cpu_offload,
-        )
-        self.capacity, self.capacity_where = device_capacity(env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if cfg.train.memory_check:
-            check_fits(self.memory, self.capacity, self.capacity_where, micro_batch=lay.micro,
-                       checkpointing=cfg.train.activation_checkpointing, strategy=strategy, world_size=env.world_size)
 
     # ------------------------------------------------------------------------------------ start
 
@@ -331,7 +214,8 @@ class Trainer:
             if cfg.mixing.plan:  # the plan gives the targets: keep it with the run, for the record
                 if not _same_file(cfg.mixing.plan, out / runfiles.PLAN_FILE):
                     shutil.copyfile(cfg.mixing.plan, out / runfiles.PLAN_FILE)
-            elif cfg.mixing.targets and not _same_file(cfg.mixing.targets, out / runfiles.TARGETS_FILE):
+            elif (cfg.mixing.targets and Path(cfg.mixing.targets).is_file()  # a rule without targets may lack it
+                  and not _same_file(cfg.mixing.targets, out / runfiles.TARGETS_FILE)):
                 shutil.copyfile(cfg.mixing.targets, out / runfiles.TARGETS_FILE)
             names = self.layout.names
             self.metrics_log = runfiles.RunLog(out / runfiles.METRICS_FILE, runfiles.METRICS, names)
@@ -387,7 +271,7 @@ class Trainer:
             return False
         step, parts = loaded
         check_resume_config(parts["config"], to_dict(self.cfg))
-        dist.restore_model_state(root, parts, self.model, self.optimizer, self.env)
+        dist_checkpoint.restore_model_state(root, parts, self.model, self.optimizer, self.env)
         self.state.load_state_dict(parts["state"] | {"tensors": parts["tensors"]})
         set_rng_state(parts["rng"])
         self.t_start -= self.state.elapsed_s  # wall time counts the run, not this process
@@ -399,8 +283,9 @@ class Trainer:
     def _measure_init(self) -> None:
         """ℓ_init: from mixing.init_loss, or measured now on the val sets (and cached in the run directory)."""
         measured = self._evaluate(0, "eval")
-        init = self.given_init if self.given_init is not None else measured
-        if self.main and self.given_init is None:
+        given = self.state.mixing.given_init
+        init = given if given is not None else measured
+        if self.main and given is None:
             runfiles.write_init_loss(self.out / runfiles.INIT_LOSS_FILE, self.cfg.model.path or "fresh",
                                      self.layout.names, init, self.val.tokens)
         for warning in self.state.mixing.start(init):
@@ -411,12 +296,13 @@ class Trainer:
 
         timed=False (the dry run) leaves out the timed probe and gives the FLOPs estimate of the overhead alone.
         """
-        cfg, lay, env = self.cfg, self.layout, self.env
+        cfg, lay, env, mix, e = self.cfg, self.layout, self.env, self.state.mixing, self.engine
         # The eval signal's cost per training step: by FLOPs (a forward is a third of a step), and from clocks.
-        self.overhead_flops = (self.val.tokens.sum() / (3 * lay.interval * lay.tokens_per_step)) if lay.eval_signal else 0.0
+        m = mix.interval
+        self.overhead_flops = flops_overhead(self.val.tokens.sum(), m, lay.tokens_per_step) if mix.eval_signal else 0.0
         probe = (probe_overhead(self.net, self.val, env, cfg, self.autocast, lay.micro, lay.n_micro)
-                 if lay.eval_signal and timed else None)
-        self.overhead = probe.eval_s / (lay.interval * probe.step_s) if probe else self.overhead_flops
+                 if mix.eval_signal and timed else None)
+        self.overhead = probe.eval_s / (m * probe.step_s) if probe else self.overhead_flops
         if not self.main:
             return
         names, w = lay.names, self.state.mixing.rule.initial_weights()
@@ -426,24 +312,16 @@ class Trainer:
         print(f"domains: {format_weights(names, w)}{source}")
         print(f"steps {lay.steps} x {lay.batch} seq x {lay.seq_len} tok = {lay.steps * lay.tokens_per_step:,} tokens; "
               f"warm-up {lay.warmup}; "
-              + (f"update every {lay.interval} steps from step {max(lay.first_update, lay.interval)}; "
+              + (f"update every {m} steps from step {max(mix.warmup, m)}; "
                  if self.state.mixing.adaptive else f"{cfg.mixing.rule} weights; ")
               + f"{env.world_size} process(es), {lay.n_micro} micro-batch(es) of {lay.micro}")
         checked = "" if cfg.train.memory_check else " (train.memory_check=false: not enforced)"
-        print(f"estimated memory per device: {self.memory.line(self.capacity, self.capacity_where)}{checked}; "
+        print(f"estimated memory per device: {e.memory.line(e.capacity, e.capacity_where)}{checked}; "
               f"micro-batch {lay.micro} x {lay.seq_len} tok, activation_checkpointing={cfg.train.activation_checkpointing}, "
               f"attn={cfg.model.attn_implementation}")
-        if lay.eval_signal and not timed:
-            print(f"estimated reweighting overhead: {100 * self.overhead_flops:.1f}% (signal=eval; by FLOPs "
-                  f"k*val_tokens/(3*m*tokens_per_step); training times it before step 0)")
-        elif probe:
-            print(f"estimated reweighting overhead: {100 * self.overhead:.1f}% (signal=eval; timed before training: "
-                  f"one evaluation {probe.eval_s:.3g}s per {lay.interval} steps of {probe.step_s:.3g}s; "
-                  f"by FLOPs k*val_tokens/(3*m*tokens_per_step) = {100 * self.overhead_flops:.1f}%)")
-        elif self.state.mixing.adaptive:
-            print(f"estimated reweighting overhead: 0.0% (signal={cfg.mixing.signal}: the training losses "
-                  f"already computed" + (f"; one all-reduce of {2 * lay.k} numbers per update)" if env.distributed
-                                         else ")"))
+        line = overhead_line(cfg.mixing.signal, mix.adaptive, probe, self.overhead_flops, m, timed, env.distributed, lay.k)
+        if line:
+            print(line)
 
     def dry_run(self) -> None:
         """`velocitune train --dry-run`: the set-up has checked config, data, model and targets; say what a run
@@ -485,7 +363,7 @@ class Trainer:
                 self._log(done, lr, gnorm, bar)
             bar.update(1)
             # 5. evaluate for the curves (not part of the mixing signal)
-            if done in lay.eval_points and done < lay.steps and not (lay.eval_signal and mix.due(done)):
+            if done in self.eval_points and done < lay.steps and not (mix.eval_signal and mix.due(done)):
                 self._evaluate(done, "eval")
             # 6. update the mixture for the next step (an optimizer-step boundary; never at step 0)
             if mix.due(done):
@@ -526,9 +404,8 @@ class Trainer:
                     out = fused_forward_losses(self.net, x[:, :-1], x[:, 1:], d, plan.domains[sl], lay.k, self.fused)
             (out.loss / lay.n_micro).backward()
             step_loss += out.loss.detach().double() / lay.n_micro
-            st.mixing.observe(out.nll_sum, out.count)
-            st.log_sum += out.nll_sum
-            st.log_cnt += out.count
+            st.step_sum += out.nll_sum  # joins the windows once the step is kept (`_optimizer_step`)
+            st.step_cnt += out.count
         return step_loss
 
     def _optimizer_step(self, step: int, step_loss: torch.Tensor, bar) -> torch.Tensor:
@@ -538,8 +415,7 @@ class Trainer:
         if bool(torch.isfinite(step_loss) & torch.isfinite(gnorm)):  # the one per-step sync (see docstring)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            st.loss_acc += step_loss
-            st.loss_steps += 1
+            st.keep_step(step_loss)
             return gnorm
         if self.cfg.train.nan_policy == "stop":
             bar.close()
@@ -551,9 +427,7 @@ class Trainer:
                 f"or set train.nan_policy=skip to skip such batches"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        st.skipped += 1
-        st.mixing.drop_window()
-        st.log_sum.zero_(), st.log_cnt.zero_()
+        st.drop_step()
         self._say(f"warning: skipped step {step}: non-finite loss (train.nan_policy=skip; {st.skipped} so far)")
         return gnorm
 
@@ -607,7 +481,7 @@ class Trainer:
     def _update_mixture(self, done: int, plan: Plan) -> None:
         """The rule's update from the eval or train signal; new weights take effect at step `done`."""
         st, mix = self.state, self.state.mixing
-        losses = self._evaluate(done, "reweight") if self.layout.eval_signal else None
+        losses = self._evaluate(done, "reweight") if self.state.mixing.eval_signal else None
         with st.timers("reweight"):
             observed = None  # the eval signal sees every domain
             if losses is None:
@@ -621,21 +495,24 @@ class Trainer:
         # Collective: under FSDP2 every rank writes its DCP shards; otherwise the full states are gathered for
         # rank 0. Rank 0's checkpoint directory is the commit point (it holds a reference to the shards).
         root = self.out / runfiles.CHECKPOINTS_DIR
-        model_part = dist.checkpoint_model_state(root, step, self.model, self.optimizer, self.env, self.cfg.dist.strategy)
+        model_part = dist_checkpoint.checkpoint_model_state(root, step, self.model, self.optimizer, self.env, self.cfg.dist.strategy)
         if self.main:
             self.state.elapsed_s = time.perf_counter() - self.t_start
             state = self.state.state_dict()
             save_checkpoint(root, step, {**model_part, "state": {k: v for k, v in state.items() if k != "tensors"},
                                          "tensors": state["tensors"], "rng": rng_state(), "config": to_dict(self.cfg)},
                             keep=self.cfg.checkpoint.keep)
-            dist.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
+            dist_checkpoint.prune_sharded(root)  # shards of checkpoints that save_checkpoint just pruned
         dist.barrier(self.env)
         self.last_checkpoint = step
 
     # ------------------------------------------------------------------------------------ the end
 
-    def finish(self) -> RunResult:
-        """Final validation loss, summary.json, final/ (save_pretrained) and the closing lines."""
+    def finish(self, on_end: EndHook | None = None) -> RunResult:
+        """Final validation loss, summary.json, final/ (save_pretrained) and the closing lines.
+
+        on_end(run dir, W&B logger, steps): called on rank 0 once the run is complete, before the loggers
+        close, when W&B logs the run (log.wandb); the CLI passes the report's `upload_plots`."""
         cfg, lay, st, mix = self.cfg, self.layout, self.state, self.state.mixing
         timers = st.timers
         in_loop = {n: timers.total(n) - self.timers_at_loop.get(n, 0.0) for n in ("reweight", "eval", "checkpoint")}
@@ -644,50 +521,32 @@ class Trainer:
         final = self._evaluate(lay.steps, "eval")
         wall = time.perf_counter() - self.t_start
         names = lay.names
-        final_sd = dist.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
+        final_sd = dist_checkpoint.full_model_state(self.model, self.env, cfg.dist.strategy) if cfg.checkpoint.save_final else None
         if self.main:
             self.close_logs()  # syncs; left open, a process running many trainings leaks three files per run
-            summary = {
-                "velocitune_version": __version__, "arm": default_arm(cfg), "rule": cfg.mixing.rule,
-                "preset": cfg.mixing.preset, "signal": cfg.mixing.signal, "seed": cfg.train.seed, "domains": names,
-                "steps": lay.steps, "tokens": lay.steps * lay.tokens_per_step,
-                "init_loss": dict(zip(names, map(float, mix.init))),
-                "targets": runfiles.per_domain(names, mix.targets), "final_val_loss": dict(zip(names, final.tolist())),
-                "tokens_per_domain": dict(zip(names, mix.tokens_per_domain(lay.steps).tolist())),
-                "epochs_per_domain": dict(zip(names, mix.sampler.epochs(lay.steps).tolist())),
-                "wall_time_s": wall, "time_eval_s": timers.total("eval"), "time_update_s": timers.total("reweight"),
-                "time_data_s": timers.total("data"), "time_checkpoint_s": timers.total("checkpoint"),
-                "skipped_steps": st.skipped, "world_size": self.env.world_size, "estimated_overhead": self.overhead,
-                "estimated_overhead_flops": self.overhead_flops, "measured_overhead": measured, "complete": True,
-            }
-            runfiles.write_summary(self.out / runfiles.SUMMARY_FILE, summary)
+            summary = run_summary(cfg, mix, lay.steps, final, timers, wall_time_s=wall, skipped_steps=st.skipped,
+                                  world_size=self.env.world_size, estimated_overhead=self.overhead,
+                                  estimated_overhead_flops=self.overhead_flops, measured_overhead=measured)
             if cfg.checkpoint.save_final:
-                save_final(unwrap_model(self.model), self.tokenizer, self.out / runfiles.FINAL_DIR, final_sd)
-            self._wandb_end(summary)
+                save_final(unwrap_model(self.model), self.engine.tokenizer, self.out / runfiles.FINAL_DIR, final_sd)
+            # Last: a summary marked complete is the commit point of a finished run (`--resume` then stops).
+            runfiles.write_summary(self.out / runfiles.SUMMARY_FILE, summary)
+            self._wandb_end(summary, on_end)
             self.close_loggers()
             self._closing_lines(final, wall, measured)
         dist.barrier(self.env)
         return RunResult(self.out, lay.steps, dict(zip(names, final.tolist())), dict(zip(names, mix.weights().tolist())))
 
-    def _wandb_end(self, summary: dict[str, Any]) -> None:
-        """W&B's run summary (final, initial and target losses, tokens per domain, times) and the report's plots."""
+    def _wandb_end(self, summary: dict[str, Any], on_end: EndHook | None) -> None:
+        """W&B's run summary (final, initial and target losses, tokens per domain, times), then `on_end`."""
         if not self.wb.enabled:
             return
         for key in ("final_val_loss", "init_loss", "targets", "tokens_per_domain", "epochs_per_domain"):
             self.wb.summary(key, summary[key] or {})
         self.wb.summary("", {k: summary[k] for k in ("wall_time_s", "time_eval_s", "time_update_s", "time_data_s",
                                                      "time_checkpoint_s", "measured_overhead", "estimated_overhead")})
-        from velocitune.report.plots import run_plots  # matplotlib: only when the plots are wanted
-
-        with tempfile.TemporaryDirectory(prefix="velocitune-plots-") as tmp:
-            try:
-                written = run_plots(self.out, Path(tmp))
-            except Exception as exc:  # noqa: BLE001 - the run is complete and saved; a plot is not worth failing it
-                self._say(f"warning: the report's plots were not logged to W&B ({exc}); "
-                          f"draw them with `velocitune report {self.out}`")
-                return
-            self.wb.images({f"plots/{Path(n).stem}": (Path(tmp) / n, caption) for n, caption in written.items()},
-                           step=self.layout.steps)
+        if on_end is not None:  # e.g. the report's plots (the caller's hook: the Trainer does not import report)
+            on_end(self.out, self.wb, self.layout.steps)
 
     def _closing_lines(self, final: np.ndarray, wall: float, measured: float) -> None:
         lay, timers = self.layout, self.state.timers
@@ -713,92 +572,16 @@ def _same_file(a: str | os.PathLike, b: Path) -> bool:
     return b.exists() and os.path.samefile(a, b)
 
 
-def default_arm(cfg: Config) -> str:
-    """The label that groups seeds in reports: run.arm, else the rule (+ preset, + the signal when not the rule's
-    own, + "-pace" / "-nopace" when pacing is not the rule's default)."""
-    if cfg.run.arm:
-        return cfg.run.arm
-    arm = cfg.mixing.rule
-    if cfg.mixing.rule in ("velocitune", "velocitune-no-target") and cfg.mixing.preset != "robust":
-        arm += f"-{cfg.mixing.preset}"
-    if cfg.mixing.rule in ADAPTIVE_RULES and cfg.mixing.signal != rule_timing(cfg.mixing.rule)["signal"]:
-        arm += f"-{cfg.mixing.signal}"  # velocitune-train, odm-eval
-    if cfg.mixing.pace != pace_default(cfg.mixing.rule, cfg.mixing.preset):
-        arm += "-pace" if cfg.mixing.pace else "-nopace"
-    return arm
+def _finished(cfg: Config) -> bool:
+    """True, having said so, when run.out_dir holds a finished run of this config (summary.json marked complete,
+    written after final/); ConfigError when its config.yaml differs in keys that shape the run."""
+    out = Path(cfg.run.out_dir)
+    if not runfiles.run_is_complete(out):
+        return False
+    if (out / runfiles.CONFIG_FILE).is_file():
+        check_resume_config(to_dict(runfiles.read_config(out / runfiles.CONFIG_FILE)), to_dict(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run {out} is complete (its summary.json says so): nothing to resume, nothing written; "
+              f"to train it again, use another run.out_dir")
+    return True
 
-
-def save_final(model: torch.nn.Module, tokenizer, out: Path, state_dict: dict | None = None) -> None:
-    """final/: a save_pretrained directory (plus tokenizer), written beside and renamed into place."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-
-
-def assemble(domains: dict, names: list[str], dom: np.ndarray, win: np.ndarray, L: int, device: torch.device):
-    """Gather the planned windows into one int64 batch (n, L+1) and its per-sequence domain ids (n,)."""
-    batch = np.empty((len(dom), L + 1), dtype=np.int64)
-    for d in np.unique(dom):
-        rows = np.nonzero(dom == d)[0]
-        batch[rows] = domains[names[d]].windows(win[rows], L)
-    x = torch.from_numpy(batch)
-    dvec = torch.from_numpy(dom.astype(np.int64))
-    if device.type == "cuda":
-        x, dvec = x.pin_memory(), dvec.pin_memory()
-    return x.to(device, non_blocking=True), dvec.to(device, non_blocking=True)
-
-
-@dataclass
-class OverheadProbe:
-    eval_s: float  # one evaluation of the val sets (what the eval signal runs per update), this rank
-    step_s: float  # one training step's forward and backward passes (n_micro micro-batches), this rank
-
-
-def probe_overhead(net, val: ValSet, env: dist.DistEnv, cfg: Config, autocast, micro: int, n_micro: int,
-                   repeats: int = 5) -> OverheadProbe:
-    """Time the eval signal's evaluation and a training step before training, leaving no trace.
-
-    The FLOPs estimate k·val/(3·m·τ) takes a forward pass for a third of a step; at small scale fixed costs
-    (per-layer kernels, the chunked head, Python) make it more, and the estimate runs ~20 % low. So time the
-    real thing: one warm-up micro-batch (it also compiles under train.compile), then `repeats` training
-    micro-batches (forward + backward through the same chunked loss as the loop; median) on val windows, and
-    one whole `evaluate` after a forward-only warm-up. Gradients are dropped and the RNG forked, so the run
-    is the same as without the probe. Collective under torchrun (every rank runs it). Leaves out the
-    optimizer step, clipping and data loading (a few % of a step). Cost: about one update's evaluation
-    plus seven micro-batches. On the CPU benchmark it lands within 10 % of the measured overhead.
-    """
-    device = env.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    flat = np.concatenate(val.windows)  # (all val windows, L+1)
-    dom = np.repeat(np.arange(len(val.windows)), [w.shape[0] for w in val.windows])  # (all val windows,)
-    rows = np.arange(micro) % flat.shape[0]  # a training-shaped micro-batch, repeating windows if few
-    x = torch.from_numpy(flat[rows]).to(device)  # (micro, L+1)
-    d = torch.from_numpy(dom[rows]).to(device)  # (micro,)
-    model = unwrap_model(net)
-
-    def micro_step(backward: bool = True) -> float:
-        sync()
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(backward), autocast():
-            out = forward_losses(net, x[:, :-1], x[:, 1:], d, len(val.windows), cfg.train.loss_chunk_tokens)
-        if backward:
-            out.loss.backward()
-        sync()
-        return time.perf_counter() - t0
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws stay private
-        micro_step()  # warm-up of the training pass
-        step_s = n_micro * float(np.median([micro_step() for _ in range(repeats)]))
-        model.zero_grad(set_to_none=True)
-        net.eval()
-        micro_step(backward=False)  # warm-up of the forward-only pass (the ℓ_init evaluation may not have run)
-        net.train()
-        sync()
-        t0 = time.perf_counter()
-        evaluate(net, val, env, cfg.eval.batch_size, cfg.train.loss_chunk_tokens, autocast())
-        eval_s = time.perf_counter() - t0
-    return OverheadProbe(eval_s=eval_s, step_s=step_s)

@@ -23,7 +23,7 @@ def test_cli_flags_and_repeated_domain(tmp_path, tokenizer_dir, hf, capsys):
     c = write_docs(tmp_path / "c.jsonl", paragraphs(14, 5))
     assert cli(["prepare", f"--tokenizer={tokenizer_dir}", "--out", str(tmp_path / "out"), "--domain", f"x={a}",
                 "--domain", f"y={c}", "--domain", f"x={b}", "--workers", "1", "--no-progress",
-                "--val-fraction", "0.3", "--val-tokens", "50"]) == 0
+                "--val-fraction", "0.3", "--val-tokens", "50", "--data.seq_len=4"]) == 0
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [e["name"] for e in m["domains"]] == ["x", "y"]
     assert m["domains"][0]["sources"] == [str(a), str(b)]
@@ -57,7 +57,7 @@ def test_cli_merge(tmp_path, tokenizer_dir):
     for i in range(2):
         run_prepare(tokenizer_dir, tmp_path / f"p{i}", domains, num_shards=2, shard_index=i)
     assert cli(["prepare", "--merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out",
-                str(tmp_path / "m"), "--no-progress"]) == 0
+                str(tmp_path / "m"), "--no-progress", "--data.seq_len=4"]) == 0
     assert PreparedData(tmp_path / "m").domains == ["txt", "json"]
 
 
@@ -113,3 +113,23 @@ def test_missing_pieces_and_an_output_path_that_is_a_file(tmp_path, tokenizer_di
     assert cli(["prepare", "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "f" / "o"),
                 "--domain", "a=x.jsonl"]) == 2
     assert "is a file, not a directory" in _error(capsys)
+
+
+def test_cli_warns_on_a_small_val_split_and_refuses_one_without_a_window(tmp_path, tokenizer_dir, capsys, caplog):
+    """A small corpus at the default val_fraction: the user hears at prepare time, not from a later command.
+    (The warning is a log record: on a terminal Python's last-resort handler prints it to stderr.)"""
+    docs = write_docs(tmp_path / "d.jsonl", paragraphs(3, 30, 20, 40))
+    argv = ["prepare", f"--tokenizer={tokenizer_dir}", "--domain", f"d={docs}", "--workers", "1", "--no-progress"]
+    assert cli(argv + ["--out", str(tmp_path / "a"), "--data.seq_len=8"]) == 0
+    val = json.loads((tmp_path / "a" / "manifest.json").read_text())["domains"][0]["val"]["tokens"]
+    capsys.readouterr()
+    seq_len = val // 3 - 1  # three windows of seq_len + 1 tokens
+    with caplog.at_level("WARNING", logger="velocitune.prepare"):
+        assert cli(argv + ["--out", str(tmp_path / "b"), f"--data.seq_len={seq_len}"]) == 0
+    err = "\n".join(r.getMessage() for r in caplog.records)
+    assert (f"domain 'd': its validation split holds only 3 window(s) of data.seq_len + 1 = {seq_len + 1} tokens "
+            f"({val:,} tokens), a noisy val loss; 8 or more are advised: raise --val-fraction (now 0.01") in err
+    assert cli(argv + ["--out", str(tmp_path / "c"), f"--data.seq_len={val}"]) == 2
+    assert (f"error: domain 'd': its validation split holds {val:,} tokens, 0 whole window(s) of data.seq_len + 1 "
+            f"= {val + 1} tokens, fewer than the 1 needed to measure a val loss; raise --val-fraction (now 0.01; about"
+            in capsys.readouterr().err)

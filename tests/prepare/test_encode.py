@@ -11,7 +11,7 @@ from conftest import paragraphs, ref_ids, run_prepare, write_docs
 
 from velocitune.errors import DataError
 from velocitune.prepare import load_tokenizer
-from velocitune.prepare.encode import _BatchEncoder, _Encoder
+from velocitune.prepare.encode import Encoder, _BatchEncoder
 
 
 def test_encoder_paths_agree(tokenizer_dir, hf):
@@ -35,9 +35,9 @@ def test_worker_pool_matches_the_inline_encoder(tokenizer_dir):
     # job's tokens in job order, the same as encoding in this process.
     spec = load_tokenizer(tokenizer_dir).spec
     jobs = [(k, paragraphs(30 + k, 1 + k % 4)) for k in range(9)]
-    with _Encoder(spec, 1) as inline:
+    with Encoder(spec, 1) as inline:
         want = [(m, t.tolist(), n.tolist()) for m, t, n in inline.map(jobs)]
-    with _Encoder(spec, 2) as pool:
+    with Encoder(spec, 2) as pool:
         got = [(m, t.tolist(), n.tolist()) for m, t, n in pool.map(jobs)]
         lengths = [(m, t, n.tolist()) for m, t, n in pool.map(jobs, lengths_only=True)]
     assert got == want

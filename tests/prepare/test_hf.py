@@ -110,8 +110,8 @@ def test_rerun_reuses_and_a_changed_dataset_is_redone(tmp_path, tokenizer_dir, m
     domains = {"web": [f"hf:{path}"]}
     first = run_prepare(tokenizer_dir, tmp_path / "out", domains, val_fraction=0.1)
     scanned = []
-    real_scan = pipeline._scan_domain
-    monkeypatch.setattr(pipeline, "_scan_domain", lambda name, *a, **k: scanned.append(name) or real_scan(name, *a, **k))
+    real_scan = pipeline.scan_domain
+    monkeypatch.setattr(pipeline, "scan_domain", lambda name, *a, **k: scanned.append(name) or real_scan(name, *a, **k))
     assert run_prepare(tokenizer_dir, tmp_path / "out", domains, val_fraction=0.1) == first
     assert scanned == []
     # Saved again with one more document: its files change, so the domain is redone.
@@ -208,7 +208,7 @@ def test_cli_flag_and_yaml_domains_take_hf_specs(tmp_path, tokenizer_dir, monkey
     monkeypatch.chdir(tmp_path)
     _save(tmp_path / "ds", None, train={"text": paragraphs(8, 30)}, test={"text": ["x", "y"]})
     (tmp_path / "cpt.yaml").write_text(
-        f"data: {{path: prepared}}\nmodel: {{tokenizer: {tokenizer_dir}}}\n"
+        f"data: {{path: prepared, seq_len: 8}}\nmodel: {{tokenizer: {tokenizer_dir}}}\n"
         "prepare:\n  domains:\n    a: hf:ds\n  val_fraction: 0.2\n  workers: 1\nlog: {progress: false}\n")
     assert main(["prepare", "cpt.yaml", "--domain", "b=hf:ds:train:text"]) == 0
     m = json.loads((tmp_path / "prepared" / "manifest.json").read_text())

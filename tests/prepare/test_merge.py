@@ -50,3 +50,21 @@ def test_merge_refuses_parts_of_different_runs(tmp_path, tokenizer_dir):
         merge_prepared([tmp_path / "whole"], tmp_path / "m", progress=False)
     with pytest.raises(DataError, match="no manifest.json"):
         merge_prepared([tmp_path / "in"], tmp_path / "m", progress=False)
+
+
+def test_merge_checks_the_whole_val_split_against_seq_len(tmp_path, tokenizer_dir):
+    """Parts hold a share of each val split, so the window check is made on the merged split."""
+    domains = two_domains(tmp_path / "in")
+    for i in range(2):
+        run_prepare(tokenizer_dir, tmp_path / f"p{i}", domains, num_shards=2, shard_index=i, val_fraction=0.1,
+                    seq_len=10**5)  # not one window in any val split, but a part is not checked
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    merged = merge_prepared(parts, tmp_path / "m", progress=False)
+    val = {e["name"]: e["val"]["tokens"] for e in merged["domains"]}
+    longest = max(val.values())
+    with pytest.raises(DataError, match=r"domain '\w+': its validation split holds [\d,]+ tokens, 0 whole window"):
+        merge_prepared(parts, tmp_path / "m2", progress=False, seq_len=longest)
+    # The reused domains of an earlier merge are checked too.
+    with pytest.raises(DataError, match="0 whole window"):
+        merge_prepared(parts, tmp_path / "m", progress=False, seq_len=longest)
+    assert merge_prepared(parts, tmp_path / "m", progress=False, seq_len=min(val.values()) - 1) == merged

@@ -22,7 +22,7 @@ def test_rerun_skips_finished_domains_and_redoes_changed_ones(tmp_path, tokenize
     def no_scan(*a, **k):
         raise AssertionError("a finished domain was tokenized again")
 
-    monkeypatch.setattr(pipeline, "_scan_domain", no_scan)
+    monkeypatch.setattr(pipeline, "scan_domain", no_scan)
     again = run_prepare(tokenizer_dir, out, domains, val_fraction=0.1)
     assert again == first
     assert {rel: (out / rel).stat().st_mtime_ns for rel in read_tree(out) if rel != "manifest.json"} == \
@@ -33,8 +33,8 @@ def test_rerun_skips_finished_domains_and_redoes_changed_ones(tmp_path, tokenize
     with open(tmp_path / "in" / "j.jsonl", "a") as f:
         f.write(json.dumps({"text": "one more document about velocity"}) + "\n")
     scanned = []
-    real_scan = pipeline._scan_domain
-    monkeypatch.setattr(pipeline, "_scan_domain",
+    real_scan = pipeline.scan_domain
+    monkeypatch.setattr(pipeline, "scan_domain",
                         lambda name, *a, **k: scanned.append(name) or real_scan(name, *a, **k))
     third = run_prepare(tokenizer_dir, out, domains, val_fraction=0.1)
     assert scanned == ["json"]

@@ -98,3 +98,64 @@ def test_val_would_take_the_whole_domain(tmp_path, tokenizer_dir):
     src = write_docs(tmp_path / "two.jsonl", ["first document", "second document"])
     with pytest.raises(DataError, match="domain 'two': the val split would take all 2.*--val-fraction"):
         run_prepare(tokenizer_dir, tmp_path / "out", {"two": str(src)}, val_fraction=0.999999)
+
+
+# -- the val split's size against data.seq_len (issue 28 item 3) -----------------------------------------------
+
+
+def test_check_val_size_refuses_no_window_warns_under_useful_and_names_what_to_change(caplog):
+    from velocitune.prepare.settings import MIN_VAL_WINDOWS, USEFUL_VAL_WINDOWS, make_settings
+    from velocitune.prepare.split import check_val_size
+
+    assert (MIN_VAL_WINDOWS, USEFUL_VAL_WINDOWS) == (1, 8)
+    settings = make_settings(val_fraction=0.01, val_tokens=1_000_000)
+    # 1,566 tokens at seq_len 256: 6 windows of 257 (the newcomer's corpus): a warning, with the val_fraction
+    # that would give 8 windows, 0.01 * 8 * 257 / 1566 = 0.0131.
+    with caplog.at_level("WARNING", logger="velocitune.prepare"):
+        check_val_size("web", 1566, 256, settings)
+    (rec,) = caplog.records
+    assert rec.getMessage() == (
+        "domain 'web': its validation split holds only 6 window(s) of data.seq_len + 1 = 257 tokens (1,566 "
+        "tokens), a noisy val loss; 8 or more are advised: raise --val-fraction (now 0.01; about 0.013 would "
+        "give 8), lower data.seq_len (now 256) or give the domain more data")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="velocitune.prepare"):
+        check_val_size("web", 8 * 257, 256, settings)  # exactly 8 windows: nothing to say
+    assert caplog.records == []
+    # 256 tokens: not one window of 257. The suggested fraction (0.08) is below 0.5, so it is given.
+    with pytest.raises(DataError) as err:
+        check_val_size("web", 256, 256, settings)
+    assert str(err.value) == (
+        "domain 'web': its validation split holds 256 tokens, 0 whole window(s) of data.seq_len + 1 = 257 "
+        "tokens, fewer than the 1 needed to measure a val loss; raise --val-fraction (now 0.01; about 0.08 "
+        "would give 8), lower data.seq_len (now 256) or give the domain more data")
+    # A val_tokens cap below 8 windows is named too; a fraction past 0.5 is not suggested.
+    small_cap = make_settings(val_fraction=0.2, val_tokens=500)
+    with pytest.raises(DataError, match=r"raise --val-fraction \(now 0.2\) and --val-tokens \(now 500\) to at "
+                                        r"least 2,056, lower data.seq_len"):
+        check_val_size("web", 200, 256, small_cap)
+
+
+def test_prepare_refuses_a_val_split_without_a_window_before_marking_the_domain_done(tmp_path, tokenizer_dir):
+    from velocitune.errors import ConfigError
+
+    docs = write_docs(tmp_path / "d.jsonl", paragraphs(3, 30, 20, 40))
+    m = run_prepare(tokenizer_dir, tmp_path / "ok", {"d": [str(docs)]}, val_fraction=0.1)
+    val_tokens = m["domains"][0]["val"]["tokens"]
+    assert val_tokens > 0
+    # A window one token longer than the whole val split: refused, and the domain is not marked done.
+    with pytest.raises(DataError, match=rf"domain 'd': its validation split holds {val_tokens:,} tokens, 0 whole "):
+        run_prepare(tokenizer_dir, tmp_path / "bad", {"d": [str(docs)]}, val_fraction=0.1, seq_len=val_tokens)
+    assert not (tmp_path / "bad" / "d" / ".done").exists() and not (tmp_path / "bad" / "manifest.json").exists()
+    # Exactly one window fits: accepted (with a warning), same bytes as without the check.
+    again = run_prepare(tokenizer_dir, tmp_path / "one", {"d": [str(docs)]}, val_fraction=0.1,
+                        seq_len=val_tokens - 1)
+    assert again["domains"][0]["val"] == {**m["domains"][0]["val"], "shards": again["domains"][0]["val"]["shards"]}
+    # A finished domain is checked again on a rerun with a longer window (its inputs did not change).
+    with pytest.raises(DataError, match="0 whole window"):
+        run_prepare(tokenizer_dir, tmp_path / "one", {"d": [str(docs)]}, val_fraction=0.1, seq_len=val_tokens)
+    # The val_tokens cap is checked before any work.
+    with pytest.raises(ConfigError, match=r"val_tokens 10 caps every domain's validation split below 1 window\(s\) "
+                                          r"of data.seq_len \+ 1 = 11 tokens; raise --val-tokens to at least 11"):
+        run_prepare(tokenizer_dir, tmp_path / "cap", {"d": [str(docs)]}, val_tokens=10, seq_len=10)
+    assert not (tmp_path / "cap").exists()

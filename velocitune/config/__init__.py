@@ -9,7 +9,6 @@ One module per job: `schema` (the dataclasses and defaults), `loading` (YAML, ov
 `helptext` (`--help-config`). Which mixing rules exist lives in the registry, velocitune/rules.py.
 """
 
-from velocitune import rules
 from velocitune.config.helptext import HELP_NOTES, help_text
 from velocitune.config.loading import (
     CONFIG_VERSION,
@@ -39,15 +38,10 @@ from velocitune.config.schema import (
 )
 from velocitune.config.validation import CHOICES, choices, validate
 
-# Old names, kept for code not yet reading the registry (velocitune/rules.py) directly; no data of their own.
-RULES = rules.rule_names()  # the rules registered at import (rules.rule_names() also sees later ones)
-rule_timing = rules.timing
-pace_default = rules.pace_default
-
 __all__ = [
-    "BEFORE_KEY", "CHOICES", "CONFIG_VERSION", "HELP_NOTES", "RESUMABLE_CHANGES", "RULES",
+    "BEFORE_KEY", "CHOICES", "CONFIG_VERSION", "HELP_NOTES", "RESUMABLE_CHANGES",
     "CheckpointConfig", "Config", "DataConfig", "DistConfig", "EvalConfig", "LogConfig", "MixingConfig",
     "ModelConfig", "PlanConfig", "PrepareConfig", "RunConfig", "TargetsConfig", "TrainConfig",
-    "check_resume_config", "choices", "dump_yaml", "from_dict", "help_text", "load_config", "pace_default",
-    "parse_override", "rule_timing", "set_dotted", "to_dict", "valid_keys", "validate",
+    "check_resume_config", "choices", "dump_yaml", "from_dict", "help_text", "load_config",
+    "parse_override", "set_dotted", "to_dict", "valid_keys", "validate",
 ]

@@ -138,7 +138,7 @@ def build_corpus(out_dir: str | os.PathLike, scale: float = 1.0, progress: bool 
     with progress_bar(progress, budgets["replay"] + budgets[PRETRAIN_DOMAIN], "prose") as bar:
         replay, pretrain = split_prose(prose_documents(), budgets["replay"], budgets[PRETRAIN_DOMAIN], bar)
     docs = {PRETRAIN_DOMAIN: pretrain, "replay": replay}
-    streams = {"code": _code_documents(), "math": math_documents(), "sci": _sci_documents()}
+    streams = {"code": code_documents(), "math": math_documents(), "sci": _sci_documents()}
     docs.update(take_streams(streams, budgets, progress))
     write_build(out, paths, docs, params, SOURCES, "demo corpus domain")
     return paths
@@ -432,7 +432,8 @@ def _whole_file(path: Path) -> list[str]:
     return [text]
 
 
-def _code_documents() -> Iterator[str]:
+def code_documents() -> Iterator[str]:
+    """The code domain's documents: the standard library's Python files (less `_CODE_EXCLUDE` and oversized ones)."""
     stdlib = _stdlib_dir()
     files = _python_files(stdlib, _CODE_EXCLUDE)
     return documents_from_units("code", {f"stdlib:{rel}": partial(_whole_file, stdlib / rel) for rel in files})

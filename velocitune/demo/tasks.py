@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from velocitune.demo.corpus import _code_documents
+from velocitune.demo.corpus import code_documents
 from velocitune.demo.math_problems import MATH_SEED, math_documents
 from velocitune.fileio import atomic_write_text, output_dir
 
@@ -136,7 +136,7 @@ def code_examples_from_file(text: str, rng: random.Random, per_file: int = LINES
 
 def heldout_code_files(corpus_code: set[str]) -> Iterator[str]:
     """Standard-library files of the code stream that are not in the corpus, in stream order."""
-    for doc in _code_documents():
+    for doc in code_documents():
         if doc not in corpus_code:
             yield doc
 

@@ -14,9 +14,12 @@ number of ranks. The callback drives the same `MixingController` as `velocitune 
 defaults (the `mixing` section of the config: rule `velocitune`, preset `robust`, interval steps // 100,
 first update at the end of the Trainer's warm-up): at each update it evaluates the fixed per-domain val
 sets (the `eval` signal), applies the rule, and appends the new weights to the sampler's schedule from
-step t + 1 (the Trainer's data loader has already fetched step t's first micro-batch). Its state is saved
-as JSON in each Trainer checkpoint (`velocitune_state.json`) and restored on resume; the mixture log is
-cut back to the checkpoint, so a resumed run's log has no duplicate lines.
+step t + 1 (the Trainer's data loader has already fetched step t's first micro-batch). The controller is
+built by `MixingController.from_config`, as in `velocitune train`, so a bad key, a missing plan or targets
+file is refused when the callback is made. Its state and its mixture records are saved in each Trainer
+checkpoint as `velocitune_state.json` (runfiles' versioned `callback-state` format; a file of velocitune 0.1
+is still read) and restored on resume; the mixture log is cut back to the checkpoint, so a resumed run's
+log has no duplicate lines.
 """
 
 from __future__ import annotations
@@ -29,22 +32,14 @@ import torch
 from transformers import TrainerCallback
 
 from velocitune import dist, runfiles
-from velocitune.config import from_dict, rule_timing
-from velocitune.controller import (
-    MixingController,
-    check_targets_cover,
-    make_rule,
-    read_given_init,
-    read_targets,
-)
+from velocitune.config import from_dict
+from velocitune.controller import MixingController
 from velocitune.errors import ConfigError
 from velocitune.evaluate import evaluate, load_val_set
-from velocitune.fileio import atomic_write_json, read_json, truncate_after
+from velocitune.fileio import truncate_after
 from velocitune.sampler import MixtureSampler
-from velocitune.schedule import as_steps, default_interval
 from velocitune.shards import PreparedData
 
-STATE_FILE = "velocitune_state.json"
 # The weights chosen after step t reach the data from step t + 1: the loader has prefetched step t's batch.
 LAG = 1
 
@@ -74,9 +69,16 @@ class MixtureDataset(torch.utils.data.Dataset):
         windows = [self._tokens[n].n_windows(seq_len) for n in self.names]
         w0 = self.data.w0 if weights is None else np.array([weights[n] for n in self.names], dtype=np.float64)
         self.w0 = w0 / w0.sum()
-        self.sampler = MixtureSampler(seed, global_batch, windows, self.w0, max_repetition=max_repetition,
-                                      names=self.names, tokens_per_window=seq_len)
+        self._stream = dict(seed=seed, global_batch=global_batch, windows_per_domain=windows,
+                            max_repetition=max_repetition, names=self.names, tokens_per_window=seq_len)
+        self.sampler = self.restart(self.w0)
         self.steps = steps if steps is not None else max(1, sum(windows) // global_batch)
+
+    def restart(self, weights: np.ndarray) -> MixtureSampler:
+        """A fresh sampler of this stream starting from `weights` (k,), read by the dataset from now on (the
+        callback's controller starts it from its rule's initial weights)."""
+        self.sampler = MixtureSampler(initial_weights=weights, **self._stream)
+        return self.sampler
 
     def __len__(self) -> int:
         return self.steps * self.global_batch
@@ -118,9 +120,9 @@ class VelocituneCallback(TrainerCallback):
     init_loss: an init_loss.json path or {domain: loss}; default: measured when training begins.
     interval: steps between updates (default: steps // 100, for every rule: each update costs an
     evaluation here); warmup_steps: the first update's step (default: mixing.warmup, else the rule's
-    as its authors ran it (dbl: 0), else the Trainer's own warm-up). log_file: where to write the mixture records (mixture.jsonl
-    format). Any other keyword is a `mixing` config key (rule, preset, eta, smoothing, floor, ...), with
-    the same defaults and checks as in a config file.
+    as its authors ran it (dbl: 0), else the Trainer's own warm-up). log_file: where to write the mixture
+    records (mixture.jsonl format). Any other keyword is a `mixing` config key (rule, preset, eta, smoothing,
+    floor, ...), with the same defaults and checks as in a config file.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class VelocituneCallback(TrainerCallback):
         targets: str | Path | dict[str, float] | None = None,
         init_loss: str | Path | dict[str, float] | None = None,
         interval: int | None = None,
-        warmup_steps: int | None = None,
+        warmup_steps: float | None = None,
         eval_tokens: int = 32768,
         eval_batch_size: int = 8,
         log_file: str | Path | None = None,
@@ -138,6 +140,8 @@ class VelocituneCallback(TrainerCallback):
         self.dataset = dataset
         names = dataset.names
         keys = {"signal": "eval", **mixing, "interval": interval}  # the Trainer gives us evaluations only
+        if warmup_steps is not None:
+            keys["warmup"] = warmup_steps
         if isinstance(targets, (str, Path)):
             keys["targets"] = str(targets)
         elif targets is not None:
@@ -148,25 +152,30 @@ class VelocituneCallback(TrainerCallback):
         if mc.signal != "eval":
             raise ConfigError("VelocituneCallback re-weights from evaluations (mixing.signal=eval): the Trainer "
                               "does not expose per-domain training losses; use `velocitune train` for the train signal")
+        if mc.rule == "aioli":
+            raise ConfigError("VelocituneCallback does not run rule 'aioli': its LearnParams blocks need the val "
+                              "losses at steps the rule sets and their weights from the very next step; use "
+                              "`velocitune train --mixing.rule=aioli`")
         self.mixing_config = mc
-        self.rule = make_rule(mc, dataset.w0, names, np.array(
-            [dataset.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64))
-        self.targets = read_targets(mc, names)
-        check_targets_cover(self.rule, self.targets, names)
-        given = read_given_init(mc, names)
-        if isinstance(init_loss, dict):
-            given = np.array([init_loss[n] for n in names], dtype=np.float64)
-        self.given_init = given
-        self.interval, self.warmup = interval, warmup_steps
+        given = np.array([init_loss[n] for n in names], dtype=np.float64) if isinstance(init_loss, dict) else None
+        tokens = np.array([dataset.data.domain_info(n)["train"]["tokens"] for n in names], dtype=np.float64)
+        # The first update may wait for the Trainer's LR warm-up (lr_warmup=None): `on_train_begin` gives it.
+        self.controller = MixingController.from_config(
+            mc, names, dataset.w0, tokens, make_sampler=dataset.restart, steps=dataset.steps, lr_warmup=None,
+            seq_len=dataset.seq_len, device=torch.device("cpu"), given_init=given, rule_interval=False,
+            keep_records=True)
         self.val = load_val_set(dataset.data, dataset.seq_len, eval_tokens)
         self.eval_batch_size = eval_batch_size
         self.log_file = Path(log_file) if log_file else None
-        self.history: list[dict] = []  # every mixture record of this process, step 0 included
-        self.controller: MixingController | None = None
+
+    @property
+    def history(self) -> list[dict]:
+        """Every mixture record of this process, step 0 included (restored from the checkpoint on resume)."""
+        return self.controller.records
 
     @property
     def init(self) -> np.ndarray | None:
-        return None if self.controller is None else self.controller.init
+        return self.controller.init
 
     def _env(self, model) -> dist.DistEnv:
         device = next(model.parameters()).device
@@ -180,66 +189,39 @@ class VelocituneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.dataloader_num_workers:
             raise ConfigError("VelocituneCallback needs dataloader_num_workers=0 (see trainer_args_for)")
-        steps = self.dataset.steps
-        # The first update: warmup_steps, else mixing.warmup or the rule's (dbl: 0), else the Trainer's LR warm-up.
-        mc = self.mixing_config
-        w = self.warmup if self.warmup is not None else mc.warmup if mc.warmup is not None else rule_timing(mc.rule)["warmup"]
-        warmup = args.get_warmup_steps(steps) if w is None else as_steps(w, steps)
-        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        c = self.controller
+        c.use_lr_warmup(args.get_warmup_steps(self.dataset.steps))
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / runfiles.CALLBACK_STATE_FILE
         resuming = state.global_step > 0 and saved.is_file()
         if self.log_file is not None and state.is_world_process_zero:
             if resuming:
                 truncate_after(self.log_file, state.global_step + LAG)  # later records are written again
             else:
                 self.log_file.unlink(missing_ok=True)
-        c = self.controller = MixingController(
-            self.rule, self.dataset.sampler, steps=steps, warmup=warmup, interval=default_interval(self.interval, steps),
-            signal="eval", targets=self.targets, seq_len=self.dataset.seq_len, device=torch.device("cpu"),
-            log=_History(self.history, self.log_file, self.dataset.names, state.is_world_process_zero),
-            pace=mc.pace)
+            c.log = runfiles.RunLog(self.log_file, runfiles.MIXTURE, self.dataset.names)
         if resuming:
-            doc = read_json(saved, fix="delete that checkpoint, or resume from an earlier one")
-            c.load_state_dict({**doc, "sig_sum": torch.tensor(doc["sig_sum"], dtype=torch.float64),
-                               "sig_cnt": torch.tensor(doc["sig_cnt"], dtype=torch.float64)})
-            self.history[:] = list(doc["history"])
+            doc = runfiles.read_callback_state(saved)
+            c.load_state_dict(doc["controller"])
+            c.records[:] = doc["records"]
         else:
-            c.start(self.given_init if self.given_init is not None else self._losses(model))
+            c.start(c.given_init if c.given_init is not None else self._losses(model))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         t = state.global_step
-        if self.controller is None or not self.controller.due(t, lag=LAG):
+        if not self.controller.due(t, lag=LAG):
             return
         losses = self._losses(model)
         # ŵ of the step just trained (t - 1): the ODM rule's importance weights.
         self.controller.update(t, losses, self.dataset.sampler.plan(t - 1).sampling_weights, lag=LAG)
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or self.controller is None:
+        if not state.is_world_process_zero:
             return
         out = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         out.mkdir(parents=True, exist_ok=True)
-        doc = self.controller.state_dict()
-        doc["sig_sum"], doc["sig_cnt"] = doc["sig_sum"].tolist(), doc["sig_cnt"].tolist()
-        atomic_write_json(out / STATE_FILE, {**doc, "history": self.history})
-
+        runfiles.write_callback_state(out / runfiles.CALLBACK_STATE_FILE, self.controller.state_dict(),
+                                      self.controller.records)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.controller is not None and self.controller.log is not None:
+        if self.controller.log is not None:
             self.controller.log.close()
-
-
-class _History:
-    """The controller's record sink for the callback: kept in memory, and appended to `log_file` on rank 0."""
-
-    def __init__(self, history: list[dict], log_file: Path | None, names: list[str], main: bool):
-        self.history = history
-        self.log = runfiles.RunLog(log_file, runfiles.MIXTURE, names) if (log_file and main) else None
-
-    def write(self, record: dict) -> None:
-        self.history.append(dict(record))
-        if self.log is not None:
-            self.log.write(record)
-
-    def close(self) -> None:
-        if self.log is not None:
-            self.log.close()

@@ -9,7 +9,8 @@ Pure numpy/scipy in float64: no I/O, no printing, no torch. One job per module:
   (`fit_cpt_law`, `check_cpt_law`, `cpt_full_law`; §4.2);
 - `mixture_law`: the D-CPT law over the domain share r (`fit_dcpt_law`, `suggest_domain_share`;
   §4.3) and Ye et al.'s data mixing law over the whole mixture (`fit_mixing_law`) and the
-  share law over a domain's own share (`fit_share_law`), both at a fixed budget (§4.4);
+  share law over a domain's own share (`fit_share_law`), both at a fixed budget, and a plan's
+  prediction from the law each domain chose (`plan_predict`; §4.4);
 - `solver`: the robust-fitting engine they share (Huber loss, Levenberg–Marquardt descent,
   L-BFGS-B polish, residual bootstrap); its docstring explains how every fit is made.
 
@@ -32,6 +33,7 @@ from velocitune.laws.mixture_law import (
     fit_dcpt_law,
     fit_mixing_law,
     fit_share_law,
+    plan_predict,
     suggest_domain_share,
 )
 
@@ -53,5 +55,6 @@ __all__ = [
     "fit_share_law",
     "loglinear_extrapolate",
     "lr_areas",
+    "plan_predict",
     "suggest_domain_share",
 ]

@@ -21,20 +21,20 @@ from scipy.signal import lfilter
 
 from velocitune.errors import FitError
 from velocitune.laws.solver import (
-    _EXP_HI,
-    _R2_MIN,
-    _bootstrap_problem,
-    _check_has_bootstrap,
-    _check_lengths,
-    _check_level,
-    _check_options,
-    _fit_problem,
-    _holdout_error,
-    _out,
-    _percentile_band,
-    _positive_scalar,
-    _r2,
-    _vector,
+    EXP_HI,
+    R2_MIN,
+    as_vector,
+    bootstrap_problem,
+    check_has_bootstrap,
+    check_lengths,
+    check_level,
+    check_options,
+    fit_problem,
+    holdout_error,
+    percentile_band,
+    positive_scalar,
+    r_squared,
+    to_output,
 )
 
 _MIN_POINTS_CPT = 5
@@ -59,7 +59,7 @@ def lr_areas(lrs, warmup_steps: int, lam: float = 0.999) -> tuple[np.ndarray, np
     step 100 — gives S1(100) = 0.08605, S2(80) = 0, S2(90) = 0.0024676, S2(100) = 0.0093904.
     """
     caller = "lr_areas"
-    eta = _vector(caller, "lr", lrs, sign="≥ 0")
+    eta = as_vector(caller, "lr", lrs, sign="≥ 0")
     T = len(eta)
     if T == 0:
         raise FitError(f"{caller}: the schedule is empty; pass one learning rate per step")
@@ -100,7 +100,7 @@ def cpt_full_law(S1_pt, S2_pt, S1_cpt, S2_cpt, *, L0, A, alpha, C1, C2, B, E, be
     S1_pt, S2_pt, S1_cpt, S2_cpt = (
         np.asarray(x, np.float64) for x in (S1_pt, S2_pt, S1_cpt, S2_cpt)
     )
-    return _out(
+    return to_output(
         L0
         + A * np.power(S1_pt + S1_cpt, -alpha)
         - C1 * S2_pt
@@ -136,7 +136,7 @@ class _CptProblem:
         self.loss_init = loss_init
         c_hi = np.inf if self.s2.any() else 0.0
         self.lo = np.array([-np.inf, _CPT_LOG_E_BOUNDS[0], 0.0, 0.0])
-        self.hi = np.array([np.inf, _CPT_LOG_E_BOUNDS[1], _EXP_HI, c_hi])
+        self.hi = np.array([np.inf, _CPT_LOG_E_BOUNDS[1], EXP_HI, c_hi])
 
     def box(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.lo, self.hi
@@ -206,21 +206,21 @@ class CptLawFit:
     def predict(self, S1, S2) -> float | np.ndarray:
         """Predicted loss at areas (S1 ≥ 0, S2), e.g. `lr_areas` of the main run's schedule."""
         S1_ = np.asarray(S1, dtype=np.float64)
-        _vector("predict", "S1", S1_.ravel(), sign="≥ 0")
-        return _out(
+        as_vector("predict", "S1", S1_.ravel(), sign="≥ 0")
+        return to_output(
             _cpt_law(S1_, np.asarray(S2, float), self.loss_init, self.B, self.E, self.beta, self.C)
         )
 
     def interval(self, S1, S2, level: float = 0.9) -> tuple:
         """Bootstrap `level` confidence band (lo, hi) of the fitted curve at (S1, S2)."""
-        _check_level(level)
-        _check_has_bootstrap(self.bootstrap_params)
+        check_level(level)
+        check_has_bootstrap(self.bootstrap_params)
         S1_, S2_ = np.broadcast_arrays(np.asarray(S1, float), np.asarray(S2, float))
-        _vector("interval", "S1", S1_.ravel(), sign="≥ 0")
+        as_vector("interval", "S1", S1_.ravel(), sign="≥ 0")
         p = self.bootstrap_params.reshape((-1, 4) + (1,) * S1_.ndim)
         samples = _cpt_law(S1_, S2_, self.loss_init, *(p[:, i] for i in range(4)))
-        lo, hi = _percentile_band(samples, level)
-        return _out(lo), _out(hi)
+        lo, hi = percentile_band(samples, level)
+        return to_output(lo), to_output(hi)
 
     @property
     def params(self) -> dict[str, float]:
@@ -246,11 +246,11 @@ def check_cpt_law(fit: CptLawFit, losses, target: float) -> list[str]:
     3. the extrapolation stays plausible: the target lies within 3× the proxy's own movement
     (the range of ℓ_init and its points) of the last proxy loss, in either direction.
     """
-    losses = _vector("check_cpt_law", "losses", np.asarray(losses, dtype=np.float64).ravel(), sign="> 0")
+    losses = as_vector("check_cpt_law", "losses", np.asarray(losses, dtype=np.float64).ravel(), sign="> 0")
     last = float(losses[-1])
     warnings: list[str] = []
-    if not fit.r2 > _R2_MIN:
-        warnings.append(f"R² = {fit.r2:.4f} is not above {_R2_MIN}: the law does not fit")
+    if not fit.r2 > R2_MIN:
+        warnings.append(f"R² = {fit.r2:.4f} is not above {R2_MIN}: the law does not fit")
     if not target > 0:
         warnings.append(f"target {target:.4f} is not positive")
     moved = float(max(losses.max(), fit.loss_init) - min(losses.min(), fit.loss_init))
@@ -287,14 +287,14 @@ def fit_cpt_law(
     points with the largest S1. Needs at least 5 points.
     """
     caller = "fit_cpt_law"
-    s1 = _vector(caller, "S1", S1, sign="≥ 0")
-    s2 = _vector(caller, "S2", S2, sign="any")
-    L = _vector(caller, "loss", losses, sign="> 0")
-    n = _check_lengths(caller, S1=s1, S2=s2, losses=L)
-    _check_options(
+    s1 = as_vector(caller, "S1", S1, sign="≥ 0")
+    s2 = as_vector(caller, "S2", S2, sign="any")
+    L = as_vector(caller, "loss", losses, sign="> 0")
+    n = check_lengths(caller, S1=s1, S2=s2, losses=L)
+    check_options(
         caller, n, _MIN_POINTS_CPT, "the 4-parameter CPT law", holdout, bootstrap, huber_delta
     )
-    loss_init = _positive_scalar(caller, "loss_init", loss_init)
+    loss_init = positive_scalar(caller, "loss_init", loss_init)
     if s1.max() <= 0:
         raise FitError(f"{caller}: every S1 is 0; evaluate points after training has started")
     order = np.argsort(s1, kind="stable")
@@ -302,7 +302,7 @@ def fit_cpt_law(
 
     def fit(idx: slice) -> tuple[_CptProblem, np.ndarray, float]:
         p = _CptProblem(s1[idx], s2[idx], loss_init)
-        return (p, *_fit_problem(p, p.starts(L[idx]), L[idx], huber_delta))
+        return (p, *fit_problem(p, p.starts(L[idx]), L[idx], huber_delta))
 
     def fit_predict_tail(head: slice, tail: slice) -> np.ndarray:
         p, theta, _ = fit(head)
@@ -310,15 +310,15 @@ def fit_cpt_law(
 
     problem, theta, f = fit(slice(None))
     B, E, beta, C = problem.natural(theta)
-    boot = problem.natural(_bootstrap_problem(problem, theta, L, bootstrap, seed, huber_delta))
+    boot = problem.natural(bootstrap_problem(problem, theta, L, bootstrap, seed, huber_delta))
     return CptLawFit(
         B=float(B),
         E=float(E),
         beta=float(beta),
         C=float(C),
         loss_init=loss_init,
-        r2=_r2(L, _cpt_law(s1, s2, loss_init, B, E, beta, C)),
-        holdout_error=_holdout_error(n, holdout, _MIN_POINTS_CPT, fit_predict_tail, L),
+        r2=r_squared(L, _cpt_law(s1, s2, loss_init, B, E, beta, C)),
+        holdout_error=holdout_error(n, holdout, _MIN_POINTS_CPT, fit_predict_tail, L),
         n_points=n,
         loss=f * huber_delta**2,
         bootstrap_params=boot.reshape(-1, 4),

@@ -21,24 +21,24 @@ import numpy as np
 
 from velocitune.errors import FitError
 from velocitune.laws.solver import (
-    _EXP_HI,
-    _GRID_E,
-    _GRID_EXPONENT,
-    _GRID_LOG_COEF,
-    _N_SCREENED_STARTS,
-    _R2_MIN,
-    _check_has_bootstrap,
-    _check_lengths,
-    _check_level,
-    _check_options,
-    _holdout_error,
-    _out,
-    _percentile_band,
-    _positive_array,
-    _positive_scalar,
-    _PowerSum,
-    _r2,
-    _vector,
+    EXP_HI,
+    GRID_E,
+    GRID_EXPONENT,
+    GRID_LOG_COEF,
+    N_SCREENED_STARTS,
+    R2_MIN,
+    PowerSum,
+    as_vector,
+    check_has_bootstrap,
+    check_lengths,
+    check_level,
+    check_options,
+    holdout_error,
+    percentile_band,
+    positive_array,
+    positive_scalar,
+    r_squared,
+    to_output,
 )
 
 _MIN_POINTS_DATA = 4
@@ -53,16 +53,16 @@ _PLATEAU_FRACTION = 0.05
 # Fixed-model-size data law  L(D) = E + B / D^β
 # ----------------------------------------------------------------------------------------------
 
-_DATA_EXPONENT_BOUNDS = [[(0.0, _EXP_HI)]]
+_DATA_EXPONENT_BOUNDS = [[(0.0, EXP_HI)]]
 
 
 def _data_grid() -> np.ndarray:
     """The docs/design.md §4.1 grid as natural θ = [e, b, β] rows (150, 3)."""
-    return np.array(list(itertools.product(_GRID_E, _GRID_LOG_COEF, _GRID_EXPONENT)))
+    return np.array(list(itertools.product(GRID_E, GRID_LOG_COEF, GRID_EXPONENT)))
 
 
-def _data_problem(tokens: np.ndarray) -> _PowerSum:
-    return _PowerSum([np.log(tokens)[:, None]], _DATA_EXPONENT_BOUNDS)
+def _data_problem(tokens: np.ndarray) -> PowerSum:
+    return PowerSum([np.log(tokens)[:, None]], _DATA_EXPONENT_BOUNDS)
 
 
 def _data_law(tokens, E, B, beta):
@@ -92,17 +92,17 @@ class DataLawFit:
 
     def predict(self, tokens) -> float | np.ndarray:
         """Predicted loss (nats) at `tokens` (a number or an array; every entry > 0)."""
-        D = _positive_array("predict", "tokens", tokens)
-        return _out(_data_law(D, self.E, self.B, self.beta))
+        D = positive_array("predict", "tokens", tokens)
+        return to_output(_data_law(D, self.E, self.B, self.beta))
 
     def interval(self, tokens, level: float = 0.9) -> tuple:
         """Bootstrap `level` confidence band (lo, hi) of the fitted curve at `tokens`."""
-        _check_level(level)
-        _check_has_bootstrap(self.bootstrap_params)
-        D = _positive_array("interval", "tokens", tokens)
+        check_level(level)
+        check_has_bootstrap(self.bootstrap_params)
+        D = positive_array("interval", "tokens", tokens)
         p = self.bootstrap_params.reshape((-1, 3) + (1,) * D.ndim)  # (n_boot, 3, 1, …)
-        lo, hi = _percentile_band(_data_law(D, p[:, 0], p[:, 1], p[:, 2]), level)
-        return _out(lo), _out(hi)
+        lo, hi = percentile_band(_data_law(D, p[:, 0], p[:, 1], p[:, 2]), level)
+        return to_output(lo), to_output(hi)
 
     @property
     def params(self) -> dict[str, float]:
@@ -129,10 +129,10 @@ def fit_data_law(
     Needs at least 4 points, every tokens and loss finite and > 0.
     """
     caller = "fit_data_law"
-    D = _vector(caller, "tokens", tokens, sign="> 0")
-    L = _vector(caller, "loss", losses, sign="> 0")
-    n = _check_lengths(caller, tokens=D, losses=L)
-    _check_options(caller, n, _MIN_POINTS_DATA, "E + B/D^beta", holdout, bootstrap, huber_delta)
+    D = as_vector(caller, "tokens", tokens, sign="> 0")
+    L = as_vector(caller, "loss", losses, sign="> 0")
+    n = check_lengths(caller, tokens=D, losses=L)
+    check_options(caller, n, _MIN_POINTS_DATA, "E + B/D^beta", holdout, bootstrap, huber_delta)
     order = np.argsort(D, kind="stable")
     D, L = D[order], L[order]
 
@@ -150,8 +150,8 @@ def fit_data_law(
         E=float(E),
         B=float(B),
         beta=float(beta),
-        r2=_r2(L, _data_law(D, E, B, beta)),
-        holdout_error=_holdout_error(
+        r2=r_squared(L, _data_law(D, E, B, beta)),
+        holdout_error=holdout_error(
             n,
             holdout,
             _MIN_POINTS_DATA,
@@ -183,8 +183,8 @@ def check_data_law(fit: DataLawFit, last_loss: float, target_tokens: float) -> l
        has plateaued, whose target sits just under the last loss (the "too easy" targets of
        docs/design.md §8).
     """
-    last_loss = _positive_scalar("check_data_law", "last_loss", last_loss)
-    target_tokens = _positive_scalar("check_data_law", "target_tokens", target_tokens)
+    last_loss = positive_scalar("check_data_law", "last_loss", last_loss)
+    target_tokens = positive_scalar("check_data_law", "target_tokens", target_tokens)
     warnings: list[str] = []
     target = float(fit.predict(target_tokens))
     if not fit.E < target:
@@ -201,8 +201,8 @@ def check_data_law(fit: DataLawFit, last_loss: float, target_tokens: float) -> l
         )
     if fit.beta > _BETA_HIGH:
         warnings.append(f"beta = {fit.beta:.4f} > {_BETA_HIGH}: implausibly fast convergence")
-    if not fit.r2 > _R2_MIN:
-        warnings.append(f"R² = {fit.r2:.4f} is not above {_R2_MIN}: the law does not fit")
+    if not fit.r2 > R2_MIN:
+        warnings.append(f"R² = {fit.r2:.4f} is not above {R2_MIN}: the law does not fit")
     d_first, d_last = float(fit.tokens[0]), float(fit.tokens[-1])
     if target_tokens <= d_last:
         warnings.append(
@@ -224,12 +224,12 @@ def check_data_law(fit: DataLawFit, last_loss: float, target_tokens: float) -> l
 # Full Chinchilla law  L(N, D) = E + A / N^α + B / D^β
 # ----------------------------------------------------------------------------------------------
 
-_CHINCHILLA_EXPONENT_BOUNDS = [[(0.0, _EXP_HI)], [(0.0, _EXP_HI)]]
+_CHINCHILLA_EXPONENT_BOUNDS = [[(0.0, EXP_HI)], [(0.0, EXP_HI)]]
 
 
 def _chinchilla_grid() -> np.ndarray:
     """Hoffmann et al.'s grid as natural θ = [e, a, α, b, β] rows (4500, 5)."""
-    axes = (_GRID_E, _GRID_LOG_COEF, _GRID_EXPONENT, _GRID_LOG_COEF, _GRID_EXPONENT)
+    axes = (GRID_E, GRID_LOG_COEF, GRID_EXPONENT, GRID_LOG_COEF, GRID_EXPONENT)
     return np.array(list(itertools.product(*axes)))
 
 
@@ -261,21 +261,21 @@ class ChinchillaFit:
 
     def predict(self, N, D) -> float | np.ndarray:
         """Predicted loss at model size N and tokens D (broadcast against each other)."""
-        N_ = _positive_array("predict", "N", N)
-        D_ = _positive_array("predict", "D", D)
-        return _out(_chinchilla_law(N_, D_, self.E, self.A, self.alpha, self.B, self.beta))
+        N_ = positive_array("predict", "N", N)
+        D_ = positive_array("predict", "D", D)
+        return to_output(_chinchilla_law(N_, D_, self.E, self.A, self.alpha, self.B, self.beta))
 
     def interval(self, N, D, level: float = 0.9) -> tuple:
         """Bootstrap `level` confidence band (lo, hi) of the fitted surface at (N, D)."""
-        _check_level(level)
-        _check_has_bootstrap(self.bootstrap_params)
+        check_level(level)
+        check_has_bootstrap(self.bootstrap_params)
         N_, D_ = np.broadcast_arrays(
-            _positive_array("interval", "N", N), _positive_array("interval", "D", D)
+            positive_array("interval", "N", N), positive_array("interval", "D", D)
         )
         p = self.bootstrap_params.reshape((-1, 5) + (1,) * N_.ndim)
         samples = _chinchilla_law(N_, D_, *(p[:, i] for i in range(5)))
-        lo, hi = _percentile_band(samples, level)
-        return _out(lo), _out(hi)
+        lo, hi = percentile_band(samples, level)
+        return to_output(lo), to_output(hi)
 
     @property
     def params(self) -> dict[str, float]:
@@ -300,23 +300,23 @@ def fit_chinchilla(
     points with the largest N·D. Needs at least 6 points.
     """
     caller = "fit_chinchilla"
-    N = _vector(caller, "params_N", params_N, sign="> 0")
-    D = _vector(caller, "tokens", tokens, sign="> 0")
-    L = _vector(caller, "loss", losses, sign="> 0")
-    n = _check_lengths(caller, params_N=N, tokens=D, losses=L)
+    N = as_vector(caller, "params_N", params_N, sign="> 0")
+    D = as_vector(caller, "tokens", tokens, sign="> 0")
+    L = as_vector(caller, "loss", losses, sign="> 0")
+    n = check_lengths(caller, params_N=N, tokens=D, losses=L)
     what = "E + A/N^alpha + B/D^beta"
-    _check_options(caller, n, _MIN_POINTS_CHINCHILLA, what, holdout, bootstrap, huber_delta)
+    check_options(caller, n, _MIN_POINTS_CHINCHILLA, what, holdout, bootstrap, huber_delta)
     order = np.argsort(N * D, kind="stable")
     N, D, L = N[order], D[order], L[order]
 
-    def problem(idx: slice) -> _PowerSum:
-        return _PowerSum(
+    def problem(idx: slice) -> PowerSum:
+        return PowerSum(
             [np.log(N[idx])[:, None], np.log(D[idx])[:, None]], _CHINCHILLA_EXPONENT_BOUNDS
         )
 
     def fit(idx: slice) -> tuple[np.ndarray, float]:
         p, log_y = problem(idx), np.log(L[idx])
-        starts = p.screen(_chinchilla_grid(), log_y, huber_delta, _N_SCREENED_STARTS)
+        starts = p.screen(_chinchilla_grid(), log_y, huber_delta, N_SCREENED_STARTS)
         return p.fit(starts, log_y, huber_delta)
 
     theta, f = fit(slice(None))
@@ -324,8 +324,8 @@ def fit_chinchilla(
     boot = problem(slice(None)).bootstrap(theta, np.log(L), bootstrap, seed, huber_delta)
     return ChinchillaFit(
         *(float(x) for x in nat),
-        r2=_r2(L, _chinchilla_law(N, D, *nat)),
-        holdout_error=_holdout_error(
+        r2=r_squared(L, _chinchilla_law(N, D, *nat)),
+        holdout_error=holdout_error(
             n,
             holdout,
             _MIN_POINTS_CHINCHILLA,
@@ -354,12 +354,12 @@ def loglinear_extrapolate(tokens, losses, target_tokens: float) -> float:
     A rising line (e.g. forgetting on a replay domain) is extrapolated as it is.
     """
     caller = "loglinear_extrapolate"
-    D = _vector(caller, "tokens", tokens, sign="> 0")
-    L = _vector(caller, "loss", losses, sign="> 0")
-    n = _check_lengths(caller, tokens=D, losses=L)
+    D = as_vector(caller, "tokens", tokens, sign="> 0")
+    L = as_vector(caller, "loss", losses, sign="> 0")
+    n = check_lengths(caller, tokens=D, losses=L)
     if n < 2:
         raise FitError(f"{caller}: got {n} point(s), need at least 2 to draw a line")
-    target_tokens = _positive_scalar(caller, "target_tokens", target_tokens)
+    target_tokens = positive_scalar(caller, "target_tokens", target_tokens)
     order = np.argsort(D, kind="stable")
     D, L = D[order], L[order]
     tail = slice(n // 2, n)  # the last ⌈n/2⌉ points

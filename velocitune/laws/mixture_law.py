@@ -6,7 +6,8 @@
   a tolerance;
 - `fit_mixing_law` (`MixingLawFit`): Ye et al.'s data mixing law over the whole mixture at a
   fixed budget, and `fit_share_law` (`ShareLawFit`): the D-CPT share term alone; `velocitune plan`
-  chooses between them per domain by leave-one-mixture-out error (§4.4).
+  chooses between them per domain by leave-one-mixture-out error (§4.4);
+- `plan_predict`: a plan.json's prediction of a domain's loss at any mixture, from the law it chose.
 """
 
 from __future__ import annotations
@@ -19,23 +20,23 @@ import numpy as np
 
 from velocitune.errors import FitError
 from velocitune.laws.solver import (
-    _EXP_HI,
-    _GRID_E,
-    _GRID_EXPONENT,
-    _GRID_LOG_COEF,
-    _N_SCREENED_STARTS,
-    _check_has_bootstrap,
-    _check_lengths,
-    _check_level,
-    _check_options,
-    _holdout_error,
-    _out,
-    _percentile_band,
-    _positive_array,
-    _positive_scalar,
-    _PowerSum,
-    _r2,
-    _vector,
+    EXP_HI,
+    GRID_E,
+    GRID_EXPONENT,
+    GRID_LOG_COEF,
+    N_SCREENED_STARTS,
+    PowerSum,
+    as_vector,
+    check_has_bootstrap,
+    check_lengths,
+    check_level,
+    check_options,
+    holdout_error,
+    percentile_band,
+    positive_array,
+    positive_scalar,
+    r_squared,
+    to_output,
 )
 
 _MIN_POINTS_DCPT = 7
@@ -46,15 +47,15 @@ _MIN_POINTS_DCPT = 7
 # ----------------------------------------------------------------------------------------------
 
 # Natural θ = [e, b, β, η, c, γ]: term 1 = b − β·log D − η·(−log r), term 2 = c − γ·log(r + ε).
-_DCPT_EXPONENT_BOUNDS = [[(0.0, _EXP_HI), (-_EXP_HI, _EXP_HI)], [(0.0, _EXP_HI)]]
+_DCPT_EXPONENT_BOUNDS = [[(0.0, EXP_HI), (-EXP_HI, EXP_HI)], [(0.0, EXP_HI)]]
 
 
 def _dcpt_grid() -> np.ndarray:
     """Start grid (12,000, 6) for natural θ = [e, b, β, η, c, γ], screened before the descent."""
     axes = (
-        _GRID_E,
-        _GRID_LOG_COEF,
-        _GRID_EXPONENT,
+        GRID_E,
+        GRID_LOG_COEF,
+        GRID_EXPONENT,
         np.arange(-1.0, 1.01, 0.5),
         np.array([-6.0, -4.0, -2.0, 0.0]),
         np.arange(0.0, 1.51, 0.5),
@@ -97,22 +98,22 @@ class DcptFit:
 
     def predict(self, D, r) -> float | np.ndarray:
         """Predicted loss at tokens D and domain share r > 0 (broadcast against each other)."""
-        D_ = _positive_array("predict", "D", D)
-        r_ = _positive_array("predict", "r", r)
+        D_ = positive_array("predict", "D", D)
+        r_ = positive_array("predict", "r", r)
         nat = (self.E, self.B, self.eta, self.beta, self.C, self.gamma)
-        return _out(_dcpt_law(D_, r_, *nat, self.eps))
+        return to_output(_dcpt_law(D_, r_, *nat, self.eps))
 
     def interval(self, D, r, level: float = 0.9) -> tuple:
         """Bootstrap `level` confidence band (lo, hi) of the fitted surface at (D, r)."""
-        _check_level(level)
-        _check_has_bootstrap(self.bootstrap_params)
+        check_level(level)
+        check_has_bootstrap(self.bootstrap_params)
         D_, r_ = np.broadcast_arrays(
-            _positive_array("interval", "D", D), _positive_array("interval", "r", r)
+            positive_array("interval", "D", D), positive_array("interval", "r", r)
         )
         p = self.bootstrap_params.reshape((-1, 6) + (1,) * D_.ndim)
         samples = _dcpt_law(D_, r_, *(p[:, i] for i in range(6)), self.eps)
-        lo, hi = _percentile_band(samples, level)
-        return _out(lo), _out(hi)
+        lo, hi = percentile_band(samples, level)
+        return to_output(lo), to_output(hi)
 
     @property
     def params(self) -> dict[str, float]:
@@ -144,11 +145,11 @@ def fit_dcpt_law(
     Bootstrap is off by default too: `suggest_domain_share` uses only the point fit.
     """
     caller = "fit_dcpt_law"
-    D = _vector(caller, "tokens", tokens, sign="> 0")
-    r = _vector(caller, "ratio", ratios, sign="> 0")
-    L = _vector(caller, "loss", losses, sign="> 0")
-    n = _check_lengths(caller, tokens=D, ratios=r, losses=L)
-    _check_options(
+    D = as_vector(caller, "tokens", tokens, sign="> 0")
+    r = as_vector(caller, "ratio", ratios, sign="> 0")
+    L = as_vector(caller, "loss", losses, sign="> 0")
+    n = check_lengths(caller, tokens=D, ratios=r, losses=L)
+    check_options(
         caller, n, _MIN_POINTS_DCPT, "the 6-parameter D-CPT law", holdout, bootstrap, huber_delta
     )
     if np.any(r > 1.0):
@@ -159,18 +160,18 @@ def fit_dcpt_law(
             f"{caller}: the runs must cover at least 2 domain shares and 2 token counts, got "
             f"{len(np.unique(r))} share(s) and {len(np.unique(D))} token count(s)"
         )
-    eps = _positive_scalar(caller, "eps", eps)
+    eps = positive_scalar(caller, "eps", eps)
     order = np.argsort(D, kind="stable")
     D, r, L = D[order], r[order], L[order]
 
-    def problem(idx: slice) -> _PowerSum:
+    def problem(idx: slice) -> PowerSum:
         feats = [np.column_stack([np.log(D[idx]), -np.log(r[idx])]), np.log(r[idx] + eps)[:, None]]
-        return _PowerSum(feats, _DCPT_EXPONENT_BOUNDS)
+        return PowerSum(feats, _DCPT_EXPONENT_BOUNDS)
 
     def fit(idx: slice) -> tuple[np.ndarray, float]:
         p, log_y = problem(idx), np.log(L[idx])
         return p.fit(
-            p.screen(_dcpt_grid(), log_y, huber_delta, _N_SCREENED_STARTS), log_y, huber_delta
+            p.screen(_dcpt_grid(), log_y, huber_delta, N_SCREENED_STARTS), log_y, huber_delta
         )
 
     theta, f = fit(slice(None))
@@ -180,8 +181,8 @@ def fit_dcpt_law(
         *(float(x) for x in nat),
         eps=eps,
         r_range=(float(r.min()), float(r.max())),
-        r2=_r2(L, _dcpt_law(D, r, *nat, eps)),
-        holdout_error=_holdout_error(
+        r2=r_squared(L, _dcpt_law(D, r, *nat, eps)),
+        holdout_error=holdout_error(
             n,
             holdout,
             _MIN_POINTS_DCPT,
@@ -213,8 +214,8 @@ def suggest_domain_share(
     interpolate in r, not to extrapolate. FitError when even the smallest share exceeds it.
     """
     caller = "suggest_domain_share"
-    base = _positive_scalar(caller, "general_loss_base", general_loss_base)
-    D = _positive_scalar(caller, "D", D)
+    base = positive_scalar(caller, "general_loss_base", general_loss_base)
+    D = positive_scalar(caller, "D", D)
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise FitError(f"{caller}: tolerance must be finite and ≥ 0, got {tolerance!r}")
     if grid is None:
@@ -222,7 +223,7 @@ def suggest_domain_share(
         shares = np.arange(math.ceil(lo * 100 - 1e-9), math.floor(hi * 100 + 1e-9) + 1) / 100
         shares = shares if len(shares) else np.array([lo])
     else:
-        shares = np.sort(_vector(caller, "r", grid, sign="> 0"))
+        shares = np.sort(as_vector(caller, "r", grid, sign="> 0"))
     if len(shares) == 0 or shares[-1] > 1.0:
         raise FitError(f"{caller}: grid must hold shares in (0, 1], got {grid!r}")
     rise = np.asarray(general_fit.predict(D, shares)) / base - 1.0
@@ -326,7 +327,7 @@ def fit_mixing_law(shares, losses) -> MixingLawFit:
     """
     caller = "fit_mixing_law"
     r = _check_shares(caller, shares)
-    y = _vector(caller, "loss", losses, sign="> 0")
+    y = as_vector(caller, "loss", losses, sign="> 0")
     n, k = r.shape
     if y.size != n:
         raise FitError(f"{caller}: {n} mixtures but {y.size} losses")
@@ -351,7 +352,7 @@ def fit_mixing_law(shares, losses) -> MixingLawFit:
             cm, um = _fit_mixing(r[keep], y[keep])
             errs.append(cm + np.exp(r[m] @ um) - y[m])
         loo = np.array(errs)
-    return MixingLawFit(c=c, u=u, r2=_r2(y, pred), rmse=float(np.sqrt(np.mean((pred - y) ** 2))),
+    return MixingLawFit(c=c, u=u, r2=r_squared(y, pred), rmse=float(np.sqrt(np.mean((pred - y) ** 2))),
                         n_mixtures=n, loo_errors=loo)
 
 
@@ -383,7 +384,7 @@ class ShareLawFit:
     def predict(self, share) -> float | np.ndarray:
         """Predicted loss at the domain's share(s) `share` in [0, 1]."""
         r = np.asarray(share, dtype=np.float64)
-        return _out(self.E + self.C * (r + SHARE_EPS) ** (-self.gamma))
+        return to_output(self.E + self.C * (r + SHARE_EPS) ** (-self.gamma))
 
     @property
     def max_loo_error(self) -> float | None:
@@ -421,8 +422,8 @@ def fit_share_law(shares, losses) -> ShareLawFit:
     leave-one-mixture-out errors.
     """
     caller = "fit_share_law"
-    r = _vector(caller, "share", shares, sign="≥ 0")
-    y = _vector(caller, "loss", losses, sign="> 0")
+    r = as_vector(caller, "share", shares, sign="≥ 0")
+    y = as_vector(caller, "loss", losses, sign="> 0")
     if r.size != y.size:
         raise FitError(f"{caller}: {r.size} shares but {y.size} losses")
     if np.any(r > 1 + _SHARE_SUM_TOL):
@@ -442,5 +443,25 @@ def fit_share_law(shares, losses) -> ShareLawFit:
             Em, Cm, gm = _fit_share(r[keep], y[keep])
             errs.append(Em + Cm * (r[m] + SHARE_EPS) ** (-gm) - y[m])
         loo = np.array(errs)
-    return ShareLawFit(E=float(E), C=float(C), gamma=float(g), r2=_r2(y, pred),
+    return ShareLawFit(E=float(E), C=float(C), gamma=float(g), r2=r_squared(y, pred),
                        rmse=float(np.sqrt(np.mean((pred - y) ** 2))), n_mixtures=int(r.size), loo_errors=loo)
+
+
+# ----------------------------------------------------------------------------------------------
+# A plan's prediction  (plan.json "fits": the law each domain chose, with its parameters; §4.4)
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_predict(doc: dict, domain: str, shares) -> np.ndarray:
+    """A plan's prediction of `domain`'s loss at mixtures `shares` (m, k) from the law it chose: (m,).
+
+    `doc`: a plan document (plan.json of `velocitune plan`) with "domains" and "fits"; the mixing law's
+    parameters are {"c", "u": {domain: u_j}}, the share law's {"E", "C", "gamma", "eps"}.
+    """
+    names = doc["domains"]
+    fit = doc["fits"][domain]
+    p = fit["candidates"][fit["law"]]["params"]
+    r = np.atleast_2d(np.asarray(shares, dtype=np.float64))  # (m, k)
+    if fit["law"] == "mixing":
+        return p["c"] + np.exp(r @ np.array([p["u"][n] for n in names]))
+    return p["E"] + p["C"] * (r[:, names.index(domain)] + p["eps"]) ** (-p["gamma"])

@@ -2,7 +2,7 @@
 
 Pure numpy/scipy in float64, no I/O and no printing: input validation, the Huber loss, the
 two-stage optimiser below, the residual bootstrap, R², percentile bands, the held-out error, and
-`_PowerSum`, the log-space power-sum model behind the data, Chinchilla and D-CPT laws.
+`PowerSum`, the log-space power-sum model behind the data, Chinchilla and D-CPT laws.
 
 How every fit is made. The power laws (data, Chinchilla, D-CPT) are written as
 `log L̂ = logsumexp(e, c_1 − p_1·x_1, …)` — a floor `E = e^e` plus positive power-law terms — and
@@ -44,15 +44,15 @@ _N_POLISHED = 3
 _LBFGS_POLISH = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 1000, "maxfun": 2000}
 
 # docs/design.md §4.1 start grid for the fixed-N law: e, b (= log B), β.
-_GRID_E = np.arange(-1.0, 1.01, 0.5)
-_GRID_LOG_COEF = np.arange(0.0, 25.1, 5.0)
-_GRID_EXPONENT = np.arange(0.0, 2.01, 0.5)
-_EXP_HI = 3.0  # upper bound on every power-law exponent (β, α, γ; |η|)
-_LOG_RANGE = 20.0  # the floor and each term stay above e^−20 · min loss (see _PowerSum.box)
-_N_SCREENED_STARTS = 256  # starts kept after screening a very large grid (Chinchilla, D-CPT)
+GRID_E = np.arange(-1.0, 1.01, 0.5)
+GRID_LOG_COEF = np.arange(0.0, 25.1, 5.0)
+GRID_EXPONENT = np.arange(0.0, 2.01, 0.5)
+EXP_HI = 3.0  # upper bound on every power-law exponent (β, α, γ; |η|)
+_LOG_RANGE = 20.0  # the floor and each term stay above e^−20 · min loss (see PowerSum.box)
+N_SCREENED_STARTS = 256  # starts kept after screening a very large grid (Chinchilla, D-CPT)
 
 # The least R² of a fit that may be trusted (check_data_law, check_cpt_law).
-_R2_MIN = 0.9
+R2_MIN = 0.9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ _R2_MIN = 0.9
 # ----------------------------------------------------------------------------------------------
 
 
-def _vector(caller: str, name: str, values, *, sign: str) -> np.ndarray:
+def as_vector(caller: str, name: str, values, *, sign: str) -> np.ndarray:
     """`values` as a 1-D float64 array of finite numbers that are "> 0", "≥ 0" or "any"."""
     try:
         arr = np.asarray(values, dtype=np.float64)
@@ -82,7 +82,7 @@ def _vector(caller: str, name: str, values, *, sign: str) -> np.ndarray:
     return arr
 
 
-def _check_lengths(caller: str, **arrays: np.ndarray) -> int:
+def check_lengths(caller: str, **arrays: np.ndarray) -> int:
     """The common length of `arrays`; FitError naming them if they differ."""
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) != 1:
@@ -91,7 +91,7 @@ def _check_lengths(caller: str, **arrays: np.ndarray) -> int:
     return next(iter(lengths.values()))
 
 
-def _check_options(caller: str, n: int, minimum: int, what: str, holdout, bootstrap, delta):
+def check_options(caller: str, n: int, minimum: int, what: str, holdout, bootstrap, delta):
     if n < minimum:
         raise FitError(
             f"{caller}: got {n} point(s), need at least {minimum} to fit {what}; "
@@ -104,7 +104,7 @@ def _check_options(caller: str, n: int, minimum: int, what: str, holdout, bootst
         raise FitError(f"{caller}: huber_delta must be finite and > 0, got {delta!r}")
 
 
-def _positive_scalar(caller: str, name: str, value) -> float:
+def positive_scalar(caller: str, name: str, value) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -114,12 +114,12 @@ def _positive_scalar(caller: str, name: str, value) -> float:
     return v
 
 
-def _check_level(level: float) -> None:
+def check_level(level: float) -> None:
     if not 0.0 < level < 1.0:
         raise FitError(f"interval: level must be strictly between 0 and 1, got {level!r}")
 
 
-def _check_has_bootstrap(params: np.ndarray) -> None:
+def check_has_bootstrap(params: np.ndarray) -> None:
     if len(params) == 0:
         raise FitError("interval: this fit was made with bootstrap=0; refit with bootstrap > 0")
 
@@ -216,7 +216,7 @@ def _scalar_objective(residuals: Callable, targets: np.ndarray, delta: float) ->
     return objective
 
 
-def _fit_problem(problem, starts: np.ndarray, targets: np.ndarray, delta: float):
+def fit_problem(problem, starts: np.ndarray, targets: np.ndarray, delta: float):
     """Both stages from the internal `starts` (m, P): best internal θ (P,) and its objective."""
     lo, hi = problem.box(targets)
     theta, f = _huber_lm(problem.residuals, starts, targets, lo, hi, delta)
@@ -241,7 +241,7 @@ def _fit_problem(problem, starts: np.ndarray, targets: np.ndarray, delta: float)
     return best_x, best_f
 
 
-def _bootstrap_problem(
+def bootstrap_problem(
     problem, theta: np.ndarray, targets: np.ndarray, n_boot: int, seed: int, delta: float
 ) -> np.ndarray:
     """Residual bootstrap (module docstring): internal θ of `n_boot` refits, (n_boot, P)."""
@@ -263,7 +263,7 @@ def _bootstrap_problem(
     return thetas
 
 
-def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
+def r_squared(observed: np.ndarray, predicted: np.ndarray) -> float:
     """Coefficient of determination on the loss scale; NaN when the observations are all equal."""
     ss_tot = float(np.sum((observed - observed.mean()) ** 2))
     if ss_tot == 0.0:
@@ -271,21 +271,21 @@ def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
     return 1.0 - float(np.sum((observed - predicted) ** 2)) / ss_tot
 
 
-def _percentile_band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def percentile_band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     """Equal-tailed `level` band of `samples` (n_boot, …) along axis 0."""
     tail = 50.0 * (1.0 - level)
     return np.percentile(samples, tail, axis=0), np.percentile(samples, 100.0 - tail, axis=0)
 
 
-def _out(x: np.ndarray) -> float | np.ndarray:
+def to_output(x: np.ndarray) -> float | np.ndarray:
     """A 0-d result as a float, anything else as an array."""
     return float(x) if np.ndim(x) == 0 else x
 
 
-def _positive_array(caller: str, name: str, values) -> np.ndarray:
+def positive_array(caller: str, name: str, values) -> np.ndarray:
     """An array argument of a predict/interval method, any shape, every entry finite and > 0."""
     arr = np.asarray(values, dtype=np.float64)
-    _vector(caller, name, arr.ravel(), sign="> 0")
+    as_vector(caller, name, arr.ravel(), sign="> 0")
     return arr
 
 
@@ -294,7 +294,7 @@ def _positive_array(caller: str, name: str, values) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-class _PowerSum:
+class PowerSum:
     """`log L̂ = logsumexp(e, c_1 − p_1·x_1, …, c_J − p_J·x_J)` on fixed points.
 
     Term j has log-features X_j (n, k_j) and exponents p_j (k_j,); the natural parameters are
@@ -376,7 +376,7 @@ class _PowerSum:
 
     def fit(self, grid: np.ndarray, log_y: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
         """Natural θ fitted from the natural start `grid` (m, P), and its scaled objective."""
-        theta, f = _fit_problem(self, self.to_internal(grid), log_y, delta)
+        theta, f = fit_problem(self, self.to_internal(grid), log_y, delta)
         return self.to_natural(theta), f
 
     def screen(self, grid: np.ndarray, log_y: np.ndarray, delta: float, keep: int) -> np.ndarray:
@@ -388,11 +388,11 @@ class _PowerSum:
 
     def bootstrap(self, theta, log_y, n_boot: int, seed: int, delta: float) -> np.ndarray:
         """Natural θ of `n_boot` residual-bootstrap refits, (n_boot, P)."""
-        internal = _bootstrap_problem(self, self.to_internal(theta), log_y, n_boot, seed, delta)
+        internal = bootstrap_problem(self, self.to_internal(theta), log_y, n_boot, seed, delta)
         return self.to_natural(internal)
 
 
-def _holdout_error(
+def holdout_error(
     n: int, holdout: int, minimum: int, fit_predict: Callable[[slice, slice], np.ndarray], L
 ) -> float | None:
     """Max |error| (nats) on the last `holdout` points of a fit made without them."""

@@ -1,10 +1,4 @@
-"""The maths of the newer peers of Velocitune, each as its authors ran it (pure numpy/scipy, no torch, no I/O).
+"""Newer mixing methods by other authors, each in its own module, run as their authors ran them (docs/design.md §3).
 
-One module per peer: `ado` (Adaptive Data Optimization, Jiang et al. 2024). Each builds a `mixing.Rule` and is
-declared once in velocitune/rules.py; the differences from the authors' code are listed in the README's rule
-table and docs/design.md §3.
+One module per peer: `ado.py` (Adaptive Data Optimization, Jiang et al. 2024) and `aioli.py` (Chen et al. 2024).
 """
-
-from velocitune.peers.ado import ADORule, fit_laws, make_ado
-
-__all__ = ["ADORule", "fit_laws", "make_ado"]

@@ -8,23 +8,25 @@ docs/contracts.md. It can run sharded over N machines, whose parts `merge_prepar
 one machine writes.
 
 Modules, one job each: `sources` (input files and their documents), `hf` (local datasets through the
-`datasets` library), `encode` (the tokenizer and its worker processes), `split` (the val split and the
-token shards), `pipeline` (`prepare_corpus`: settings, reruns, manifest), `merge` (`merge_prepared`),
-`command` (the command line).
+`datasets` library), `encode` (the tokenizer and its worker processes), `settings` (the settings that
+shape the streams, their defaults, the val-size floor), `split` (the val split and the token shards), `pipeline`
+(`prepare_corpus`: inputs hash, reruns), `merge` (`merge_prepared`), `command` (the command line).
+manifest.json and the done markers are read and written by `velocitune.manifest`, beside
+`velocitune.shards` (its docstring says why it is not in this package).
 """
 
 from velocitune.prepare.command import add_arguments, load_config, main
 from velocitune.prepare.encode import TokenizerInfo, load_tokenizer
 from velocitune.prepare.merge import merge_prepared
-from velocitune.prepare.pipeline import (
+from velocitune.prepare.pipeline import PREPARE_VERSION, inputs_hash, prepare_corpus
+from velocitune.prepare.settings import (
     DEFAULT_SHARD_TOKENS,
     DEFAULT_VAL_FRACTION,
     DEFAULT_VAL_TOKENS,
-    PREPARE_VERSION,
+    MIN_VAL_WINDOWS,
+    USEFUL_VAL_WINDOWS,
     Settings,
-    inputs_hash,
     make_settings,
-    prepare_corpus,
 )
 from velocitune.prepare.sources import (
     JSONL_EXTENSIONS,
@@ -44,9 +46,11 @@ __all__ = [
     "DEFAULT_VAL_FRACTION",
     "DEFAULT_VAL_TOKENS",
     "JSONL_EXTENSIONS",
+    "MIN_VAL_WINDOWS",
     "PARQUET_EXTENSIONS",
     "PREPARE_VERSION",
     "TEXT_EXTENSIONS",
+    "USEFUL_VAL_WINDOWS",
     "Settings",
     "SourceFile",
     "TokenizerInfo",

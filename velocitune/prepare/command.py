@@ -19,7 +19,8 @@ from velocitune.config import Config, load_config, validate
 from velocitune.errors import ConfigError
 from velocitune.fileio import output_dir
 from velocitune.prepare.merge import merge_prepared
-from velocitune.prepare.pipeline import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, DEFAULT_VAL_TOKENS, prepare_corpus
+from velocitune.prepare.pipeline import prepare_corpus
+from velocitune.prepare.settings import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, DEFAULT_VAL_TOKENS
 
 # Top-level keys of the flat prepare files of velocitune 0.1, to say how to move them into the config.
 _OLD_KEYS = {"tokenizer", "out", "domains", "val_tokens", "val_fraction", "workers", "text_field", "ext", "strict",
@@ -40,6 +41,8 @@ Each document is encoded without special tokens and followed by the tokenizer's 
 Validation split: the documents with the lowest text hashes, i.e. those whose hash falls under
 --val-fraction, in hash order until --val-tokens is reached (and at least one document when a
 domain has 2 or more). It does not move when documents are added or when --num-shards changes.
+It must hold one whole window of data.seq_len + 1 tokens (the config's; else an error says what to
+change) and should hold 8 (a warning says so).
 
 Reruns skip domains already finished with the same inputs and redo interrupted ones.
 Sharded over N machines: run `... --num-shards N --shard-index I --out PART_I` on each, then
@@ -178,7 +181,7 @@ def run(cfg: Config) -> int:
     if pc.merge:
         if pc.domains:
             raise ConfigError("--merge combines finished parts; it takes no --domain (drop one of them)")
-        manifest = merge_prepared(pc.merge, out, progress=progress)
+        manifest = merge_prepared(pc.merge, out, progress=progress, seq_len=cfg.data.seq_len)
         print(f"merged {len(pc.merge)} parts into {out}")
         _print_summary(manifest, time.perf_counter() - start)
         return 0
@@ -191,7 +194,7 @@ def run(cfg: Config) -> int:
     manifest = prepare_corpus(
         tokenizer, out, pc.domains, val_fraction=pc.val_fraction, val_tokens=pc.val_tokens, workers=pc.workers,
         text_field=pc.text_field, extensions=pc.extensions or None, strict=pc.strict, num_shards=pc.num_shards,
-        shard_index=pc.shard_index, progress=progress, shard_tokens=pc.shard_tokens,
+        shard_index=pc.shard_index, progress=progress, shard_tokens=pc.shard_tokens, seq_len=cfg.data.seq_len,
     )
     part = manifest.get("part")
     if part:

@@ -1,7 +1,7 @@
 """The tokenizer and the processes that run it.
 
 `load_tokenizer` loads a local Hugging Face tokenizer and describes it (`TokenizerInfo`: vocabulary,
-EOS, the hash that identifies it, and the spec a worker rebuilds it from); `_Encoder` tokenizes
+EOS, the hash that identifies it, and the spec a worker rebuilds it from); `Encoder` tokenizes
 batches of documents in `workers` processes and hands the results back in job order.
 """
 
@@ -138,7 +138,7 @@ def _encode_in_worker(texts: list[str], lengths_only: bool) -> tuple[np.ndarray 
     return _WORKER.encode(texts, lengths_only)
 
 
-class _Encoder:
+class Encoder:
     """Tokenizes batches in `workers` processes (in this process when workers == 1), results in order."""
 
     def __init__(self, spec: dict, workers: int):
@@ -167,7 +167,7 @@ class _Encoder:
             m, result = pending.popleft()
             yield (m, *result.get())
 
-    def __enter__(self) -> _Encoder:
+    def __enter__(self) -> Encoder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

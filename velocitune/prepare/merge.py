@@ -1,59 +1,36 @@
 """`merge_prepared`: the N part directories of a sharded prepare into one prepared directory.
 
 Each part holds a contiguous range of every domain's documents, so `merge_prepared` concatenates the
-parts' streams in part order into exactly what one machine writes. The domain markers and the manifest
-are written by `velocitune.prepare.pipeline`'s own functions, called through that module (so that what
-replaces them there, e.g. a test's fault injection, takes effect here too).
+parts' streams in part order into exactly what one machine writes. The parts' manifests are read, and
+the domain markers and the manifest written, by `velocitune.manifest` (called through that module, as
+the pipeline does, so that what replaces them there, e.g. a test's fault injection, takes effect here too).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from velocitune import manifest
 from velocitune.errors import DataError
-from velocitune.fileio import atomic_write_json, require_dir
-from velocitune.prepare import pipeline
-from velocitune.prepare.split import _SplitWriter
-from velocitune.shards import DONE_MARKER, MANIFEST_FORMAT, MANIFEST_VERSION, open_shard
+from velocitune.prepare.pipeline import reusable_entry
+from velocitune.prepare.settings import make_settings
+from velocitune.prepare.split import SplitWriter, check_val_size, clear_domain_dir
+from velocitune.shards import open_shard
 
 _COPY_CHUNK = 1 << 24  # tokens per read when merging parts
 
 
-def _load_part(directory: Path) -> dict:
-    require_dir(directory, "part directory", "--merge takes the directories written with --num-shards N --shard-index I")
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise DataError(
-            f"{directory} has no manifest.json: it is not a finished part; re-run its "
-            f"`velocitune prepare ... --num-shards N --shard-index I` to finish it"
-        )
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); re-run that part") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or m.get("version") != MANIFEST_VERSION:
-        raise DataError(f"{path} is not a velocitune-prepared manifest version {MANIFEST_VERSION}")
-    if not m.get("part"):
-        raise DataError(
-            f"{directory} is a complete prepared directory, not a part of a sharded prepare "
-            f"(--num-shards N > 1); only parts can be merged"
-        )
-    for e in m["domains"]:
-        if not (directory / e["name"] / DONE_MARKER).is_file():
-            raise DataError(f"domain {e['name']!r} of part {directory} is not finished; re-run that part")
-    return m
-
-
-def merge_prepared(parts: list[str | os.PathLike], out_dir: str | os.PathLike, progress: bool = True) -> dict:
+def merge_prepared(parts: list[str | os.PathLike], out_dir: str | os.PathLike, progress: bool = True,
+                   seq_len: int | None = None) -> dict:
     """Combine the N part directories of a sharded prepare into one prepared directory; returns the manifest.
 
     The result equals a single-machine prepare of the same inputs (parts hold contiguous document
-    ranges, so the streams are concatenated in part order and re-cut into shards).
+    ranges, so the streams are concatenated in part order and re-cut into shards). With `seq_len`, every
+    domain's val split is checked as `prepare_corpus` checks it (`split.check_val_size`).
     """
     dirs = [Path(p).expanduser().absolute() for p in parts]
     if not dirs:
@@ -61,7 +38,7 @@ def merge_prepared(parts: list[str | os.PathLike], out_dir: str | os.PathLike, p
     out = Path(out_dir).expanduser().absolute()
     if out in dirs:
         raise DataError(f"--out {out} is one of the parts being merged; choose a new directory")
-    manifests = [_load_part(d) for d in dirs]
+    manifests = [manifest.read_part(d) for d in dirs]
     count = manifests[0]["part"]["count"]
     indices = sorted(m["part"]["index"] for m in manifests)
     if any(m["part"]["count"] != count for m in manifests) or indices != list(range(count)):
@@ -88,38 +65,53 @@ def merge_prepared(parts: list[str | os.PathLike], out_dir: str | os.PathLike, p
             )
     dtype = np.dtype(first["dtype"])
     shard_tokens = int(first["settings"]["shard_tokens"])
+    fs = first["settings"]
+    settings = make_settings(fs["val_fraction"], fs["val_tokens"], fs["text_field"], fs["extensions"],
+                             fs["strict"], shard_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
+    manifest.discard_manifest(out)
     entries = []
     for k, base in enumerate(first["domains"]):
         name = base["name"]
-        entry = pipeline._reusable_entry(out, name, base["inputs_hash"], None)
-        if entry is None:
-            pipeline._clear_domain_dir(out / name)
-            (out / name).mkdir(parents=True, exist_ok=True)
-            entry = {key: base[key] for key in base if key not in ("train", "val")}
-            for split in ("train", "val"):
-                writer = _SplitWriter(out, name, split, dtype, shard_tokens)
-                try:
-                    with tqdm(desc=f"{name} {split}", unit=" tok", unit_scale=True,
-                              disable=not progress, leave=False) as bar:
-                        for d, m in zip(dirs, manifests):
-                            info = m["domains"][k][split]
-                            writer.n_docs += info["documents"]
-                            for rel in info["shards"]:
-                                shard = open_shard(d / rel)
-                                for s in range(0, shard.size, _COPY_CHUNK):
-                                    chunk = np.asarray(shard[s : s + _COPY_CHUNK])
-                                    writer.write(chunk)
-                                    bar.update(chunk.size)
-                    entry[split] = writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-            # Keep the key order of a single-machine entry.
-            entry = {key: entry[key] for key in base}
-            pipeline._finish_domain(out, entry, None)
+        entry = reusable_entry(out, name, base["inputs_hash"], None)
+        fresh = entry is None
+        if fresh:
+            entry = _merge_domain(out, dirs, [m["domains"][k] for m in manifests], dtype, shard_tokens, progress)
+        if seq_len is not None:
+            check_val_size(name, entry["val"]["tokens"], int(seq_len), settings)
+        if fresh:
+            manifest.write_done_marker(out, entry, None)
         entries.append(entry)
-    manifest = pipeline._build_manifest(first["tokenizer"], dtype, first["settings"], None, entries)
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    result = manifest.build_manifest(first["tokenizer"], dtype, first["settings"], None, entries)
+    manifest.write_manifest(out, result)
+    return result
+
+
+def _merge_domain(out: Path, dirs: list[Path], parts: list[dict], dtype: np.dtype, shard_tokens: int,
+                  progress: bool) -> dict:
+    """One domain's train and val streams, its parts' (`parts`: their entries) concatenated; its entry."""
+    base = parts[0]
+    name = base["name"]
+    clear_domain_dir(out / name)
+    (out / name).mkdir(parents=True, exist_ok=True)
+    entry = {key: base[key] for key in base if key not in ("train", "val")}
+    for split in ("train", "val"):
+        writer = SplitWriter(out, name, split, dtype, shard_tokens)
+        try:
+            with tqdm(desc=f"{name} {split}", unit=" tok", unit_scale=True,
+                      disable=not progress, leave=False) as bar:
+                for d, part in zip(dirs, parts):
+                    info = part[split]
+                    writer.n_docs += info["documents"]
+                    for rel in info["shards"]:
+                        shard = open_shard(d / rel)
+                        for s in range(0, shard.size, _COPY_CHUNK):
+                            chunk = np.asarray(shard[s : s + _COPY_CHUNK])
+                            writer.write(chunk)
+                            bar.update(chunk.size)
+            entry[split] = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    # Keep the key order of a single-machine entry.
+    return {key: entry[key] for key in base}

@@ -12,77 +12,35 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from velocitune import manifest
 from velocitune.errors import ConfigError, DataError
-from velocitune.fileio import atomic_write_json
-from velocitune.prepare.encode import _Encoder, load_tokenizer
+from velocitune.prepare.encode import Encoder, load_tokenizer
+from velocitune.prepare.settings import (
+    DEFAULT_SHARD_TOKENS,
+    DEFAULT_VAL_FRACTION,
+    DEFAULT_VAL_TOKENS,
+    MIN_VAL_WINDOWS,
+    Settings,
+    make_settings,
+)
 from velocitune.prepare.sources import SourceFile, list_domain_files, normalize_domains
-from velocitune.prepare.split import _scan_domain, _write_domain
-from velocitune.shards import DONE_MARKER, MANIFEST_FORMAT, MANIFEST_VERSION, choose_dtype, read_header
+from velocitune.prepare.split import check_val_size, clear_domain_dir, scan_domain, write_domain
+from velocitune.shards import choose_dtype, read_header
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VAL_FRACTION = 0.01
-DEFAULT_VAL_TOKENS = 1_000_000
-DEFAULT_SHARD_TOKENS = 100_000_000
 # Bumped whenever the token stream written for the same inputs would change: it is part of the
 # inputs hash, so finished domains from an older velocitune are redone rather than reused.
 PREPARE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# settings and inputs
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything besides the files and the tokenizer that shapes the token streams."""
-
-    val_fraction: float
-    val_tokens: int
-    text_field: str
-    extensions: tuple[str, ...]  # extra text-file extensions, normalised (".c"), sorted
-    strict: bool
-    shard_tokens: int
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["extensions"] = list(self.extensions)
-        return d
-
-
-def _normalize_extensions(extensions: Iterable[str] | None) -> tuple[str, ...]:
-    out = set()
-    for raw in extensions or ():
-        for ext in str(raw).split(","):
-            ext = ext.strip().lower()
-            if not ext:
-                continue
-            out.add(ext if ext.startswith(".") else "." + ext)
-    return tuple(sorted(out))
-
-
-def make_settings(val_fraction: float = DEFAULT_VAL_FRACTION, val_tokens: int = DEFAULT_VAL_TOKENS,
-                  text_field: str = "text", extensions: Iterable[str] | None = None, strict: bool = False,
-                  shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Settings:
-    """Validated `Settings` (ConfigError naming the option on a bad value)."""
-    if not 0.0 < float(val_fraction) < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction} (--val-fraction)")
-    if int(val_tokens) < 1:
-        raise ConfigError(f"val_tokens must be >= 1, got {val_tokens} (--val-tokens)")
-    if int(shard_tokens) < 1:
-        raise ConfigError(f"shard_tokens must be >= 1, got {shard_tokens} (--shard-tokens)")
-    if not text_field:
-        raise ConfigError("text_field must be a non-empty field name (--text-field)")
-    return Settings(float(val_fraction), int(val_tokens), str(text_field),
-                    _normalize_extensions(extensions), bool(strict), int(shard_tokens))
+# inputs
 
 
 def inputs_hash(files: list[SourceFile], tokenizer_hash: str, eos_token_id: int, settings: Settings) -> str:
@@ -106,26 +64,10 @@ def inputs_hash(files: list[SourceFile], tokenizer_hash: str, eos_token_id: int,
 # orchestration
 
 
-def _clear_domain_dir(directory: Path) -> None:
-    """Remove what an earlier (maybe interrupted) prepare left for a domain; leave anything else alone."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        n = p.name
-        ours = (re.fullmatch(r"(train|val)_\d{5}\.bin", n) or n == DONE_MARKER
-                or (n.startswith(".") and n.endswith(".tmp")))
-        if ours and p.is_file():
-            p.unlink()
-
-
-def _reusable_entry(out: Path, name: str, digest: str, part: dict | None) -> dict | None:
-    """The domain's manifest entry if it is already done with these inputs, else None."""
-    done = out / name / DONE_MARKER
-    try:
-        marker = json.loads(done.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("inputs_hash") != digest or marker.get("part") != part:
+def reusable_entry(out: Path, name: str, digest: str, part: dict | None) -> dict | None:
+    """The domain's manifest entry if it is already done with these inputs (and its shards are whole), else None."""
+    marker = manifest.read_done_marker(out, name)
+    if marker is None or marker.get("inputs_hash") != digest or marker.get("part") != part:
         return None
     entry = marker.get("entry")
     try:
@@ -137,23 +79,17 @@ def _reusable_entry(out: Path, name: str, digest: str, part: dict | None) -> dic
     return entry
 
 
-def _finish_domain(out: Path, entry: dict, part: dict | None) -> None:
-    atomic_write_json(out / entry["name"] / DONE_MARKER,
-                       {"inputs_hash": entry["inputs_hash"], "part": part, "entry": entry})
-
-
-def _build_manifest(tokenizer: dict, dtype: np.dtype, settings: dict, part: dict | None,
-                    entries: list[dict]) -> dict:
-    manifest: dict = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "tokenizer": tokenizer,
-                      "dtype": np.dtype(dtype).name, "settings": settings}
-    if part is not None:
-        manifest["part"] = part
-    manifest["domains"] = entries
-    if part is None:
-        # w0 = natural train-token shares (only meaningful for a whole corpus, not for one part).
-        total = sum(e["train"]["tokens"] for e in entries)
-        manifest["w0"] = {e["name"]: e["train"]["tokens"] / total for e in entries}
-    return manifest
+def check_val_room(settings: Settings, seq_len: int | None) -> None:
+    """Refuse at once a --val-tokens cap too small for MIN_VAL_WINDOWS windows of seq_len + 1 tokens."""
+    if seq_len is None:
+        return
+    need = MIN_VAL_WINDOWS * (int(seq_len) + 1)
+    if settings.val_tokens < need:
+        raise ConfigError(
+            f"val_tokens {settings.val_tokens:,} caps every domain's validation split below {MIN_VAL_WINDOWS} "
+            f"window(s) of data.seq_len + 1 = {int(seq_len) + 1} tokens; raise --val-tokens to at least "
+            f"{need:,} or lower data.seq_len"
+        )
 
 
 def _default_workers() -> int:
@@ -168,13 +104,17 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    val_tokens: int = DEFAULT_VAL_TOKENS, workers: int | None = None, text_field: str = "text",
                    extensions: Iterable[str] | None = None, strict: bool = False, num_shards: int = 1,
                    shard_index: int = 0, progress: bool = True,
-                   shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, seq_len: int | None = None) -> dict:
     """Tokenize every domain into `out_dir` (train/val shards + manifest.json); returns the manifest.
 
     Domains already finished with the same inputs are skipped; interrupted ones are redone.
     With num_shards > 1 this writes part `shard_index` of a sharded prepare (see merge_prepared).
+    With `seq_len` (the training window is seq_len + 1 tokens) every domain's val split must hold
+    MIN_VAL_WINDOWS windows (DataError saying what to change), with a warning below USEFUL_VAL_WINDOWS;
+    a part of a sharded prepare is checked when the parts are merged.
     """
     settings = make_settings(val_fraction, val_tokens, text_field, extensions, strict, shard_tokens)
+    check_val_room(settings, seq_len)
     workers = _default_workers() if workers is None else int(workers)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers} (--workers)")
@@ -197,29 +137,35 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
         files, abs_sources = list_domain_files(name, sources, settings.extensions, settings.text_field)
         plans.append((name, files, abs_sources,
                       inputs_hash(files, tok.hash, tok.eos_token_id, settings)))
-    entries = {name: _reusable_entry(out, name, digest, part) for name, _, _, digest in plans}
+    entries = {name: reusable_entry(out, name, digest, part) for name, _, _, digest in plans}
+    for name, entry in entries.items():
+        if entry is not None and seq_len is not None and part is None:
+            check_val_size(name, entry["val"]["tokens"], int(seq_len), settings)
     todo = [p for p in plans if entries[p[0]] is None]
     for name, *_ in plans:
         if entries[name] is not None:
             log.info("domain %r: already prepared with the same inputs, skipping", name)
     if todo:
         # The old manifest would describe files we are about to replace.
-        (out / "manifest.json").unlink(missing_ok=True)
-        with _Encoder(tok.spec, workers) as encoder:
+        manifest.discard_manifest(out)
+        with Encoder(tok.spec, workers) as encoder:
             for name, files, abs_sources, digest in todo:
                 domain_dir = out / name
-                _clear_domain_dir(domain_dir)
+                clear_domain_dir(domain_dir)
                 domain_dir.mkdir(parents=True, exist_ok=True)
-                scan = _scan_domain(name, files, settings, encoder, progress)
+                scan = scan_domain(name, files, settings, encoder, progress)
                 lo = scan.n_docs * int(shard_index) // int(num_shards)
                 hi = scan.n_docs * (int(shard_index) + 1) // int(num_shards)
-                train, val = _write_domain(out, name, scan, lo, hi, settings, dtype, encoder, progress)
+                train, val = write_domain(out, name, scan, lo, hi, settings, dtype, encoder, progress)
+                if seq_len is not None and part is None:
+                    check_val_size(name, val["tokens"], int(seq_len), settings)
                 entry = {"name": name, "sources": abs_sources, "inputs_hash": digest,
                          "files": len(scan.files), "train": train, "val": val,
                          "skipped_files": len(scan.skipped), "empty_documents": scan.n_empty}
-                _finish_domain(out, entry, part)
+                manifest.write_done_marker(out, entry, part)
                 entries[name] = entry
-    manifest = _build_manifest(tok.manifest(), dtype, settings.to_json(), part,
-                               [entries[name] for name, *_ in plans])
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    # Called through the module so that a test's fault injection there strikes here (tests/test_faults.py).
+    result = manifest.build_manifest(tok.manifest(), dtype, settings.to_json(), part,
+                                     [entries[name] for name, *_ in plans])
+    manifest.write_manifest(out, result)
+    return result

@@ -170,7 +170,7 @@ def _dataset_file(path: str, info: hf.HFSource) -> SourceFile:
 # reading documents
 
 
-class _NotUtf8(Exception):
+class NotUtf8(Exception):
     """A text file that is not valid UTF-8 (raised before any of its documents is yielded)."""
 
 
@@ -292,7 +292,7 @@ def is_utf8(f: SourceFile, text_field: str, domain: str) -> bool:
 def iter_documents(f: SourceFile, text_field: str, domain: str) -> Iterator[tuple[int, str | None]]:
     """(location, text) for every document of a file; location = line (jsonl) or row (parquet, hf) number.
 
-    Text files are one document (location 0) and raise _NotUtf8 before yielding if they do not decode.
+    Text files are one document (location 0) and raise NotUtf8 before yielding if they do not decode.
     `text` is None for a null field; empty and null documents are the caller's to skip. A dataset (kind
     "hf") reads its own column (`f.dataset.field`), not `text_field`.
     """
@@ -305,7 +305,7 @@ def iter_documents(f: SourceFile, text_field: str, domain: str) -> Iterator[tupl
         try:
             yield 0, data.decode("utf-8")
         except UnicodeDecodeError:
-            raise _NotUtf8(f.path) from None
+            raise NotUtf8(f.path) from None
     elif f.kind == "jsonl":
         try:
             with _open_binary(f.path) as fh:

@@ -13,21 +13,20 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from velocitune.errors import DataError
-from velocitune.prepare.encode import _Encoder
-from velocitune.prepare.sources import SourceFile, _NotUtf8, is_utf8, iter_documents
+from velocitune.manifest import DONE_MARKER
+from velocitune.prepare.encode import Encoder
+from velocitune.prepare.settings import MIN_VAL_WINDOWS, USEFUL_VAL_WINDOWS, Settings
+from velocitune.prepare.sources import NotUtf8, SourceFile, is_utf8, iter_documents
 from velocitune.shards import ShardWriter
-
-if TYPE_CHECKING:
-    from velocitune.prepare.pipeline import Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class _ValSelector:
 
 
 @dataclass
-class _Scan:
+class DomainScan:
     """What pass 1 learns about a domain."""
 
     files: list[tuple[SourceFile, int]]  # every readable file and its non-empty document count
@@ -135,7 +134,7 @@ def _candidate_batches(name: str, files: list[SourceFile], settings: Settings, s
                         yield (hashes, ordinals), texts
                         hashes, ordinals, texts, chars = [], [], [], 0
                 ordinal += 1
-        except _NotUtf8:
+        except NotUtf8:
             _skip_file(name, f.path, settings.strict, state["skipped"])
             continue
         state["files"].append((f, ordinal - first))
@@ -156,8 +155,8 @@ def _skip_file(domain: str, path: str, strict: bool, skipped: list[str]) -> None
     skipped.append(path)
 
 
-def _scan_domain(name: str, files: list[SourceFile], settings: Settings, encoder: _Encoder,
-                 progress: bool) -> _Scan:
+def scan_domain(name: str, files: list[SourceFile], settings: Settings, encoder: Encoder,
+                 progress: bool) -> DomainScan:
     """Pass 1: count documents and choose the val split (module docstring); errors on degenerate domains."""
     state: dict = {"files": [], "skipped": [], "n_empty": 0, "n_docs": 0,
                    "min_hash": _HASH_SPACE, "min_ordinals": []}
@@ -189,15 +188,45 @@ def _scan_domain(name: str, files: list[SourceFile], settings: Settings, encoder
             f"{settings.val_fraction}, val_tokens={settings.val_tokens}; identical documents go together); "
             f"lower --val-fraction or --val-tokens, or add distinct documents"
         )
-    return _Scan(state["files"], state["skipped"], n_docs, state["n_empty"],
+    return DomainScan(state["files"], state["skipped"], n_docs, state["n_empty"],
                  np.array(sorted(val), dtype=np.int64))
+
+
+def check_val_size(name: str, val_tokens: int, seq_len: int, settings: Settings) -> None:
+    """Refuse a val split under MIN_VAL_WINDOWS windows of seq_len + 1 tokens; warn under USEFUL_VAL_WINDOWS.
+
+    Evaluation reads whole windows only, so the val split of a small corpus (a document or two at the
+    default val_fraction) would fail later on data.seq_len in another command, or give a loss of a few
+    sequences. The advice names what to change, with the val_fraction that would give USEFUL_VAL_WINDOWS
+    (the split grows about in proportion while it stays under the val_tokens cap).
+    """
+    width = seq_len + 1
+    windows = val_tokens // width
+    if windows >= USEFUL_VAL_WINDOWS:
+        return
+    useful = USEFUL_VAL_WINDOWS * width
+    fraction = settings.val_fraction * useful / val_tokens if val_tokens else 1.0
+    advice = f"raise --val-fraction (now {settings.val_fraction:g}"
+    advice += f"; about {fraction:.2g} would give {USEFUL_VAL_WINDOWS})" if fraction < 0.5 else ")"
+    if settings.val_tokens < useful:
+        advice += f" and --val-tokens (now {settings.val_tokens:,}) to at least {useful:,}"
+    advice += f", lower data.seq_len (now {seq_len}) or give the domain more data"
+    if windows < MIN_VAL_WINDOWS:
+        raise DataError(
+            f"domain {name!r}: its validation split holds {val_tokens:,} tokens, {windows} whole window(s) of "
+            f"data.seq_len + 1 = {width} tokens, fewer than the {MIN_VAL_WINDOWS} needed to measure a val loss; "
+            f"{advice}"
+        )
+    log.warning("domain %r: its validation split holds only %d window(s) of data.seq_len + 1 = %d tokens "
+                "(%s tokens), a noisy val loss; %d or more are advised: %s", name, windows, width,
+                f"{val_tokens:,}", USEFUL_VAL_WINDOWS, advice)
 
 
 # ----------------------------------------------------------------------------------------------
 # pass 2: write the token streams
 
 
-class _SplitWriter:
+class SplitWriter:
     """One split's token stream, cut into shards of exactly `shard_tokens` tokens (the last may be short)."""
 
     def __init__(self, root: Path, domain: str, split: str, dtype: np.dtype, shard_tokens: int):
@@ -239,7 +268,19 @@ class _SplitWriter:
             self._current = None
 
 
-def _slice_batches(name: str, scan: _Scan, lo: int, hi: int,
+def clear_domain_dir(directory: Path) -> None:
+    """Remove what an earlier (maybe interrupted) prepare left for a domain; leave anything else alone."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        n = p.name
+        ours = (re.fullmatch(r"(train|val)_\d{5}\.bin", n) or n == DONE_MARKER
+                or (n.startswith(".") and n.endswith(".tmp")))
+        if ours and p.is_file():
+            p.unlink()
+
+
+def _slice_batches(name: str, scan: DomainScan, lo: int, hi: int,
                    text_field: str) -> Iterator[tuple[tuple[int, int], list[str]]]:
     """Documents with ordinals in [lo, hi) as batches ((first ordinal, count), texts), in order."""
     texts: list[str] = []
@@ -273,11 +314,11 @@ def _slice_batches(name: str, scan: _Scan, lo: int, hi: int,
         yield (first, len(texts)), texts
 
 
-def _write_domain(out: Path, name: str, scan: _Scan, lo: int, hi: int, settings: Settings,
-                  dtype: np.dtype, encoder: _Encoder, progress: bool) -> tuple[dict, dict]:
+def write_domain(out: Path, name: str, scan: DomainScan, lo: int, hi: int, settings: Settings,
+                  dtype: np.dtype, encoder: Encoder, progress: bool) -> tuple[dict, dict]:
     """Pass 2: tokenize documents [lo, hi) into the train and val streams; returns their entries."""
-    train = _SplitWriter(out, name, "train", dtype, settings.shard_tokens)
-    val = _SplitWriter(out, name, "val", dtype, settings.shard_tokens)
+    train = SplitWriter(out, name, "train", dtype, settings.shard_tokens)
+    val = SplitWriter(out, name, "val", dtype, settings.shard_tokens)
     try:
         with tqdm(desc=name, total=hi - lo, unit=" docs", disable=not progress) as bar:
             jobs = _slice_batches(name, scan, lo, hi, settings.text_field)

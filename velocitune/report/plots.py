@@ -5,12 +5,14 @@ no global backend switch."""
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from velocitune import laws
 from velocitune.report.runs import Run, load_run, reference_targets
 
 PLOT_FILES = ("weights.png", "val_loss.png", "velocity.png", "targets.png")
@@ -302,8 +304,6 @@ def plot_plan(doc: dict[str, Any], path: Path) -> None:
     """plan.png: per domain, the chosen law's loss against the domain's own share (the other shares in w0's
     proportions) with the proxies' losses at the main budget, their leave-one-out predictions and the recommended
     mixture; last panel, every leave-one-out prediction against what the proxy gave."""
-    from velocitune.plan import plan_predict
-
     names = doc["domains"]
     colours = domain_colours(names)
     R = np.array([[m["shares"][n] for n in names] for m in doc["mixtures"]])
@@ -317,7 +317,7 @@ def plot_plan(doc: dict[str, Any], path: Path) -> None:
         rest = np.delete(w0, i)
         rest = rest / rest.sum() if rest.sum() > 0 else np.full(rest.size, 1.0 / rest.size)
         curve = np.insert(np.outer(1 - s, rest), i, s, axis=1)  # (64, k): share s of domain i
-        ax.plot(s, plan_predict(doc, n, curve), color=colours[n], lw=1.4, label="the chosen law, other shares\n  in w0's proportions")
+        ax.plot(s, laws.plan_predict(doc, n, curve), color=colours[n], lw=1.4, label="the chosen law, other shares\n  in w0's proportions")
         ax.axvspan(lo, hi, color="0.9", zorder=0, label="shares the proxies ran")
         ax.scatter(R[:, i], Y[:, i], color=colours[n], s=18, zorder=3, label="proxy, at the main budget")
         loo = fit["candidates"][fit["law"]].get("loo_errors")
@@ -385,6 +385,22 @@ def make_plots(runs: Sequence[Run], arms: dict[str, list[Run]], domains: Sequenc
 
 def run_plots(run_dir: Path, out_dir: Path) -> dict[str, str]:
     """The report's plots of one finished run (weights, validation loss, velocity and target fits where the run
-    has them) into out_dir; {file name: caption}. Training logs them to W&B at its end (log.wandb)."""
+    has them) into out_dir; {file name: caption}. `upload_plots` logs them to W&B at the end of training."""
     run = load_run(Path(run_dir))
     return make_plots([run], {run.arm: [run]}, run.domains, None, Path(out_dir))
+
+
+def upload_plots(run_dir: Path, logger: Any, step: int) -> None:
+    """The end-of-run hook of `velocitune train` (log.wandb): the report's plots of the finished run at
+    `run_dir`, logged as images at `step` through `logger` (a `loggers.WandbLogger`: `images({tag: (PNG,
+    caption)}, step)`). A plot that fails only warns: the run is complete and saved, a plot is not worth
+    failing it."""
+    with tempfile.TemporaryDirectory(prefix="velocitune-plots-") as tmp:
+        try:
+            written = run_plots(run_dir, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            print(f"warning: the report's plots were not logged to W&B ({exc}); "
+                  f"draw them with `velocitune report {run_dir}`")
+            return
+        logger.images({f"plots/{Path(n).stem}": (Path(tmp) / n, caption) for n, caption in written.items()},
+                      step=step)

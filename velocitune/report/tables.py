@@ -1,17 +1,12 @@
-"""The text of report.md: markdown tables of per-run and per-arm results and of the targets, their notes,
-and `make_report` / `velocitune report`, which read the runs, draw the plots and write the report."""
+"""The tables of report.md: markdown tables of per-run and per-arm results and of the targets, with their
+notes, and the results section built from them. `report.command` assembles report.md."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-import velocitune
-from velocitune.fileio import output_dir
-from velocitune.report.plots import make_plots
 from velocitune.report.runs import (
     PROGRESS_MIN_GAP,
     Difference,
@@ -20,31 +15,12 @@ from velocitune.report.runs import (
     Spread,
     difference,
     downstream_columns,
-    group_arms,
-    load_runs,
     mean_sd,
     reference_targets,
-    run_result,
-    static_arm,
 )
 
 GUARD_MARK = "†"
 BORROWED_MARK = "‡"
-
-HOW_TO_READ = (
-    "**Loss** is each domain's validation loss (token-weighted mean cross-entropy, nats) at the end of "
-    "training; lower is better, and *mean loss* is the unweighted mean over domains. **Progress** is "
-    "(ℓ_init − ℓ_T) / (ℓ_init − ℓ_target): 1 means the domain reached its predicted target, 0 that it did not "
-    "move from the base model, below 0 that it got worse, above 1 that it beat the target; *worst progress* "
-    "is the lowest over domains, the number a mixing rule that protects lagging domains should raise. "
-    "**Tokens** are the tokens trained per domain (millions). **Reweighting** is the share of wall time spent "
-    "choosing weights (`time_update_s` / wall time: with the `eval` signal this includes the validation "
-    "passes at update points, the faithful signal's cost; with the `train` signal only the all-reduce and "
-    "the rule); — for rules whose weights never move. **Downstream** columns (`task metric`) are the final "
-    "model's scores from `velocitune eval` (lm-evaluation-harness; higher is better), shown when a run has a "
-    "downstream.json; — where a run was not evaluated on that task. In the plots, a domain keeps one colour "
-    "throughout; dashed lines mark the predicted targets."
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,7 +48,7 @@ def _share(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
-def _fmt_tokens(n: float) -> str:
+def fmt_tokens(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
@@ -239,10 +215,10 @@ def _footnotes(results: Sequence[RunNumbers]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The report
+# The results section of report.md
 
 
-def _results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
+def results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
                      reference_arm: str | None) -> list[str]:
     """The results: per arm (per-run table folded away) when an arm has several seeds, else per run."""
     per_run = [run_table(results, domains), ""] + [n + "  " for n in _footnotes(results)]
@@ -260,67 +236,3 @@ def _results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], 
                 " No static arm was given, so there are no differences to it."), "",
             arm_table(by_arm, domains, reference_arm), "",
             "<details><summary>Per-run results</summary>", "", *per_run, "", "</details>", ""]
-
-
-def _plots_section(plots: dict[str, str]) -> list[str]:
-    md = ["## Plots", ""]
-    for name, caption in plots.items():
-        md += [f"### {caption}", "", f"![{name[:-4]}]({name})", ""]
-    if "velocity.png" not in plots:
-        md += ["No run records a learning velocity in its mixture.jsonl, so there is no velocity plot.", ""]
-    if "targets.png" not in plots:
-        md += ["No run has a targets.json, so there is no target-fit plot.", ""]
-    return md
-
-
-def make_report(run_dirs: list[Path], out_dir: Path, title: str | None = None) -> Path:
-    """Write report.md and its PNG plots into out_dir comparing the given runs; return the path of report.md."""
-    runs = load_runs(run_dirs)
-    domains = runs[0].domains
-    arms = group_arms(runs)
-    reference_arm = static_arm(arms)
-    reference = reference_targets(runs)
-    results = [run_result(r, reference) for r in runs]
-
-    out_dir = output_dir(out_dir, "the report folder (--out)")
-    plots = make_plots(runs, arms, domains, reference_arm, out_dir)
-
-    title = title or (f"velocitune report: {len(runs)} run{'s' * (len(runs) != 1)}, "
-                      f"{len(arms)} arm{'s' * (len(arms) != 1)}")
-    md = [f"# {title}", "",
-          f"Generated by velocitune {velocitune.__version__} from {len(runs)} run directories over the domains "
-          + ", ".join(f"`{d}`" for d in domains) + ".", "",
-          "## How to read this", "", HOW_TO_READ, ""]
-    md += _results_section(results, arms, domains, reference_arm)
-    table, notes = targets_table(runs, domains)
-    md += ["## Initial losses and targets", "", table, "", *[n + "  " for n in notes], ""]
-    md += _plots_section(plots)
-    md += ["## Runs", ""]
-    for r in runs:
-        s = r.summary
-        md.append(f"- `{r.name}`: `{r.path}` (arm `{r.arm}`, rule `{r.rule}`, signal `{s['signal']}`, "
-                  f"seed {r.seed}, {s['steps']} steps, {_fmt_tokens(s['tokens'])} tokens)")
-    path = out_dir / "report.md"
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `velocitune report`."""
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories written by `velocitune train` (seeds of one arm are grouped by "
-                             "summary.json's 'arm')")
-    parser.add_argument("--out", type=Path, default=Path("report"),
-                        help="folder for report.md and the PNG plots (default: ./report)")
-    parser.add_argument("--title", default=None, help="title of report.md")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `velocitune report`: write the report and print where it is."""
-    path = make_report(list(args.run_dirs), args.out, title=args.title)
-    print(f"report written to {path}")
-    return 0
