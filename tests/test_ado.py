@@ -40,3 +40,27 @@ def test_weights_are_a_distribution_and_resume_is_bit_identical():
     for step in range(25, 45):
         np.testing.assert_array_equal(again.update(step, _losses(step), None, None, sampling_weights=W0).weights,
                                       out[step - 5])
+
+
+def test_batched_lbfgs_reaches_scipys_minimum_on_a_well_posed_law():
+    """fit_laws (all 512 starts at once, our L-BFGS) against scipy's L-BFGS-B from the 8 grid starts of least
+    objective on their loss_fn: a law with data on both sides of its bend is well determined, so both reach the
+    same minimum (objective to 1e-10, parameters to 1e-4)."""
+    from scipy.optimize import minimize
+
+    from velocitune.peers.ado import GRID, fit_laws, fit_objective
+
+    rng = np.random.default_rng(1)
+    n = np.arange(1, 41) * 640.0
+    truth = np.array([[1.5, 0.7, 0.4], [2.0, 0.6, 0.5]])
+    y = np.exp(truth[:, 1]) + np.exp(truth[:, 0]) / n[:, None] ** truth[:, 2] + rng.normal(0, 0.005, (40, 2))
+    got = fit_laws(n, y)
+    for i in range(2):
+        ll = np.log(y[:, i])[None]
+        fun = lambda x, ll=ll: tuple(v[0] for v in fit_objective(x[None], np.log(n), ll))  # noqa: E731
+        score = fit_objective(GRID, np.log(n), np.broadcast_to(ll, (len(GRID), 40)), grad=False)[0]
+        best = min((minimize(fun, GRID[j], jac=True, method="L-BFGS-B", options={"maxiter": 200, "gtol": 1e-5})
+                    for j in np.argsort(score)[:8]), key=lambda r: r.fun)
+        assert abs(fun(got[i])[0] - best.fun) < 1e-10  # of an objective ~4e-4
+        np.testing.assert_allclose(got[i], best.x, atol=1e-4)
+    assert np.abs(got - truth).max() < 0.2  # and near the truth

@@ -396,7 +396,7 @@ def test_ado_matches_the_authors_update():
     counts0 = np.array([5.0, 3.0, 2.0])
     truth = np.array([[1.5, 0.7, 0.4], [1.0, 0.9, 0.3], [2.0, 0.6, 0.5]])  # (a, e, α) per domain
     ref = AuthorsADO(counts0, ignore_steps=first, start_step=first // 2, update_interval=first, starts=4)
-    ours = make_rule_ado(counts0 / counts0.sum(), names, refit=first, samples_per_step=batch)
+    ours = make_rule_ado(counts0 / counts0.sum(), names, refit=first, samples_per_step=batch, starts=4)
     moved = 0.0
     for itr in range(steps):
         p = np.asarray(ref.p, dtype=np.float64)

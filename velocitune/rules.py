@@ -205,7 +205,7 @@ _ADO = RuleSpec(
         ("refit", "steps between refits of the laws, >= 0 (0: the step of the first update, their 1000 of 60k)"),
         ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
         ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
-        ("starts", "L-BFGS-B starts per fit, the best of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
+        ("starts", "L-BFGS starts per fit, the grid points of least objective of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
     adaptive=True, signal="train", interval=1, warmup=1 / 60, build=ado.make_ado)
 
 _REGISTRY: dict[str, RuleSpec] = {s.name: s for s in (*_BUILTIN, _AIOLI, _ADO)}

@@ -9,7 +9,7 @@ Every update (every step by default, docs/design.md §3):
   p_hist   <- γ·p_hist + (1-γ)·ŵ, γ = 0.9 (their EMA of each step's realised domain proportions);
   refit, at the first update and every `refit` steps after: per domain i, the law ℓ_i(n) = E_i + A_i / n^α_i
     (params (a, e, α) = (log A, log E, α)) is fitted to the Savitzky-Golay-filtered history (window 101,
-    order 3), one point in 10, by L-BFGS on Σ huber_δ(log ℓ - log ℓ̂) + penalties, δ = 1e-3, from a grid of
+    order 3), one point in 10, by L-BFGS (`lbfgs`, all starts at once) on Σ huber_δ(log ℓ - log ℓ̂) + penalties, δ = 1e-3, from a grid of
     8 × 8 × 8 starts; the fit of least objective is kept (a non-finite fit keeps the previous laws);
   dist_i   ∝ max(α_i, 0.05) · (ℓ̂_i(n) - E_i) / n · w0_i · sqrt(p_hist_i (1 - p_hist_i)), clipped to >= 1e-2;
   w        <- 0.9·p_avg + 0.1·dist;  p_avg <- (1 - 1/t)·p_avg + dist/t, t = steps done (p_avg starts at w0).
@@ -20,17 +20,16 @@ listed in the README's rule table and docs/design.md §3.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.signal import savgol_filter
 
 from velocitune.errors import CheckpointError, ConfigError
 from velocitune.mixing import Rule, Update, normalize
 
-__all__ = ["ADORule", "DEFAULTS", "GRID", "clip_min_probability", "fit_laws", "fit_objective", "law", "make_ado",
+__all__ = ["ADORule", "DEFAULTS", "GRID", "clip_min_probability", "fit_laws", "fit_objective", "law", "lbfgs", "make_ado",
            "smoothed", "target_distribution"]
 
 # The authors' constants (ado.py at 731863d).
@@ -41,11 +40,12 @@ MIX = 0.1  # p = 0.9·p_avg + 0.1·dist
 MIN_EXPONENT = 0.05  # "arbitrarily bound exponent to be >= 0.05" in curr_dist
 HUBER_DELTA = 1e-3
 MAX_ITER, GTOL = 200, 1e-5  # their LBFGS(maxiter=200, tol=1e-5)
+HISTORY, MAX_LS = 10, 15  # jaxopt.LBFGS's defaults (history_size, maxls)
 # The starting grid of every fit, (512, 3) columns (a, e, α), in their meshgrid order (indexing "ij").
 GRID = np.stack(np.meshgrid(np.arange(-2.0, 6.0, 1.0), np.arange(-2.0, 2.0, 0.5), np.arange(0.0, 0.8, 0.1),
                             indexing="ij"), axis=-1).reshape(-1, 3)
 # Parameters (mixing.params.<name>) and their defaults; bounds are checked by make_ado.
-DEFAULTS: dict[str, Any] = {"refit": 0, "min_prob": 1e-2, "samples_per_step": 1.0, "starts": 4}
+DEFAULTS: dict[str, Any] = {"refit": 0, "min_prob": 1e-2, "samples_per_step": 1.0, "starts": len(GRID)}
 
 
 # ------------------------------------------------------------------------------------------------- the law
@@ -57,61 +57,144 @@ def law(params: np.ndarray, n: float | np.ndarray) -> np.ndarray:
     return np.exp(e) + np.exp(a) / np.power(n, alpha)
 
 
-def fit_objective(theta: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Their loss_fn and its gradient for N fits at once: theta (N, 3), log_n (T,), log_loss (N, T) -> (N,), (N, 3).
+def fit_objective(theta: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray,
+                  grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Their loss_fn and its gradient for N fits at once: theta (N, 3), log_n (T,), log_loss (N, T) -> (N,), (N, 3)
+    (the gradient None when `grad` is False).
 
     Σ_t huber_δ(log ℓ_t - log(exp(a - α log n_t) + exp(e))) + max(α - 0.8, 0) - min(α, 0.001) + max(a - 6.5, 0)
     - min(e - 0.5, 0): the penalties keep α in [0, 0.8], a <= 6.5 and the irreducible loss exp(e) >= e^0.5.
     """
-    a, e, alpha = theta[:, 0:1], theta[:, 1:2], theta[:, 2:3]
-    u = a - alpha * log_n  # log of the reducible term, (N, T)
-    pred = np.logaddexp(u, e)
-    r = log_loss - pred
-    big = np.abs(r) > HUBER_DELTA
-    f = np.where(big, HUBER_DELTA * (np.abs(r) - 0.5 * HUBER_DELTA), 0.5 * r * r).sum(axis=1)
     a, e, alpha = theta[:, 0], theta[:, 1], theta[:, 2]
-    f = f + np.maximum(alpha - 0.8, 0) - np.minimum(alpha, 0.001) + np.maximum(a - 6.5, 0) - np.minimum(e - 0.5, 0)
+    gap = a[:, None] - alpha[:, None] * log_n - e[:, None]  # log(reducible / irreducible), (N, T)
+    z = np.exp(-np.abs(gap))  # one exp: log(e^u + e^e) = max(u, e) + log1p(z)
+    r = log_loss - (np.maximum(gap, 0.0) + e[:, None] + np.log1p(z))  # (N, T)
+    ar = np.abs(r)
+    f = np.where(ar > HUBER_DELTA, HUBER_DELTA * (ar - 0.5 * HUBER_DELTA), 0.5 * r * r).sum(axis=1)
+    f += np.maximum(alpha - 0.8, 0) - np.minimum(alpha, 0.001) + np.maximum(a - 6.5, 0) - np.minimum(e - 0.5, 0)
+    if not grad:
+        return f, None
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r, (N, T)
-    share = np.exp(u - pred)  # d pred / d u = sigmoid(u - e), (N, T)
-    grad = np.stack([-(dr * share).sum(axis=1) + (a > 6.5),
-                     -(dr * (1.0 - share)).sum(axis=1) - (e < 0.5),
-                     (dr * share * log_n).sum(axis=1) + (alpha > 0.8) - (alpha < 0.001)], axis=1)
-    return f, grad
+    share = np.where(gap > 0, 1.0, z) / (1.0 + z)  # d pred / d u = sigmoid(gap), (N, T)
+    ds = (dr * share).sum(axis=1)
+    kink = lambda v, c: (v > c) + 0.5 * (v == c)  # noqa: E731 (d max(v - c, 0)/dv, jax's 1/2 at the tie)
+    g = np.stack([-ds + kink(a, 6.5), -(dr.sum(axis=1) - ds) - kink(-e, -0.5),
+                  (dr * share) @ log_n + kink(alpha, 0.8) - kink(-alpha, -0.001)], axis=1)
+    return f, g
 
 
 def fit_laws(n: np.ndarray, losses: np.ndarray, starts: int = len(GRID)) -> np.ndarray:
     """Fit every domain's law to its points: n (T,) sample counts, losses (T, k) -> params (k, 3).
 
-    Their fit runs jaxopt's LBFGS from all 512 grid points (vmapped) and keeps the one of least objective; here
-    scipy's L-BFGS-B runs from the `starts` grid points of least objective (all 512: theirs), scored in one
-    vectorised pass. A domain whose points are not all finite and > 0 gets NaN parameters (the rule then keeps
-    its previous laws, as their check_valid does).
+    Their fit: jaxopt's LBFGS from every point of the 8x8x8 grid (vmapped), the final iterate of least objective
+    kept (nanargmin). Here `lbfgs` runs all starts × k domains at once; `starts` < 512 keeps the grid points of
+    least initial objective (a cheaper fit; theirs: all 512). A domain whose points are not all finite and > 0
+    gets NaN parameters (the rule then keeps its previous laws, as their check_valid does).
     """
     n = np.asarray(n, dtype=np.float64)
     losses = np.asarray(losses, dtype=np.float64).reshape(n.size, -1)
     k = losses.shape[1]
     out = np.full((k, 3), np.nan)
+    ok = [i for i in range(k) if np.all(np.isfinite(losses[:, i])) and np.all(losses[:, i] > 0)]
+    if not ok:
+        return out
     log_n = np.log(n)
-    for i in range(k):
-        y = losses[:, i]
-        if not (np.all(np.isfinite(y)) and np.all(y > 0)):
-            continue
-        log_loss = np.log(y)[None, :]
-        score, _ = fit_objective(GRID, log_n, np.broadcast_to(log_loss, (len(GRID), n.size)))
-        best_f, best_x = math.inf, None
-        for j in np.argsort(score, kind="stable")[:starts]:
-            res = minimize(_scalar_objective, GRID[j], args=(log_n, log_loss), jac=True, method="L-BFGS-B",
-                           options={"maxiter": MAX_ITER, "gtol": GTOL})
-            if res.fun < best_f:  # their nanargmin: the first of least objective; NaN never wins
-                best_f, best_x = float(res.fun), res.x
-        if best_x is not None:
-            out[i] = best_x
+    log_loss = np.log(losses[:, ok].T)  # (k', T)
+    if starts < len(GRID):  # per domain, the grid points of least initial objective, (k', starts)
+        score = np.stack([fit_objective(GRID, log_n, np.broadcast_to(y, (len(GRID), n.size)))[0] for y in log_loss])
+        pick = np.argsort(score, axis=1, kind="stable")[:, :starts]
+    else:
+        pick = np.broadcast_to(np.arange(len(GRID)), (len(ok), len(GRID)))
+    x0 = GRID[pick].reshape(-1, 3)  # (k'·S, 3), domain-major
+    ys = np.repeat(log_loss, pick.shape[1], axis=0)  # (k'·S, T)
+    x, f = lbfgs(lambda th, rows, grad: fit_objective(th, log_n, ys[rows], grad), x0)
+    f = np.where(np.isfinite(f), f, np.inf).reshape(len(ok), -1)
+    best = np.argmin(f, axis=1)  # their nanargmin: the first of least objective; NaN never wins
+    x = x.reshape(len(ok), -1, 3)[np.arange(len(ok)), best]
+    out[ok] = np.where(np.isfinite(f[np.arange(len(ok)), best])[:, None], x, np.nan)
     return out
 
 
-def _scalar_objective(x: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray) -> tuple[float, np.ndarray]:
-    f, g = fit_objective(x[None, :], log_n, log_loss)
-    return float(f[0]), g[0]
+def _two_loop(g: np.ndarray, s: np.ndarray, y: np.ndarray, rho: np.ndarray, used: int) -> np.ndarray:
+    """The L-BFGS direction -H·g for B problems: g (B, d), history s, y (B, m, d) newest last, rho (B, m)."""
+    q = g.copy()
+    alphas = []
+    for j in range(s.shape[1] - 1, s.shape[1] - 1 - used, -1):  # newest to oldest
+        a = rho[:, j] * np.einsum("bd,bd->b", s[:, j], q)
+        q -= a[:, None] * y[:, j]
+        alphas.append((j, a))
+    if used:  # jaxopt's use_gamma: H0 = (s·y / y·y) I from the newest pair
+        yy = np.einsum("bd,bd->b", y[:, -1], y[:, -1])
+        q *= np.where(yy > 0, 1.0 / (rho[:, -1] * np.where(yy > 0, yy, 1.0)), 1.0)[:, None]
+    for j, a in reversed(alphas):  # oldest to newest
+        b = rho[:, j] * np.einsum("bd,bd->b", y[:, j], q)
+        q += (a - b)[:, None] * s[:, j]
+    return -q
+
+
+def _armijo(fun, x: np.ndarray, f: np.ndarray, p: np.ndarray, slope: np.ndarray, t0: np.ndarray, rows: np.ndarray,
+            maxls: int) -> np.ndarray:
+    """The first of t0, t0/2, ..., t0/2^(maxls-1) with f(x + t·p) <= f + 1e-4·t·slope, per problem (NaN: none).
+
+    Shapes (n, d), (n,), (n, d), (n,), (n,), (n,); each trial scores only the problems still searching."""
+    out, t = np.full(t0.shape, np.nan), t0.copy()
+    todo = np.arange(t0.size)
+    for _ in range(maxls):
+        ft, _ = fun(x[todo] + t[todo, None] * p[todo], rows[todo], False)
+        ok = np.isfinite(ft) & (ft <= f[todo] + 1e-4 * t[todo] * slope[todo])
+        out[todo[ok]] = t[todo[ok]]
+        todo = todo[~ok]
+        if todo.size == 0:
+            break
+        t[todo] *= 0.5
+    return out
+
+
+def lbfgs(fun: Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, Any]], x0: np.ndarray, *, maxiter: int = MAX_ITER,
+          tol: float = GTOL, history: int = HISTORY, maxls: int = MAX_LS) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise B independent problems at once; returns the final (x (B, d), f (B,)). fun(x (n, d), rows (n,), grad) -> (f (n,),
+    grad (n, d) or None) evaluates problems `rows` at x.
+
+    jaxopt.LBFGS's defaults as ADO calls it: stop when ||grad|| <= tol or after maxiter iterations, history 10,
+    H0 scaled by s·y / y·y, first trial step min(1.5 × the last accepted step, 1) (linesearch_init "increase").
+    The line search backtracks by half (at most maxls trials) to the Armijo condition (c1 = 1e-4) rather than
+    jaxopt's zoom; a pair with s·y <= 0 is not stored. A problem whose search fails keeps its point and stops.
+    """
+    x = np.array(x0, dtype=np.float64)
+    b, d = x.shape
+    f, g = fun(x, np.arange(b), True)
+    s, y, rho = np.zeros((b, history, d)), np.zeros((b, history, d)), np.zeros((b, history))
+    used = np.zeros(b, dtype=np.int64)
+    step = np.ones(b)
+    live = np.isfinite(f) & (np.linalg.norm(g, axis=1) > tol)
+    for _ in range(maxiter):
+        if not live.any():
+            break
+        idx = np.flatnonzero(live)
+        gi = g[idx]
+        p = np.zeros_like(gi)
+        for u in np.unique(used[idx]):  # the two-loop over each history length present
+            sel = used[idx] == u
+            p[sel] = _two_loop(gi[sel], s[idx[sel]], y[idx[sel]], rho[idx[sel]], int(u))
+        slope = np.einsum("bd,bd->b", p, gi)
+        bad = ~(slope < 0)  # not a descent direction: steepest descent
+        p[bad], slope[bad] = -gi[bad], -np.einsum("bd,bd->b", gi[bad], gi[bad])
+        t = _armijo(fun, x[idx], f[idx], p, slope, np.minimum(step[idx] * 1.5, 1.0), idx, maxls)
+        accepted = np.isfinite(t)
+        fn, gn = fun(x[idx[accepted]] + t[accepted, None] * p[accepted], idx[accepted], True)
+        new = idx[accepted]
+        sk, yk = t[accepted, None] * p[accepted], gn - g[new]
+        sy = np.einsum("bd,bd->b", sk, yk)
+        keep = sy > 1e-12
+        kn = new[keep]
+        s[kn], y[kn], rho[kn] = np.roll(s[kn], -1, axis=1), np.roll(y[kn], -1, axis=1), np.roll(rho[kn], -1, axis=1)
+        s[kn, -1], y[kn, -1], rho[kn, -1] = sk[keep], yk[keep], 1.0 / sy[keep]
+        used[kn] = np.minimum(used[kn] + 1, history)
+        x[new] += sk
+        f[new], g[new], step[new] = fn, gn, t[accepted]
+        live[idx[~accepted]] = False
+        live[new] = np.linalg.norm(g[new], axis=1) > tol
+    return x, f
 
 
 def smoothed(losses: np.ndarray) -> np.ndarray:
