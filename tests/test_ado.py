@@ -45,7 +45,7 @@ def test_weights_are_a_distribution_and_resume_is_bit_identical():
 def test_batched_lbfgs_reaches_scipys_minimum_on_a_well_posed_law():
     """fit_laws (all 512 starts at once, our L-BFGS) against scipy's L-BFGS-B from the 8 grid starts of least
     objective on their loss_fn: a law with data on both sides of its bend is well determined, so both reach the
-    same minimum (objective to 1e-10, parameters to 1e-4)."""
+    same minimum (objective to 1e-10, the law at the points to 1e-5, parameters to 1e-3 along the valley)."""
     from scipy.optimize import minimize
 
     from velocitune.peers.ado import GRID, fit_laws, fit_objective
@@ -62,5 +62,7 @@ def test_batched_lbfgs_reaches_scipys_minimum_on_a_well_posed_law():
         best = min((minimize(fun, GRID[j], jac=True, method="L-BFGS-B", options={"maxiter": 200, "gtol": 1e-5})
                     for j in np.argsort(score)[:8]), key=lambda r: r.fun)
         assert abs(fun(got[i])[0] - best.fun) < 1e-10  # of an objective ~4e-4
-        np.testing.assert_allclose(got[i], best.x, atol=1e-4)
+        np.testing.assert_allclose(got[i], best.x, atol=1e-3)  # a flat valley: 1.4e-4 apart in a, measured
+        pred = lambda q: np.exp(q[1]) + np.exp(q[0]) / n ** q[2]  # noqa: E731 (the law at the data points)
+        np.testing.assert_allclose(pred(got[i]), pred(best.x), rtol=1e-5)
     assert np.abs(got - truth).max() < 0.2  # and near the truth
