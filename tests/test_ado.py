@@ -25,7 +25,7 @@ def test_clip_and_target_distribution():
 
 
 def test_weights_are_a_distribution_and_resume_is_bit_identical():
-    rule = make_ado("ado", W0, NAMES, refit=10)
+    rule = make_ado("ado", W0, NAMES, refit=10, starts=64)
     np.testing.assert_array_equal(rule.initial_weights(), W0)
     out, states = [], {}
     for step in range(5, 45):
@@ -35,7 +35,7 @@ def test_weights_are_a_distribution_and_resume_is_bit_identical():
         if step == 24:
             states = json.loads(json.dumps(rule.state_dict()))
     assert np.abs(out[-1] - W0).max() > 1e-3  # it moved
-    again = make_ado("ado", W0, NAMES, refit=10)
+    again = make_ado("ado", W0, NAMES, refit=10, starts=64)
     again.load_state_dict(states)
     for step in range(25, 45):
         np.testing.assert_array_equal(again.update(step, _losses(step), None, None, sampling_weights=W0).weights,
@@ -66,3 +66,26 @@ def test_batched_lbfgs_reaches_scipys_minimum_on_a_well_posed_law():
         pred = lambda q: np.exp(q[1]) + np.exp(q[0]) / n ** q[2]  # noqa: E731 (the law at the data points)
         np.testing.assert_allclose(pred(got[i]), pred(best.x), rtol=1e-5)
     assert np.abs(got - truth).max() < 0.2  # and near the truth
+
+
+def test_velocitune_train_with_ado_moves_the_weights(make_config, capsys):
+    """`velocitune train --mixing.rule=ado` on the tiny fixtures (40 steps; start at step 10, refits every 10 steps
+    from 32 grid starts to keep it seconds): no record before the first fit, then one per step with moving weights."""
+    from velocitune.cli import main
+    from velocitune.config import dump_yaml
+
+    cfg = make_config("ado", train={"steps": 40}, mixing={"rule": "ado", "interval": None, "target_values": None,
+                                                         "warmup": 10, "params": {"refit": 10, "starts": 32}},
+                      checkpoint={"interval": 0})
+    path = cfg.run.out_dir + ".yaml"
+    with open(path, "w") as fh:
+        fh.write(dump_yaml(cfg))
+    assert main(["train", path]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in open(f"{cfg.run.out_dir}/mixture.jsonl")]
+    steps = [r["step"] for r in records]
+    assert steps[0] == 0 and steps[1:] == list(range(11, 40))  # their itr 10 on: the first fit's step
+    weights = np.array([list(r["weights"].values()) for r in records[1:]])
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+    assert np.abs(weights[-1] - np.array(list(records[0]["weights"].values()))).max() > 1e-3  # they moved
+    assert all(r["signal"] == "train" for r in records)

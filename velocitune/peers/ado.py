@@ -4,15 +4,17 @@ yidingjiang/ado @ 731863d, src/data_selectors/ado.py (AdoSelector.update / curr_
 fit_scaling_law and its loss_fn), called after every optimizer step by src/dataloader/adaptive_loader.py with the
 per-domain training loss of that step (y_axis "train_loss", the default none of their configs changes).
 
-Every update (every step by default, docs/design.md §3):
-  history  <- the window's per-domain training loss ℓ (k,), at x = n = step · samples_per_step;
+After every optimizer step s (their itr = s - 1; the rule asks for every step, docs/design.md §3):
+  history  <- the step's per-domain training loss ℓ (k,), at x = n = s · samples_per_step;
   p_hist   <- γ·p_hist + (1-γ)·ŵ, γ = 0.9 (their EMA of each step's realised domain proportions);
-  refit, at the first update and every `refit` steps after: per domain i, the law ℓ_i(n) = E_i + A_i / n^α_i
-    (params (a, e, α) = (log A, log E, α)) is fitted to the Savitzky-Golay-filtered history (window 101,
-    order 3), one point in 10, by L-BFGS (`lbfgs`, all starts at once) on Σ huber_δ(log ℓ - log ℓ̂) + penalties, δ = 1e-3, from a grid of
-    8 × 8 × 8 starts; the fit of least objective is kept (a non-finite fit keeps the previous laws);
+  refit, at every itr >= start with itr % refit == 0 (start: mixing.warmup, their start_step = ignore_steps):
+    per domain i, the law ℓ_i(n) = E_i + A_i / n^α_i (params (a, e, α) = (log A, log E, α)) is fitted to the
+    Savitzky-Golay-filtered history (window 101, order 3), rows itr = start, start + 10, ..., by L-BFGS
+    (`lbfgs`, all 512 starts of their 8 × 8 × 8 grid at once) on Σ huber_δ(log ℓ - log ℓ̂) + penalties,
+    δ = 1e-3; per domain the final iterate of least objective is kept (a non-finite fit keeps the previous laws);
+  from itr = start on, once a fit is valid:
   dist_i   ∝ max(α_i, 0.05) · (ℓ̂_i(n) - E_i) / n · w0_i · sqrt(p_hist_i (1 - p_hist_i)), clipped to >= 1e-2;
-  w        <- 0.9·p_avg + 0.1·dist;  p_avg <- (1 - 1/t)·p_avg + dist/t, t = steps done (p_avg starts at w0).
+  w        <- 0.9·p_avg + 0.1·dist;  p_avg <- (1 - 1/s)·p_avg + dist/s (p_avg starts at w0).
 w0 is their `empirical_dist` (the corpus's token shares, our default w0). The differences from their code are
 listed in the README's rule table and docs/design.md §3.
 """
@@ -236,11 +238,14 @@ def target_distribution(params: np.ndarray, n: float, prior: np.ndarray, p_hist:
 
 
 class ADORule(Rule):
-    """ADO as a mixing rule (module docstring). Called every step on the train signal by default.
+    """ADO as a mixing rule (module docstring): called after every optimizer step on the train signal.
 
-    Its first update fixes the start of the fitted history (their ignore_steps, by default mixing.warmup = 1/60 of
-    the run: their 1000 of 60000 steps) and, with refit = 0, the steps between refits (their update_interval,
-    also 1000). The history holds one row (k floats) per update, so the state grows with the run.
+    Step s (steps done) is their itr = s - 1. `schedule` asks the controller for every step from 1 on, so the
+    history starts at the first step as theirs does, and takes `first` (mixing.warmup, by default 1/60 of the
+    run: their 1000 of 60000 steps) as their start_step = ignore_steps. The laws are refitted at every itr >= start
+    with itr % refit == 0 (refit 0: start, their update_interval 1000); the weights move from the first valid fit
+    on (before it, their curr_dist is None: the update is skipped and nothing is recorded). The history holds one
+    row (k floats) per step, so the state grows with the run.
     """
 
     def __init__(self, name: str, weights: np.ndarray, names: Sequence[str], *, refit: int, min_prob: float,
@@ -248,47 +253,53 @@ class ADORule(Rule):
         super().__init__(name, weights, names)
         self.refit, self.min_prob, self.samples_per_step, self.starts = refit, min_prob, samples_per_step, starts
         self.prior = self._initial.copy()  # their empirical_dist, (k,)
+        self._start: int | None = None  # their start_step = ignore_steps (itr); None: the first update's itr
         self._reset()
+
+    def schedule(self, first: int, steps: int) -> range:
+        """The controller's hook (controller.rule_schedule): every step from 1; `first` is their start_step."""
+        self._start = int(first)
+        return range(1, int(steps))
 
     def _reset(self) -> None:
         self._steps: list[int] = []  # the step of every history row
         self._history: list[list[float]] = []  # per-domain training loss of every update, (T, k)
         self._params: np.ndarray | None = None  # the laws in force, (k, 3) columns (a, e, α)
-        self._last_fit: int | None = None
         self._p_hist = self._initial.copy()  # EMA of ŵ, (k,)
         self._p_avg = self._initial.copy()  # running average of dist, (k,)
 
-    def _refit_due(self, step: int) -> bool:
-        every = self.refit or self._steps[0]  # 0: the step of the first update
-        return self._last_fit is None or step - self._last_fit >= every
-
-    def _fit(self) -> None:
-        rows = smoothed(np.array(self._history))[::FIT_STRIDE]  # (T', k)
-        n = np.array(self._steps[::FIT_STRIDE], dtype=np.float64) * self.samples_per_step
+    def _fit(self, start: int) -> None:
+        """Their compute_scaling_law_params: the filtered history's rows at itr = start, start + 10, ... ."""
+        itr = np.array(self._steps) - 1
+        take = (itr >= start) & ((itr - start) % FIT_STRIDE == 0)
+        rows = smoothed(np.array(self._history))[take]  # (T', k)
+        n = (itr[take] + 1).astype(np.float64) * self.samples_per_step  # their cumulative sample count
         with np.errstate(all="ignore"):
             params = fit_laws(n, rows, self.starts)
         if np.all(np.isfinite(params)):  # their check_valid: a fit with a NaN or inf keeps the previous laws
             self._params = params
 
     def _step(self, losses, init, targets, sampling_weights, *, step, observed) -> Update:
+        itr = int(step) - 1
+        if self._start is None:  # not run through the controller's schedule: the first update starts it
+            self._start = itr
         self._steps.append(int(step))
         self._history.append(losses.tolist())
         realised = self._w if sampling_weights is None else sampling_weights
         self._p_hist = GAMMA * self._p_hist + (1.0 - GAMMA) * realised
-        if self._refit_due(step):
-            self._fit()
-            self._last_fit = step
-        if self._params is None:  # no valid fit yet: their curr_dist returns None, the mixture stays
-            return Update(self._w.copy())
+        if itr >= self._start and itr % (self.refit or max(self._start, 1)) == 0:
+            self._fit(self._start)
+        if itr < self._start or self._params is None:  # their curr_dist returns None: the mixture stays
+            return Update(self._w.copy(), skipped=True)
         dist = target_distribution(self._params, step * self.samples_per_step, self.prior, self._p_hist,
                                    self.min_prob)
         w = (1.0 - MIX) * self._p_avg + MIX * dist
-        self._p_avg = (1.0 - 1.0 / step) * self._p_avg + dist / step  # their 1/(itr + 1), itr = step - 1
+        self._p_avg = (1.0 - 1.0 / step) * self._p_avg + dist / step  # their 1/(itr + 1)
         return Update(normalize(w), dist)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps": list(self._steps), "history": [list(r) for r in self._history],
-                "params": None if self._params is None else self._params.tolist(), "last_fit": self._last_fit,
+                "params": None if self._params is None else self._params.tolist(), "start": self._start,
                 "p_hist": self._p_hist.tolist(), "p_avg": self._p_avg.tolist()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -297,7 +308,7 @@ class ADORule(Rule):
             self._steps = [int(s) for s in state["steps"]]
             self._history = [[float(x) for x in row] for row in state["history"]]
             self._params = None if state["params"] is None else np.array(state["params"], dtype=np.float64)
-            self._last_fit = None if state["last_fit"] is None else int(state["last_fit"])
+            self._start = None if state["start"] is None else int(state["start"])
             self._p_hist = np.array(state["p_hist"], dtype=np.float64)
             self._p_avg = np.array(state["p_avg"], dtype=np.float64)
         except (KeyError, TypeError, ValueError) as e:
