@@ -89,3 +89,18 @@ def test_velocitune_train_with_ado_moves_the_weights(make_config, capsys):
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
     assert np.abs(weights[-1] - np.array(list(records[0]["weights"].values()))).max() > 1e-3  # they moved
     assert all(r["signal"] == "train" for r in records)
+
+
+def test_ado_refuses_the_eval_signal_and_an_interval():
+    import pytest
+
+    from velocitune.config import load_config
+    from velocitune.errors import ConfigError
+    from velocitune.rules import build_rule
+
+    for flag, match in (("--mixing.signal=eval", "set mixing.signal=train"), ("--mixing.interval=5", "drop mixing.interval")):
+        mc = load_config(None, ["--mixing.rule=ado", flag]).mixing
+        with pytest.raises(ConfigError, match=match):
+            build_rule(mc, W0, NAMES, np.array([5.0, 3.0, 2.0]))
+    mc = load_config(None, ["--mixing.rule=ado"]).mixing
+    assert mc.signal == "train" and build_rule(mc, W0, NAMES, np.array([5.0, 3.0, 2.0])).starts == 512
