@@ -69,8 +69,8 @@ def fit_objective(theta: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray,
     """
     a, e, alpha = theta[:, 0], theta[:, 1], theta[:, 2]
     gap = a[:, None] - alpha[:, None] * log_n - e[:, None]  # log(reducible / irreducible), (N, T)
-    z = np.exp(-np.abs(gap))  # one exp: log(e^u + e^e) = max(u, e) + log1p(z)
-    r = log_loss - (np.maximum(gap, 0.0) + e[:, None] + np.log1p(z))  # (N, T)
+    z = np.exp(-np.abs(gap))  # one exp: log(e^u + e^e) = max(u, e) + log(1 + z)
+    r = log_loss - (np.maximum(gap, 0.0) + e[:, None] + np.log(1.0 + z))  # (N, T); z in (0, 1]
     ar = np.abs(r)
     f = np.where(ar > HUBER_DELTA, HUBER_DELTA * (ar - 0.5 * HUBER_DELTA), 0.5 * r * r).sum(axis=1)
     f += np.maximum(alpha - 0.8, 0) - np.minimum(alpha, 0.001) + np.maximum(a - 6.5, 0) - np.minimum(e - 0.5, 0)
@@ -78,10 +78,10 @@ def fit_objective(theta: np.ndarray, log_n: np.ndarray, log_loss: np.ndarray,
         return f, None
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r, (N, T)
     share = np.where(gap > 0, 1.0, z) / (1.0 + z)  # d pred / d u = sigmoid(gap), (N, T)
-    ds = (dr * share).sum(axis=1)
+    ds = (dr * share).sum(axis=1)  # row sums only (no matmul): a fit does not depend on the batch it is in
     kink = lambda v, c: (v > c) + 0.5 * (v == c)  # noqa: E731 (d max(v - c, 0)/dv, jax's 1/2 at the tie)
     g = np.stack([-ds + kink(a, 6.5), -(dr.sum(axis=1) - ds) - kink(-e, -0.5),
-                  (dr * share) @ log_n + kink(alpha, 0.8) - kink(-alpha, -0.001)], axis=1)
+                  (dr * share * log_n).sum(axis=1) + kink(alpha, 0.8) - kink(-alpha, -0.001)], axis=1)
     return f, g
 
 
@@ -117,20 +117,19 @@ def fit_laws(n: np.ndarray, losses: np.ndarray, starts: int = len(GRID)) -> np.n
     return out
 
 
-def _two_loop(g: np.ndarray, s: np.ndarray, y: np.ndarray, rho: np.ndarray, used: int) -> np.ndarray:
-    """The L-BFGS direction -H·g for B problems: g (B, d), history s, y (B, m, d) newest last, rho (B, m)."""
+def _two_loop(g: np.ndarray, s: np.ndarray, y: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """The L-BFGS direction -H·g for B problems: g (B, d), history s, y (B, m, d) newest last, rho (B, m); unused
+    slots are zero (they leave q unchanged), and H0 = (s·y / y·y)·I from the newest pair (jaxopt's use_gamma)."""
     q = g.copy()
-    alphas = []
-    for j in range(s.shape[1] - 1, s.shape[1] - 1 - used, -1):  # newest to oldest
-        a = rho[:, j] * np.einsum("bd,bd->b", s[:, j], q)
-        q -= a[:, None] * y[:, j]
-        alphas.append((j, a))
-    if used:  # jaxopt's use_gamma: H0 = (s·y / y·y) I from the newest pair
-        yy = np.einsum("bd,bd->b", y[:, -1], y[:, -1])
-        q *= np.where(yy > 0, 1.0 / (rho[:, -1] * np.where(yy > 0, yy, 1.0)), 1.0)[:, None]
-    for j, a in reversed(alphas):  # oldest to newest
+    alphas = np.zeros(rho.shape)
+    for j in range(s.shape[1] - 1, -1, -1):  # newest to oldest
+        alphas[:, j] = rho[:, j] * np.einsum("bd,bd->b", s[:, j], q)
+        q -= alphas[:, j, None] * y[:, j]
+    yy = np.einsum("bd,bd->b", y[:, -1], y[:, -1])
+    q *= np.divide(1.0, rho[:, -1] * yy, out=np.ones_like(yy), where=yy > 0)[:, None]  # s·y / y·y, 1 when empty
+    for j in range(s.shape[1]):  # oldest to newest
         b = rho[:, j] * np.einsum("bd,bd->b", y[:, j], q)
-        q += (a - b)[:, None] * s[:, j]
+        q += (alphas[:, j] - b)[:, None] * s[:, j]
     return -q
 
 
@@ -166,7 +165,6 @@ def lbfgs(fun: Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, Any]],
     b, d = x.shape
     f, g = fun(x, np.arange(b), True)
     s, y, rho = np.zeros((b, history, d)), np.zeros((b, history, d)), np.zeros((b, history))
-    used = np.zeros(b, dtype=np.int64)
     step = np.ones(b)
     live = np.isfinite(f) & (np.linalg.norm(g, axis=1) > tol)
     for _ in range(maxiter):
@@ -174,16 +172,22 @@ def lbfgs(fun: Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, Any]],
             break
         idx = np.flatnonzero(live)
         gi = g[idx]
-        p = np.zeros_like(gi)
-        for u in np.unique(used[idx]):  # the two-loop over each history length present
-            sel = used[idx] == u
-            p[sel] = _two_loop(gi[sel], s[idx[sel]], y[idx[sel]], rho[idx[sel]], int(u))
+        p = _two_loop(gi, s[idx], y[idx], rho[idx])  # the unused (zero) slots of a short history do nothing
         slope = np.einsum("bd,bd->b", p, gi)
         bad = ~(slope < 0)  # not a descent direction: steepest descent
         p[bad], slope[bad] = -gi[bad], -np.einsum("bd,bd->b", gi[bad], gi[bad])
-        t = _armijo(fun, x[idx], f[idx], p, slope, np.minimum(step[idx] * 1.5, 1.0), idx, maxls)
-        accepted = np.isfinite(t)
-        fn, gn = fun(x[idx[accepted]] + t[accepted, None] * p[accepted], idx[accepted], True)
+        # The first trial step with the gradient (it is usually taken); halve the others' (value only).
+        t = np.minimum(step[idx] * 1.5, 1.0)
+        ft, gt = fun(x[idx] + t[:, None] * p, idx, True)
+        first = np.isfinite(ft) & (ft <= f[idx] + 1e-4 * t * slope)
+        rest = np.flatnonzero(~first)
+        if rest.size:
+            t[rest] = _armijo(fun, x[idx[rest]], f[idx[rest]], p[rest], slope[rest], t[rest] * 0.5, idx[rest],
+                              maxls - 1)
+            again = rest[np.isfinite(t[rest])]
+            ft[again], gt[again] = fun(x[idx[again]] + t[again, None] * p[again], idx[again], True)
+        accepted = first | np.isfinite(t)
+        fn, gn = ft[accepted], gt[accepted]
         new = idx[accepted]
         sk, yk = t[accepted, None] * p[accepted], gn - g[new]
         sy = np.einsum("bd,bd->b", sk, yk)
@@ -191,7 +195,6 @@ def lbfgs(fun: Callable[[np.ndarray, np.ndarray, bool], tuple[np.ndarray, Any]],
         kn = new[keep]
         s[kn], y[kn], rho[kn] = np.roll(s[kn], -1, axis=1), np.roll(y[kn], -1, axis=1), np.roll(rho[kn], -1, axis=1)
         s[kn, -1], y[kn, -1], rho[kn, -1] = sk[keep], yk[keep], 1.0 / sy[keep]
-        used[kn] = np.minimum(used[kn] + 1, history)
         x[new] += sk
         f[new], g[new], step[new] = fn, gn, t[accepted]
         live[idx[~accepted]] = False
