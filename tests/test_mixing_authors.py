@@ -1,4 +1,4 @@
-"""The `odm`, `dbl` and `aioli` rules against our own transcriptions of their authors' updates.
+"""The `odm`, `dbl`, `aioli` and `ado` rules against our own transcriptions of their authors' updates.
 
 Each reference below is a transcription, written for this test, of the update function in the authors'
 public code, kept in their structure (per-name dicts and Python floats for ODM, torch float32 for DBL) so
@@ -15,6 +15,8 @@ that it shares no code with velocitune.mixing:
 - Aioli: HazyResearch/aioli, commit 910d5249ec55c0e1ea1a25b9a7588640306f31cf, trainer/aioli_trainer.py,
   AioliTrainer.train (no prior, no graph) and learn_params_subroutine, driven by a synthetic loss model; ours
   runs through the MixingController (its rule-set update steps), the sampler and the rule.
+- ADO: yidingjiang/ado, commit 731863df66c2378e426eb07e188c8d731d58787d, src/data_selectors/ado.py, AdoSelector
+  (train-loss path) called after every step; its fit by scipy's L-BFGS-B from the whole grid (jax is not here).
 
 Remaining differences, documented in the README's rule table and docs/design.md §3: we compute in
 float64 (their DBL runs in float32: one update of theirs agrees to float32 precision, a whole
