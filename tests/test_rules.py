@@ -45,6 +45,7 @@ def _build(mc, tmp_path=None):
 def test_the_old_tables_are_what_the_registry_says():
     assert rules.rule_names()[:len(OLD_RULES)] == OLD_RULES  # newer rules (aioli, ...) come after
     assert tuple(n for n in OLD_RULES if rules.is_adaptive(n)) == OLD_ADAPTIVE
+    assert rules.rule_names()[len(OLD_RULES):] == ("aioli", "ado") and rules.is_adaptive("ado")  # issue 27
     for name in OLD_RULES:
         assert rules.timing(name) == OLD_TIMING.get(name, OLD_DEFAULT_TIMING), name
         for preset in ("faithful", "robust"):
@@ -168,7 +169,7 @@ def test_a_registered_rule_is_accepted_everywhere(toy_rule):
     text = help_text()
     assert "toy: w ∝ w0^gamma [signal train, interval 3, warmup 0.0]" in text
     assert "gamma = 1.0: the exponent" in text
-    assert "one of: static, uniform, temperature, velocitune, velocitune-no-target, dbl, odm, replay, aioli, toy" in text
+    assert "one of: static, uniform, temperature, velocitune, velocitune-no-target, dbl, odm, replay, aioli, ado, toy" in text
     with pytest.raises(ConfigError, match="did you mean 'gamma'"):
         load_config(None, ["--mixing.rule=toy", "--mixing.params.gama=2"])
     with pytest.raises(ConfigError, match="already registered"):

@@ -36,7 +36,7 @@ import numpy as np
 from velocitune import mixing
 from velocitune.errors import ConfigError
 from velocitune.fileio import require_dir
-from velocitune.peers import aioli
+from velocitune.peers import ado, aioli
 
 if TYPE_CHECKING:  # the config imports this module: the type only, never at run time
     from velocitune.config import MixingConfig
@@ -197,7 +197,29 @@ _AIOLI = RuleSpec(
     tuple(Param("aioli", name, doc, aioli.DEFAULTS[name]) for name, doc in _AIOLI_DOCS.items()),
     adaptive=True, warmup=0.0, inputs=_aioli_inputs, build=aioli.make_aioli)  # rounds from step 0, no prior
 
-_REGISTRY: dict[str, RuleSpec] = {s.name: s for s in (*_BUILTIN, _AIOLI)}
+def _ado_inputs(mc, names, token_counts, records) -> dict[str, Any]:
+    """ado reads the training loss of every step (its own schedule): no eval signal, no m."""
+    if mc.signal != "train":
+        raise ConfigError("rule 'ado' fits its laws to the training loss of every step; set mixing.signal=train "
+                          "(or leave it unset)")
+    if mc.interval is not None:
+        raise ConfigError("rule 'ado' reads every step's loss and refits every mixing.params.refit steps; drop "
+                          "mixing.interval")
+    return {}
+
+
+# Every step on the train signal, from step 1 (its `schedule`); mixing.warmup (1/60 of the run: their 1000 of
+# 60000 steps) is their start_step = ignore_steps, and the refit interval by default (docs/design.md §3).
+_ADO = RuleSpec(
+    "ado", "Adaptive Data Optimization (per-domain scaling laws fitted online, as its authors ran it)",
+    tuple(Param("ado", name, doc, ado.DEFAULTS[name]) for name, doc in (
+        ("refit", "steps between refits of the laws, >= 0 (0: mixing.warmup's step, their 1000 of 60k)"),
+        ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
+        ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
+        ("starts", "L-BFGS starts per fit, the grid points of least objective of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
+    adaptive=True, signal="train", interval=1, warmup=1 / 60, inputs=_ado_inputs, build=ado.make_ado)
+
+_REGISTRY: dict[str, RuleSpec] = {s.name: s for s in (*_BUILTIN, _AIOLI, _ADO)}
 
 
 # ------------------------------------------------------------------------------------------------ queries
