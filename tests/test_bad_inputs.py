@@ -423,7 +423,7 @@ def _negative_lr(c: Ctx):
 def _unknown_rule(c: Ctx):
     return ["train", c.config(), "--mixing.rule=velocitun"], (
         "error: config key 'mixing.rule' is 'velocitun'; allowed: static, uniform, temperature, velocitune, "
-        "velocitune-no-target, dbl, odm, replay, aioli. Did you mean 'velocitune'?")
+        "velocitune-no-target, dbl, odm, replay, aioli, ado. Did you mean 'velocitune'?")
 
 
 def _weights_not_summing_to_one(c: Ctx):
