@@ -3,7 +3,8 @@
 Two domain sets share the demo's tokenizer and base model (so `velocitune demo` must have run in --out):
 - `demo`: the demo's replay / code / math / sci;
 - `alt`:  replay / cpp / markdown / records, built from other sources (studies/alt_corpus.py);
-- `third`: replay / sympy / licenses / afm, from yet other sources (studies/third_corpus.py).
+- `third`: replay / sympy / licenses / afm, from yet other sources (studies/third_corpus.py);
+- `fourth`: replay / prose / yaml / cython, mostly English prose (studies/fourth_corpus.py).
 For each set this prepares the data, measures ℓ_init and predicts targets with the default recipe
 (`velocitune targets` defaults), runs the named arms over seeds as parallel 1-thread processes
 (resumable: finished runs are kept), and writes TAG/report.md plus TAG.json/TAG.md (the bar):
@@ -32,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `studies`
 
 from studies.alt_corpus import ALT_DOMAINS, build_alt_corpus  # noqa: E402
+from studies.fourth_corpus import FOURTH_DOMAINS, build_fourth_corpus  # noqa: E402
 from studies.third_corpus import THIRD_DOMAINS, build_third_corpus  # noqa: E402
 from velocitune.config import from_dict  # noqa: E402
 from velocitune.demo import pipeline  # noqa: E402
@@ -73,7 +75,8 @@ ARMS: dict[str, list[str]] = {
 
 
 # The sets besides the demo's own: corpus builder and domain names.
-CORPORA = {"alt": (build_alt_corpus, ALT_DOMAINS), "third": (build_third_corpus, THIRD_DOMAINS)}
+CORPORA = {"alt": (build_alt_corpus, ALT_DOMAINS), "third": (build_third_corpus, THIRD_DOMAINS),
+           "fourth": (build_fourth_corpus, FOURTH_DOMAINS)}
 
 
 def set_dir(out: Path, name: str) -> Path:
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--steps", type=int, default=pipeline.CPT_STEPS, help="CPT steps per run (default: the demo's)")
-    ap.add_argument("--scale", type=float, default=1.0, help="size of the second or third set's corpus (default 1.0)")
+    ap.add_argument("--scale", type=float, default=1.0, help="size of the second, third or fourth set's corpus (default 1.0)")
     ap.add_argument("--tag", default="bar", help="name of this comparison's outputs: TAG.json, TAG.md, TAG/report.md")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
