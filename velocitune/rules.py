@@ -91,8 +91,10 @@ class RuleSpec:
     run, None: train.warmup_steps). presets: the mixing.PRESETS it takes. pace_presets: presets under which
     mixing.pace defaults to on. requires: config keys it cannot run without -> what they hold. reads_run: a
     config key naming a run directory whose mixture.jsonl it is built from. inputs: the maths parameters it
-    takes from the run rather than from its `params` (token counts, replayed weights). build: the builder,
-    (name, w0, names, **params) -> mixing.Rule.
+    takes from the run rather than from its `params` (token counts, replayed weights). own_schedule: None
+    when it updates every m steps; else what sets its update steps (the rule's `schedule`, which the
+    controller follows): it then reads only its own `signal`, and mixing.interval is refused. build: the
+    builder, (name, w0, names, **params) -> mixing.Rule.
     """
 
     name: str
@@ -109,6 +111,7 @@ class RuleSpec:
     requires: Mapping[str, str] = field(default_factory=dict)
     reads_run: str | None = None
     inputs: Inputs | None = None
+    own_schedule: str | None = None
     build: Callable[..., mixing.Rule] = mixing.make_rule
 
     def param(self, name: str) -> Param:
@@ -168,17 +171,6 @@ _BUILTIN = (
 )
 
 
-def _aioli_inputs(mc, names, token_counts, records) -> dict[str, Any]:
-    """aioli evaluates the val sets at the steps it sets itself (its LearnParams blocks): no train signal, no m."""
-    if mc.signal != "eval":
-        raise ConfigError("rule 'aioli' learns from evaluations of the val sets after each LearnParams block; "
-                          "set mixing.signal=eval (or leave it unset)")
-    if mc.interval is not None:
-        raise ConfigError("rule 'aioli' sets its own update steps (rounds of mixing.params.update_steps, each "
-                          "starting with LearnParams blocks of lp_steps); drop mixing.interval")
-    return {}
-
-
 _AIOLI_DOCS = {
     "eta": "η of w = exp(η·Σ_i A[i]) (their 3-domain run: 0.1)",
     "ema": "γ, EMA of A across rounds (their 3-domain run: 0.5); see cumulative",
@@ -195,17 +187,9 @@ _AIOLI = RuleSpec(
     "aioli", "Aioli (Chen et al. 2024): LearnParams blocks estimate the mixing law's A, w = exp(η·Σ_i A[i]) (as its "
     "authors ran it)",
     tuple(Param("aioli", name, doc, aioli.DEFAULTS[name]) for name, doc in _AIOLI_DOCS.items()),
-    adaptive=True, warmup=0.0, inputs=_aioli_inputs, build=aioli.make_aioli)  # rounds from step 0, no prior
-
-def _ado_inputs(mc, names, token_counts, records) -> dict[str, Any]:
-    """ado reads the training loss of every step (its own schedule): no eval signal, no m."""
-    if mc.signal != "train":
-        raise ConfigError("rule 'ado' fits its laws to the training loss of every step; set mixing.signal=train "
-                          "(or leave it unset)")
-    if mc.interval is not None:
-        raise ConfigError("rule 'ado' reads every step's loss and refits every mixing.params.refit steps; drop "
-                          "mixing.interval")
-    return {}
+    adaptive=True, warmup=0.0, build=aioli.make_aioli,
+    own_schedule="learns from evaluations of the val sets after each LearnParams block (rounds of "
+                 "mixing.params.update_steps, each starting with blocks of lp_steps)")  # rounds from step 0, no prior
 
 
 # Every step on the train signal, from step 1 (its `schedule`); mixing.warmup (1/60 of the run: their 1000 of
@@ -217,7 +201,8 @@ _ADO = RuleSpec(
         ("min_prob", "clip_min_probability's floor on dist, in [0, 1/k]"),
         ("samples_per_step", "sequences per step on the laws' x-axis, > 0 (theirs: the global batch)"),
         ("starts", "L-BFGS starts per fit, the grid points of least objective of their 8x8x8 grid, in [1, 512] (theirs: 512)"))),
-    adaptive=True, signal="train", interval=1, warmup=1 / 60, inputs=_ado_inputs, build=ado.make_ado)
+    adaptive=True, signal="train", interval=1, warmup=1 / 60, build=ado.make_ado,
+    own_schedule="fits its laws to the training loss of every step and refits every mixing.params.refit steps")
 
 _REGISTRY: dict[str, RuleSpec] = {s.name: s for s in (*_BUILTIN, _AIOLI, _ADO)}
 
@@ -336,6 +321,16 @@ def run_log_input(mc: MixingConfig) -> Path | None:
     return src
 
 
+def check_own_schedule(s: RuleSpec, mc: MixingConfig) -> None:
+    """A rule that sets its own update steps reads only its own signal and takes no mixing.interval."""
+    if s.own_schedule is None:
+        return
+    if mc.signal != s.signal:
+        raise ConfigError(f"rule {s.name!r} {s.own_schedule}; set mixing.signal={s.signal} (or leave it unset)")
+    if mc.interval is not None:
+        raise ConfigError(f"rule {s.name!r} sets its own update steps: it {s.own_schedule}; drop mixing.interval")
+
+
 def build_rule(mc: MixingConfig, w0: np.ndarray, names: Sequence[str], token_counts: np.ndarray,
                records: list[dict] | None = None) -> mixing.Rule:
     """The config's mixing rule over `names`, starting from `w0`; token_counts (k,) feed the temperature rule;
@@ -344,6 +339,7 @@ def build_rule(mc: MixingConfig, w0: np.ndarray, names: Sequence[str], token_cou
     if s.reads_run is not None and records is None:
         raise ConfigError(f"rule {s.name!r} is built from the mixture.jsonl of mixing.{s.reads_run}; read it first "
                           "(rules.run_log_input)")
+    check_own_schedule(s, mc)
     params = config_params(mc)
     if s.inputs is not None:
         params.update(s.inputs(mc, names, token_counts, records))
@@ -355,7 +351,8 @@ def help_lines() -> list[str]:
     lines = []
     for s in _REGISTRY.values():
         t = timing(s.name)
-        when = (f"signal {t['signal']}, interval {t['interval'] or 'steps // 100'}, warmup "
+        every = "its own steps" if s.own_schedule else f"interval {t['interval'] or 'steps // 100'}"
+        when = (f"signal {t['signal']}, {every}, warmup "
                 f"{'train.warmup_steps' if t['warmup'] is None else t['warmup']}") if s.adaptive else "fixed weights"
         needs = [w for w, on in (("targets", s.needs_targets), ("ℓ_init", s.needs_init)) if on]
         lines.append(f"  {s.name}: {s.summary} [{when}{'; needs ' + ', '.join(needs) if needs else ''}]")
