@@ -1,8 +1,9 @@
 """Velocity-based mixing inside a `transformers.Trainer`: a mixture dataset plus a callback.
 
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
     from velocitune.integrations.hf_trainer import MixtureDataset, VelocituneCallback, trainer_args_for
-    model = AutoModelForCausalLM.from_pretrained("./models/base", local_files_only=True)  # a local directory
+    from velocitune.model import load_model
+    model = load_model("./models/base")  # a local directory; a missing one is an error, never a download
     data = MixtureDataset("prepared/", seq_len=512, global_batch=64, steps=2000)
     args = TrainingArguments(output_dir="out", **trainer_args_for(data, per_device_batch=8, grad_accum=8))
     cb = VelocituneCallback(data, targets="targets.json")
