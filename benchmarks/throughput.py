@@ -13,7 +13,7 @@ evaluation are left out; what remains is the window. Ratios are medians over win
 compared with the same block of the other variant; tokens/s are window totals. The eval variant's extra time
 per block over static's is the measured overhead of the eval signal, compared with the estimate
 train.py prints and saves (summary.json `estimated_overhead`: one evaluation over m training steps, both
-timed before training by train.probe_overhead; median over repeats), and with the FLOPs formula printed
+timed before training by overhead.probe_overhead; median over repeats), and with the FLOPs formula printed
 beside it (`estimated_overhead_flops` = k·val_tokens / (3·m·tokens_per_step)).
 
 CPU mode (default) runs the four variants in lock-step: each in its own thread, one optimizer step at a time
