@@ -43,34 +43,54 @@ from velocitune.sweep import Arm, run_arms  # noqa: E402
 
 # Arms of the study: overrides on top of the set's config. The velocity arms name every knob they
 # change, so that a later change of a preset's defaults does not silently change an old arm.
+# The study's sets name no mixing.interval (issue 27, item 7): an arm gets the interval it names, else its rule's
+# default, exactly as `velocitune train` would. The arms measured before issue 27 ran at m = 20: they name it.
+_M20 = "--mixing.interval=20"
+# The velocity arms before issue 27 used the targets as they were (no online refit, no max_rise); they say so.
+_STATIC_TARGETS = ["--mixing.online=false", "--mixing.max_rise=inf"]
 ARMS: dict[str, list[str]] = {
+    # `velocitune train` with no mixing keys at all (its targets and ℓ_init files are inputs, not knobs)
+    "default": [],
+    # the default's own time-averaged sampling weights, fixed and paced like the default (issue 27, item 6);
+    # DEFAULT_RUN is this seed's default run, which runs first
+    "avg-fixed": ["--mixing.rule=replay", "--mixing.replay_from=DEFAULT_RUN", "--mixing.pace=true"],
+    # the default as shipped before issue 27 (robust, paced, static targets), at its own interval
+    "prior-default": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", *_STATIC_TARGETS],
+    "default-train": ["--mixing.signal=train"],
     "static": ["--mixing.rule=static"],
     "uniform": ["--mixing.rule=uniform"],
-    "faithful": ["--mixing.rule=velocitune", "--mixing.preset=faithful"],
-    "faithful-train": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.signal=train"],
-    "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust"],
-    "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train"],
-    "robust-pace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true"],
+    "faithful": ["--mixing.rule=velocitune", "--mixing.preset=faithful", _M20, *_STATIC_TARGETS],
+    "faithful-train": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.signal=train", _M20,
+                       *_STATIC_TARGETS],
+    "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", _M20, *_STATIC_TARGETS],
+    "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train", _M20,
+                     *_STATIC_TARGETS],
+    "robust-pace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", _M20, *_STATIC_TARGETS],
     "robust-pace-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
-                          "--mixing.signal=train"],
-    # the baselines as their authors ran them (issue 17, part 3), each with its own timing and signal
-    "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step (the set config names m = 4)
-    "dbl": ["--mixing.rule=dbl"],
+                          "--mixing.signal=train", _M20, *_STATIC_TARGETS],
+    # the baselines as their authors ran them (issue 17, part 3; issue 27, item 5), each with its own timing
+    "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step
+    "dbl": ["--mixing.rule=dbl", _M20],
+    "ado": ["--mixing.rule=ado"],
+    "aioli": ["--mixing.rule=aioli"],
     # `velocitune plan` (issue 17, parts 1-2): its recommended mixture fixed, and Velocitune started there
     # with the plan's targets; PLAN is the set's plan.json, made (or reused) before the arms run
     "plan-static": ["--mixing.rule=static", "--mixing.plan=PLAN"],
-    "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN"],
+    "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN",
+                    _M20, *_STATIC_TARGETS],
     "plan-robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
-                          "--mixing.plan=PLAN", "--mixing.signal=train"],
+                          "--mixing.plan=PLAN", "--mixing.signal=train", _M20, *_STATIC_TARGETS],
     # one knob at a time from `faithful` (update study, §3)
-    "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05"],
-    "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2"],
-    "eta0.3": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.eta=0.3"],
-    "relfloor0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.relative_floor=0.5"],
-    "ema0.7": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.ema=0.7"],
-    "m40": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.interval=40"],
-    "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05"],
-    "c0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5"],
+    "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05", _M20, *_STATIC_TARGETS],
+    "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2", _M20, *_STATIC_TARGETS],
+    "eta0.3": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.eta=0.3", _M20, *_STATIC_TARGETS],
+    "relfloor0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.relative_floor=0.5", _M20,
+                    *_STATIC_TARGETS],
+    "ema0.7": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.ema=0.7", _M20, *_STATIC_TARGETS],
+    "m40": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.interval=40", *_STATIC_TARGETS],
+    "minw0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.min_weight=0.05", _M20,
+                 *_STATIC_TARGETS],
+    "c0.5": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.5", _M20, *_STATIC_TARGETS],
 }
 
 
@@ -100,6 +120,7 @@ def prepare_set(out: Path, name: str, parallel: int, steps: int = pipeline.CPT_S
             prepare_corpus(out / "tokenizer", data, {d: [str(corpus[d])] for d in domains}, val_fraction=0.05,
                            val_tokens=pipeline.EVAL_TOKENS * 2, workers=parallel)
     config = pipeline.cpt_config(out, steps)
+    config["mixing"].pop("interval")  # every arm gets its own rule's default unless it names one (item 7)
     config["data"]["path"] = str(data)
     config["mixing"]["targets"] = str(root / "targets" / "targets.json")
     config["mixing"]["init_loss"] = str(root / "targets" / "init_loss.json")
@@ -213,12 +234,22 @@ def main(argv: list[str] | None = None) -> int:
 
         make_plan(load_config(config, ["--log.progress=false"]), plan_file.parent)
 
-    def overrides(arm: str) -> list[str]:
-        return [o.replace("=PLAN", f"={plan_file}") for o in ARMS[arm]]
+    def overrides(arm: str, seed: int) -> list[str]:
+        default_run = root / "runs" / "default" / f"seed{seed}"
+        return [o.replace("=PLAN", f"={plan_file}").replace("=DEFAULT_RUN", f"={default_run}") for o in ARMS[arm]]
 
-    plan = [Arm(f"{a}/seed{s}", overrides(a) + [f"--train.seed={s}", f"--run.arm={a}"])
-            for s in range(args.seeds) for a in args.arms]
-    dirs = run_arms(config, plan, root / "runs", parallel=args.parallel, threads=1)
+    # An arm built from the default's run (avg-fixed) runs after it: its seed's default run comes first.
+    later = [a for a in args.arms if any("=DEFAULT_RUN" in o for o in ARMS[a])]
+    if later and "default" not in args.arms:
+        raise SystemExit(f"arm(s) {later} replay the default arm's weights: add `default` to --arms")
+    passes = [[a for a in args.arms if a not in later], later]
+    by_arm: dict[str, Path] = {}
+    for arms in passes:
+        plan = [Arm(f"{a}/seed{s}", overrides(a, s) + [f"--train.seed={s}", f"--run.arm={a}"])
+                for s in range(args.seeds) for a in arms]
+        by_arm.update({p.name: d for p, d in zip(plan, run_arms(config, plan, root / "runs", parallel=args.parallel,
+                                                                  threads=1))})
+    dirs = [by_arm[f"{a}/seed{s}"] for s in range(args.seeds) for a in args.arms]
     from velocitune.report import make_report
 
     make_report(dirs, root / args.tag, title=f"velocitune study, {args.set} domain set: {', '.join(args.arms)}")

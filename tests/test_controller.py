@@ -139,6 +139,7 @@ def _from_config(cfg, steps=STEPS, lr_warmup=0, **kw):
         return MixtureSampler(seed=0, global_batch=B, windows_per_domain=[500, 500, 500], initial_weights=w,
                               names=names)
 
+    kw.setdefault("lrs", np.full(steps, 1e-3))
     return MixingController.from_config(cfg.mixing, names, w0, np.array([1e4, 1e4, 1e4]), make_sampler=sampler,
                                         steps=steps, lr_warmup=lr_warmup, seq_len=4, device=torch.device("cpu"), **kw)
 

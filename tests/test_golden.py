@@ -26,6 +26,11 @@ GOLDEN = json.loads(GOLDEN_FILE.read_text())
 # Arms whose rule changed on purpose after 141b614, re-recorded with VELOCITUNE_RECORD_GOLDEN=arm,... :
 # dbl and odm were brought in line with their authors' code (issue 17; tests/test_mixing_authors.py).
 RERECORDED = ("dbl", "odm")
+# Arms recorded after issue 27 (the default's online targets, max_rise floors and train signal), on its commit.
+ISSUE_27 = ("default", "default-eval")
+# The velocity arms recorded before issue 27 ran fixed targets and the eval signal unless they named another:
+# they still do, so that they keep pinning that rule (the new default is pinned by the ISSUE_27 arms).
+PRE_27_VELOCITY = {"online": False, "signal": "eval"}
 RTOL = 1e-5  # CPU-to-CPU float differences over 24 steps stay far below this; any real change is far above
 
 METRIC_KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "domain_loss", "skipped_steps")
@@ -54,7 +59,7 @@ def _expected(arm: str) -> dict:
     """The recorded numbers, with the one intended change: before issue 16, metrics.jsonl wrote 0.0 as the
     loss of a domain with no tokens in the log window (it reads as a perfect loss); now it writes null."""
     want = json.loads(json.dumps(GOLDEN["runs"][arm]))
-    if arm in RERECORDED:  # recorded after issue 16: already null
+    if arm in RERECORDED or arm in ISSUE_27:  # recorded after issue 16: already null
         return want
     for rec in want["metrics"]:
         rec["domain_loss"] = {n: (None if v == 0.0 else v) for n, v in rec["domain_loss"].items()}
@@ -82,8 +87,10 @@ def test_every_rule_reproduces_the_recorded_run(arm, make_config, tmp_path):
     from velocitune.train import train
 
     sections = json.loads(json.dumps(GOLDEN["arms"][arm]))
+    if arm not in ISSUE_27 and sections.get("mixing", {}).get("rule", "velocitune") == "velocitune":
+        sections["mixing"] = {**PRE_27_VELOCITY, **sections.get("mixing", {})}
     if arm == "replay":  # replay needs velocitune's run directory first
-        train(make_config("velocitune"))
+        train(make_config("velocitune", mixing=dict(PRE_27_VELOCITY)))
         sections["mixing"]["replay_from"] = str(tmp_path / "velocitune")
     cfg = make_config(arm, **sections)
     train(cfg)

@@ -56,8 +56,15 @@ def test_run_directory_contract_and_rule_applied(make_config):
     for rec in mix[1:]:
         v = mixing.velocity([rec["losses"][n] for n in NAMES], [rec["init"][n] for n in NAMES],
                             [rec["targets"][n] for n in NAMES], floor=0.02)
+        # the default's online targets (docs/design.md §3): a forgetting domain has V = 0 and keeps its floor
+        quiet = np.array([n in rec["forgetting"] for n in NAMES])
+        floors = np.array([rec["floors"][n] for n in NAMES])
+        v = np.where(quiet, 0.0, v)
         np.testing.assert_allclose([rec["velocity"][n] for n in NAMES], v, atol=1e-12)
         w = mixing.update_weights(w, v, eta=1.0, smoothing=mixing.PRESETS["robust"]["smoothing"])  # the default preset
+        w = np.maximum(w, floors) if np.all(w >= floors) else mixing.lift_to_floors(w, floors)[0]
+        if quiet.any():  # pinned at the floor, the others scaled together
+            w = np.where(quiet, floors, w * (1 - floors[quiet].sum()) / w[~quiet].sum())
         np.testing.assert_allclose([rec["weights"][n] for n in NAMES], w, atol=1e-9)
         assert sum(rec["sampling_weights"].values()) == pytest.approx(1.0)
     assert not np.allclose([mix[0]["weights"][n] for n in NAMES], w)

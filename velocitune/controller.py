@@ -22,6 +22,7 @@ import torch
 
 from velocitune import dist, mixing, rules, runfiles
 from velocitune.config import MixingConfig
+from velocitune.online import OnlineTargets, law_record
 from velocitune.errors import ConfigError, TrainingError
 from velocitune.sampler import MixtureSampler, Plan, cap_weights
 from velocitune.schedule import as_steps, first_update_setting, is_update_step, update_interval
@@ -96,6 +97,19 @@ def read_targets(mc: MixingConfig, names: Sequence[str], plan: dict | None, need
     return np.array([values.get(n, np.nan) for n in names], dtype=np.float64)
 
 
+def read_anneal_priors(mc: MixingConfig, names: Sequence[str], plan: dict | None) -> np.ndarray:
+    """Each domain's annealing gain C from its `targets` proxy (the CPT law's C where that law made the target,
+    else 0), the online laws' prior on C (docs/design.md §3), (k,)."""
+    out = np.zeros(len(names))
+    if plan is None and mc.targets and Path(mc.targets).exists():
+        domains = runfiles.read_targets(mc.targets)["domains"]
+        for i, n in enumerate(names):
+            d = domains.get(n, {})
+            if d.get("predictor") == "cpt_law" and isinstance(d.get("params"), Mapping):
+                out[i] = max(0.0, float(d["params"].get("C", 0.0)))
+    return out
+
+
 def read_given_init(mc: MixingConfig, names: Sequence[str], plan: dict | None) -> np.ndarray | None:
     """ℓ_init from the plan (its proxies' step 0), else mixing.init_loss (init_loss.json), or None: the run
     then measures it at step 0."""
@@ -133,6 +147,20 @@ def check_targets_cover(rule: mixing.Rule, targets: np.ndarray | None, names: Se
         )
 
 
+def domain_vector(value: Mapping[str, float] | float | None, names: Sequence[str], key: str,
+                  default: float) -> np.ndarray | None:
+    """mixing.objective / mixing.max_rise over the domains, (k,): a number for every domain, or {domain: value}
+    (unnamed domains get `default`); None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return np.full(len(names), float(value))
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"mixing.{key} names unknown domain(s) {unknown}; the prepared data has {list(names)}")
+    return np.array([float(value.get(n, default)) for n in names], dtype=np.float64)
+
+
 # ------------------------------------------------------------------------------------------------- timing
 
 
@@ -151,13 +179,19 @@ class MixingController:
     (None on ranks that write no files). scalars: where weights, velocities and targets go as scalars. pace:
     spread every domain's repetition allowance over the rest of the run (mixing.pace; `paced`).
     keep_records: also keep every record in `records` (the Trainer callback saves them with its state).
+    online: (w0 (k,), the run's LR per step (T,), its LR warm-up or None until `use_lr_warmup`, the proxy's
+    annealing gains C (k,): `read_anneal_priors`) to refit the targets from the run
+    (`online.OnlineTargets`, built once ℓ_init is known; `targets` are then its prior). max_rise: (k,) nats over
+    each domain's static prediction (needs online). objective: (k,) the user's loss weights, summing to 1.
     Build it with `from_config`; the constructor is for tests and callers that bring their own rule.
     """
 
     def __init__(self, rule: mixing.Rule, sampler: MixtureSampler, *, steps: int, warmup: int | None, interval: int,
                  signal: str, targets: np.ndarray | None, seq_len: int, device: torch.device,
                  log: runfiles.RunLog | None = None, scalars: ScalarSink | None = None, pace: bool = False,
-                 given_init: np.ndarray | None = None, keep_records: bool = False):
+                 given_init: np.ndarray | None = None, keep_records: bool = False,
+                 online: tuple[np.ndarray, np.ndarray, int | None, np.ndarray] | None = None, max_rise: np.ndarray | None = None,
+                 objective: np.ndarray | None = None):
         self.rule, self.sampler = rule, sampler
         self.pace = pace
         self.names = list(sampler.names)
@@ -176,12 +210,17 @@ class MixingController:
         self._warmup_from_lr = warmup is None  # the first update waits for `use_lr_warmup`
         # The update steps of a rule that sets its own (None: every m steps), known once the warm-up is.
         self._own_steps = None if warmup is None else rule_schedule(rule, warmup, steps)
+        self._online_inputs = online
+        self.online: OnlineTargets | None = None  # built by `start` / `load_state_dict`, once ℓ_init is known
+        self.max_rise, self.objective = max_rise, objective
+        self.targets_now = targets  # the targets of the newest update (online: refitted at every update)
 
     @classmethod
     def from_config(cls, mc: MixingConfig, names: Sequence[str], w0: np.ndarray, token_counts: np.ndarray, *,
                     make_sampler: SamplerFactory, steps: int, lr_warmup: int | None, seq_len: int,
                     device: torch.device, budget_tokens: float | None = None, given_init: np.ndarray | None = None,
-                    rule_interval: bool = True, keep_records: bool = False) -> MixingController:
+                    rule_interval: bool = True, keep_records: bool = False,
+                    lrs: np.ndarray | None = None) -> MixingController:
         """The controller of a run from its `mixing` config and its prepared data; the one way to build it.
 
         names, w0, token_counts: the prepared domains, their token shares and training tokens, (k,).
@@ -190,6 +229,7 @@ class MixingController:
         rule sets it (None: not known yet, give it to `use_lr_warmup` before training). budget_tokens: the run's
         tokens, checked against the plan's. given_init: ℓ_init given by the caller (over the plan's and
         init_loss.json's). rule_interval: use the rule's own interval as the default (see `update_interval`).
+        lrs: the run's LR at every step (steps,), which the online targets (mixing.online) need.
 
         plan.json is read once and gives the initial weights, the targets and ℓ_init; a rule that reads no
         targets does not need targets.json to exist. Everything here is checked before a model is loaded,
@@ -204,9 +244,19 @@ class MixingController:
             given_init = read_given_init(mc, names, plan)
         setting = first_update_setting(mc)
         warmup = lr_warmup if setting is None else as_steps(setting, steps)
+        online = None
+        if mc.online:
+            if lrs is None:
+                raise ConfigError("mixing.online needs the run's LR schedule, which this trainer does not give; "
+                                  "set mixing.online=false (the targets then stay as `velocitune targets` made them)")
+            online = (np.asarray(w0, dtype=np.float64), np.asarray(lrs, dtype=np.float64), lr_warmup,
+                      read_anneal_priors(mc, names, plan))
+        objective = domain_vector(mc.objective, names, "objective", 0.0)
         c = cls(rule, make_sampler(rule.initial_weights()), steps=steps, warmup=warmup,
                 interval=update_interval(mc, steps, rule_interval), signal=mc.signal, targets=targets,
-                seq_len=seq_len, device=device, pace=bool(mc.pace), given_init=given_init, keep_records=keep_records)
+                seq_len=seq_len, device=device, pace=bool(mc.pace), given_init=given_init, keep_records=keep_records,
+                online=online, max_rise=domain_vector(mc.max_rise, names, "max_rise", rules.DEFAULT_MAX_RISE),
+                objective=None if objective is None else objective / objective.sum())
         c._warmup_from_lr = setting is None
         return c
 
@@ -216,6 +266,9 @@ class MixingController:
         if self._warmup_from_lr:
             self.warmup = int(lr_warmup)
             self._own_steps = rule_schedule(self.rule, self.warmup, self.steps)
+        if self._online_inputs is not None:  # the annealing area starts after the LR warm-up
+            w0, lrs, _, anneal = self._online_inputs
+            self._online_inputs = (w0, lrs, int(lr_warmup), anneal)
 
     @property
     def eval_signal(self) -> bool:
@@ -238,6 +291,7 @@ class MixingController:
         """Begin a fresh run from ℓ_init: record step 0's weights; return the rule's warnings for the user."""
         self.init = np.asarray(init, dtype=np.float64)
         self.sig_last = self.init.copy()  # train signal: the estimate of a domain not sampled in a window
+        self._make_online()
         if self._own_steps is not None and 0 in self._own_steps:
             # The rule's first block starts at step 0 on ℓ_init (aioli's first round): its weights are in force
             # from step 0, and step 0's record is theirs.
@@ -306,14 +360,52 @@ class MixingController:
         are used (the trainer's cross-rank consistency check). observed: bool (k,), the domains with
         tokens in the window (from `window_losses`; None: all, as for the eval signal).
         """
-        upd = self.rule.update(done, losses, self.init, self.targets, sampling_weights, observed=observed)
+        guidance, extra = self._guidance(done, losses, observed)
+        upd = self.rule.update(done, losses, self.init, self.targets_now, sampling_weights, observed=observed,
+                               guidance=guidance)
         if upd.skipped:
             return upd
         if check is not None:
             check(upd.weights)
         w_hat = self.sampler.set_weights(done + lag, self.paced(upd.weights, done + lag))
-        self._write(done + lag, done, losses, upd.velocity, upd.weights, w_hat, upd.guarded, upd.warnings)
+        self._write(done + lag, done, losses, upd.velocity, upd.weights, w_hat, upd.guarded, upd.warnings, extra)
         return upd
+
+    def _make_online(self) -> None:
+        """The online laws, once ℓ_init is known (the targets are their prior)."""
+        if self._online_inputs is not None and self.online is None:
+            w0, lrs, lr_warmup, anneal = self._online_inputs
+            if lr_warmup is None:
+                raise TrainingError("the online targets need the LR warm-up: call use_lr_warmup before start")
+            self.online = OnlineTargets(self.names, self.init, self.targets, w0, lrs, lr_warmup, anneal=anneal)
+
+    def _guidance(self, done: int, losses: np.ndarray,
+                  observed: np.ndarray | None) -> tuple[mixing.Guidance | None, dict[str, Any]]:
+        """The targets, floors and forgetting domains of the update after `done` steps (docs/design.md §3).
+
+        Without online targets: the fixed targets and only the objective. With them: the losses join the
+        points, every domain's law is refitted, the targets become the mixture-aware predictions at the shares
+        in force now, and (with max_rise) the floors keep each domain within max_rise of its static prediction;
+        a forgetting domain keeps its corpus share (its floor) and is not upweighted. Returns the guidance
+        and the record's extra fields.
+        """
+        if self.online is None or done == 0:
+            return (None if self.objective is None else mixing.Guidance(objective=self.objective)), {}
+        schedule = self.sampler.schedule
+        # The train signal averages the window since the last update: its point sits mid-window.
+        at = done if self.signal == "eval" else max(1, done - self.interval // 2)
+        self.online.observe(at, losses, schedule, observed)
+        self.targets_now = self.online.targets(done, self.sampler.weights_at(done), schedule)
+        static = self.online.static_predictions()
+        extra: dict[str, Any] = {"static_prediction": runfiles.per_domain(self.names, static),
+                                 "laws": law_record(self.online.laws(), self.names)}
+        if self.max_rise is None or not np.isfinite(self.max_rise).any():
+            return (None if self.objective is None else mixing.Guidance(objective=self.objective)), extra
+        floors = self.online.floors(done, self.max_rise, schedule)
+        quiet = self.online.forgetting()
+        extra["floors"] = runfiles.per_domain(self.names, floors)
+        extra["forgetting"] = [n for n, q in zip(self.names, quiet) if q]
+        return mixing.Guidance(objective=self.objective, floors=floors, quiet=quiet), extra
 
     def paced(self, w: np.ndarray, start: int) -> np.ndarray:
         """The weights the sampler gets from step `start` on: `w`, or with mixing.pace, `w` capped so that
@@ -336,19 +428,21 @@ class MixingController:
 
     # ------------------------------------------------------------------------------------- the records
 
-    def _write(self, step: int, trained: int, losses, velocity, weights, w_hat, guarded, warnings) -> None:
+    def _write(self, step: int, trained: int, losses, velocity, weights, w_hat, guarded, warnings,
+               extra: Mapping[str, Any] | None = None) -> None:
         """One mixture.jsonl record: weights effective from `step`, after `trained` optimizer steps."""
         self._logged_w_hat = w_hat
         if self.log is None and self.records is None:
             return
         named = lambda v: runfiles.per_domain(self.names, v)  # noqa: E731 (a local shorthand)
         record = {"step": step, "tokens": step * self.seq_len * self.sampler.global_batch, "signal": self.signal,
-                  "losses": named(losses), "init": named(self.init), "targets": named(self.targets),
+                  "losses": named(losses), "init": named(self.init), "targets": named(self.targets_now),
                   "velocity": named(velocity), "weights": named(weights), "sampling_weights": named(w_hat),
                   "tokens_per_domain": dict(zip(self.names, self.tokens_per_domain(trained).tolist())),
                   "guarded": list(guarded)}
         if self._own_steps is not None and hasattr(self.rule, "record_fields"):
             record.update(self.rule.record_fields())  # which block these weights are (aioli: learn / mix)
+        record.update(extra or {})  # online targets: the static predictions, the laws, the floors
         if warnings:
             record["warnings"] = list(warnings)
         if self.records is not None:
@@ -359,8 +453,8 @@ class MixingController:
             self.scalars("weight", named(w_hat), step)
             if velocity is not None:
                 self.scalars("velocity", named(velocity), step)
-            if self.targets is not None:  # constant, but beside the losses in the same charts is where they help
-                self.scalars("target", named(self.targets), step)
+            if self.targets_now is not None:  # beside the losses in the same charts is where they help
+                self.scalars("target", named(self.targets_now), step)
 
     def resume_log(self, records: Sequence[Mapping[str, Any]]) -> None:
         """After a resume: the newest record's ŵ is what the file says (records of later steps were dropped)."""
@@ -377,6 +471,8 @@ class MixingController:
             "init": None if self.init is None else self.init.tolist(),
             "sig_last": None if self.sig_last is None else self.sig_last.tolist(),
             "sig_sum": self.sig_sum.cpu().tolist(), "sig_cnt": self.sig_cnt.cpu().tolist(),
+            "online": None if self.online is None else self.online.state_dict(),
+            "targets_now": None if self.targets_now is None else self.targets_now.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -391,6 +487,11 @@ class MixingController:
                 raise TrainingError(f"the saved mixing state's {key} has shape {tuple(saved.shape)}, the run has "
                                     f"{len(self.names)} domains: resume with the data the run was started on")
             window.copy_(saved.to(window.device))
+        self._make_online()
+        if self.online is not None and state.get("online") is not None:
+            self.online.load_state_dict(state["online"])
+        if state.get("targets_now") is not None:
+            self.targets_now = np.array(state["targets_now"], dtype=np.float64)
 
 
 def check_same_on_all_ranks(w: np.ndarray, env: dist.DistEnv) -> None:

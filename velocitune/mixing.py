@@ -27,7 +27,7 @@ from velocitune.errors import CheckpointError, ConfigError, DataError, TrainingE
 
 __all__ = [  # the public maths API (docs/design.md §5)
     "velocity", "update_weights", "normalize", "make_rule", "check_param", "replay_weights_from_records",
-    "Rule", "Update", "RULE_PARAMS", "PARAM_BOUNDS", "PRESETS",
+    "lift_to_floors", "Guidance", "Rule", "Update", "RULE_PARAMS", "PARAM_BOUNDS", "PRESETS",
 ]
 
 # Parameters each rule accepts, with their defaults (config keys: keep the names).
@@ -220,6 +220,50 @@ def _lift_to_min_weight(w: np.ndarray, min_weight: float) -> np.ndarray:
     return normalize((1.0 - lam) * w + lam / k)
 
 
+def lift_to_floors(w: ArrayLike, floors: ArrayLike) -> tuple[np.ndarray, bool]:
+    """w with every w_i >= floors_i, the others scaled down together; (weights (k,), feasible).
+
+    Water-filling: a domain below its floor is set to it, the rest share what is left in proportion to w,
+    until no domain is below its floor. When the floors sum to more than 1 they are scaled to sum to 1
+    (feasible False: no mixture keeps every floor; the caller warns). Shapes (k,).
+    """
+    w = normalize(w)
+    f = _vector(floors, "floors", w.size)
+    if not np.all(np.isfinite(f)) or np.any(f < 0):
+        raise ValueError(f"floors must be finite and >= 0, got {f.tolist()}")
+    feasible = f.sum() <= 1.0 + 1e-12
+    if not feasible:
+        return normalize(f), False
+    fixed = w < f  # at their floor; the others share what is left in proportion to w
+    out = np.where(fixed, f, w)
+    for _ in range(w.size):
+        free = ~fixed
+        mass = w[free].sum()
+        if mass <= 0:  # every domain with weight is at its floor: the floors alone, renormalised
+            return normalize(np.where(fixed, f, 0.0)), True
+        out = np.where(fixed, f, w * (1.0 - f[fixed].sum()) / mass)
+        newly = free & (out < f)
+        if not newly.any():
+            break
+        fixed |= newly
+    return normalize(out), True
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """What the controller's online laws and the user's objective add to a velocity update (docs/design.md §3).
+
+    objective: (k,) weights of the loss the user wants lowered, summing to 1 (mixing.objective); the signal is
+    k·o_i·V_i, so the default (1/k each, the mean loss) leaves V as it is. floors: (k,) the least share each
+    domain keeps after the update (mixing.max_rise; `online.OnlineTargets.floors`). quiet: bool (k,), the
+    forgetting domains: their V is 0 and they get exactly their floor, no more (docs/design.md §3).
+    """
+
+    objective: np.ndarray | None = None
+    floors: np.ndarray | None = None
+    quiet: np.ndarray | None = None
+
+
 def _odm_explore_rate(k: int, t: int) -> float:
     """EXP3 exploration rate ε_t = min(1/k, sqrt(ln k / (k·t))), t >= 1 (optimizer steps done)."""
     return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
@@ -257,6 +301,7 @@ class Rule:
 
     needs_targets = False
     needs_init = False
+    guidance: Guidance = Guidance()  # the newest update's (`update`)
 
     def __init__(self, name: str, weights: np.ndarray, names: Sequence[str]):
         self.name = name
@@ -277,12 +322,15 @@ class Rule:
         targets: ArrayLike | None,
         sampling_weights: ArrayLike | None = None,
         observed: ArrayLike | None = None,
+        guidance: Guidance | None = None,
     ) -> Update:
         """Validate the inputs and, unless step == 0, advance the rule by one update.
 
         step: optimizer steps done. sampling_weights: ŵ of the window just trained on, (k,).
         observed: bool (k,), which domains had tokens in the window (default: all); a domain that had
         none carries its last estimate in `losses`, and rules that track only played arms (odm) skip it.
+        guidance: the objective, floors and forgetting domains of this update (`Guidance`); the velocity
+        rules follow it, the baselines (which run as their authors ran them) take none.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
@@ -304,6 +352,7 @@ class Rule:
         seen = np.ones(k, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
         if seen.shape != (k,):
             raise ValueError(f"observed must be a bool array of shape ({k},), got shape {seen.shape}")
+        self.guidance = guidance if guidance is not None else Guidance()
         if step == 0:
             # docs/design.md §3: nothing has been trained at t = 0 (V ≡ 1 would change nothing).
             return self._preview(losses, init, targets)
@@ -371,17 +420,26 @@ class VelocityRule(Rule):
             targets = np.zeros_like(losses)  # ℓ_target := 0 (ablation)
         v = velocity(losses, init, targets, self.floor, relative_floor=self.relative_floor)
         den = _denominator(init, targets, self.floor, self.relative_floor)
+        quiet = self.guidance.quiet
+        if quiet is not None:
+            # Forgetting domains (docs/design.md §3): V = 0, their floor (their corpus share) gives them data.
+            v = np.where(quiet, 0.0, v)
         guarded = [n for n, g in zip(self.names, init <= targets) if g]
         warnings = []
         for n in guarded:
             if n in self._warned:
                 continue
             i = self.names.index(n)
-            warnings.append(
-                f"domain {n!r}: initial loss {init[i]:.4f} <= target {targets[i]:.4f} (predicted to "
-                f"degrade); its velocity uses the floor {den[i]:.4g} nats, so it is upweighted while "
-                "above its target. Check targets.json if this is unexpected."
-            )
+            if quiet is not None and quiet[i]:
+                warnings.append(
+                    f"domain {n!r}: predicted to get worse (target {targets[i]:.4f} >= initial loss {init[i]:.4f}); "
+                    "it keeps its corpus share (static's data) and is not upweighted by its velocity")
+            else:
+                warnings.append(
+                    f"domain {n!r}: initial loss {init[i]:.4f} <= target {targets[i]:.4f} (predicted to "
+                    f"degrade); its velocity uses the floor {den[i]:.4g} nats, so it is upweighted while "
+                    "above its target. Check targets.json if this is unexpected."
+                )
             self._warned.add(n)
         return v, guarded, warnings
 
@@ -394,8 +452,25 @@ class VelocityRule(Rule):
         if self.ema > 0 and self._v_ema is not None:
             v = self.ema * self._v_ema + (1.0 - self.ema) * v
         self._v_ema = v
-        w = update_weights(self._w, v, self.eta, self.smoothing)
+        g = self.guidance
+        # The user's objective o (sums to 1): the signal k·o_i·V_i; o = 1/k (the mean loss) leaves V as it is.
+        signal = v if g.objective is None else len(v) * g.objective * v
+        w = update_weights(self._w, signal, self.eta, self.smoothing)
         w = _lift_to_min_weight(w, self.min_weight)
+        if g.floors is not None:
+            w, feasible = lift_to_floors(w, g.floors)
+            if g.quiet is not None and g.quiet.any():
+                # A forgetting domain keeps exactly its floor (its corpus share): smoothing toward uniform must not
+                # lift a 5 % replay slice either; the others share the rest in proportion (docs/design.md §3).
+                rest = ~g.quiet
+                if w[rest].sum() > 0:
+                    w = np.where(g.quiet, g.floors, w * (1.0 - g.floors[g.quiet].sum()) / w[rest].sum())
+                    w = normalize(w)
+            if not feasible and "<max_rise>" not in self._warned:
+                self._warned.add("<max_rise>")
+                warnings.append(
+                    f"no mixture keeps every domain within mixing.max_rise of its static prediction (floors sum to "
+                    f"{float(np.sum(g.floors)):.3f}); the floors are scaled down together. Raise mixing.max_rise")
         return Update(w, v.copy(), guarded, warnings=warnings)
 
     def state_dict(self) -> dict[str, Any]:

@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # the config imports this module: the type only, never at run
 
 # mixing.preset when the config leaves it unset (the label omits it; docs/design.md §3).
 DEFAULT_PRESET = "robust"
+# mixing.max_rise (nats) when the config leaves it unset and the targets are online: the issue-27 tolerance, about
+# 2-10 seed sd of a domain's final loss in the studies (docs/study.md), small against the 0.16-0.31 nats the
+# largest domain lost to static before it (docs/design.md §3).
+DEFAULT_MAX_RISE = 0.03
 # Typed MixingConfig keys (None: unset) that every adaptive rule receives when set: it refuses one it does not
 # take; a fixed rule ignores them all, so that a sweep may cross `static` with mixing.eta (docs/usage.md).
 SHARED_KEYS = ("eta", "smoothing", "floor", "relative_floor", "min_weight", "ema", "alpha")
@@ -149,8 +153,10 @@ def _replay_inputs(mc, names, token_counts, records) -> dict[str, Any]:
 
 
 def _velocity_spec(name: str, summary: str, needs_targets: bool) -> RuleSpec:
+    # signal "train" (issue 27): on every domain set measured it matched the eval signal at no cost, where the
+    # eval signal took 22-56 % of the wall time (docs/results.md); `--mixing.signal=eval` is the paper's.
     return RuleSpec(name, summary, _params(name, **_VELOCITY_DOCS), adaptive=True, needs_targets=needs_targets,
-                    needs_init=True, presets=tuple(mixing.PRESETS), pace_presets=("robust",))
+                    needs_init=True, signal="train", presets=tuple(mixing.PRESETS), pace_presets=("robust",))
 
 
 _BUILTIN = (
@@ -251,6 +257,12 @@ def timing(name: str) -> dict[str, Any]:
     """The rule's default signal, interval and warmup (docs/design.md §3)."""
     s = spec(name)
     return {"signal": s.signal, "interval": s.interval, "warmup": s.warmup}
+
+
+def online_default(name: str) -> bool:
+    """mixing.online when the config leaves it unset: on for `velocitune` (the default rule; docs/design.md §3),
+    off for its no-target ablation and every baseline, which run as their authors ran them."""
+    return name == "velocitune"
 
 
 def pace_default(name: str, preset: str) -> bool:
@@ -362,7 +374,7 @@ def help_lines() -> list[str]:
     return lines
 
 
-__all__ = ["DEFAULT_PRESET", "Param", "RuleSpec", "arm_label", "build_rule", "check_params", "config_params",
+__all__ = ["DEFAULT_MAX_RISE", "DEFAULT_PRESET", "online_default", "Param", "RuleSpec", "arm_label", "build_rule", "check_params", "config_params",
            "help_lines", "is_adaptive", "pace_default", "preset_names", "register", "rule_names", "run_log_input", "spec",
            "timing", "unregister"]
 

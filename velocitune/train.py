@@ -44,7 +44,7 @@ from velocitune.model import unwrap_model
 from velocitune.overhead import flops_overhead, overhead_line, overhead_warning, probe_overhead
 from velocitune.preempt import PREEMPTED_EXIT, Preempted, PreemptionGuard, StopAgreement
 from velocitune.sampler import MixtureSampler, Plan, rank_slice
-from velocitune.schedule import step_lr
+from velocitune.schedule import lr_schedule, step_lr
 from velocitune.shards import PreparedData
 from velocitune.summary import default_arm, run_summary, save_final
 
@@ -180,7 +180,7 @@ class Trainer:
         mix = MixingController.from_config(
             cfg.mixing, names, self.data.w0, tokens, make_sampler=lambda w: sampler(initial_weights=w),
             steps=lay.steps, lr_warmup=lay.warmup, seq_len=L, device=env.device,
-            budget_tokens=float(lay.steps * lay.tokens_per_step))
+            budget_tokens=float(lay.steps * lay.tokens_per_step), lrs=lr_schedule(cfg, lay.steps))
         self.eval_points = eval_points(cfg, lay.steps, mix.interval, mix.eval_signal)
         e = self.engine = build_engine(cfg, env, self.data, lay, self.domains[names[0]].windows(np.arange(1), L)[:, :-1])
         self.model, self.net, self.optimizer, self.autocast, self.fused = e.model, e.net, e.optimizer, e.autocast, e.fused

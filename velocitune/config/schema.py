@@ -94,6 +94,14 @@ class MixingConfig:
     plan: str | None = None  # plan.json of `velocitune plan`: weights, targets, ℓ_init (over the files; weights/target_values win)
     replay_from: str | None = None  # replay rule: a previous run directory (its mixture.jsonl)
     replay_mode: str = "average"  # replay: average | final
+    # Online targets (docs/design.md §3): refit each domain's law from the run's own val points, the targets as
+    # the prior, and use its mixture-aware target; default: on for the velocitune rule (rules.online_default).
+    online: bool | None = None
+    # The loss the user wants lowered: per-domain weights, normalised (default: every domain 1, the mean loss).
+    objective: dict[str, float] | None = None
+    # Largest rise (nats) any domain may take over its predicted loss under static, enforced from the online
+    # laws; inf allows trades. Default (None): 0.03 with online targets; without them it cannot be enforced.
+    max_rise: float | None = None
     # Parameters of the rule that have no key above (a rule's own, declared in the registry: rules.spec(rule).params).
     params: dict[str, float | str] = field(default_factory=dict)
 
@@ -104,6 +112,10 @@ class MixingConfig:
             self.signal = rules.timing(self.rule)["signal"]
         if self.pace is None:  # likewise: config.yaml records whether the run paced
             self.pace = rules.pace_default(self.rule, self.preset)
+        if self.online is None:  # likewise: whether its targets learnt from the run
+            self.online = rules.online_default(self.rule)
+        if self.max_rise is None and self.online:
+            self.max_rise = rules.DEFAULT_MAX_RISE
 
 
 

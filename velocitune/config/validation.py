@@ -51,6 +51,8 @@ def _check_finite(d: dict) -> None:
         for key, value in body.items():
             values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
             for v in values:
+                if f"{sec}.{key}" == "mixing.max_rise" and v == math.inf:
+                    continue  # max_rise = inf: trades allowed (no domain is protected)
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"config key '{sec}.{key}' must be a finite number, got {v}")
 
@@ -98,6 +100,17 @@ def _check_mixing(m: MixingConfig) -> None:
         w = list(m.weights.values())
         check(all(x >= 0 for x in w) and sum(w) > 0, "mixing.weights", "must be non-negative with a positive sum")
         check(abs(sum(w) - 1) < 1e-6, "mixing.weights", f"must sum to 1, they sum to {sum(w):.6g}")
+    check(m.max_rise is None or m.max_rise >= 0, "mixing.max_rise", f"must be >= 0 nats (inf: allow trades), got {m.max_rise}")
+    if m.online and m.rule in rules.rule_names():
+        check(rules.online_default(m.rule), "mixing.online",
+              f"is for the velocitune rule (its targets learn from the run); rule '{m.rule}' runs as its authors ran it")
+    if not m.online:
+        check(m.max_rise is None or m.max_rise == math.inf, "mixing.max_rise",
+              "is enforced from the online laws: set mixing.online=true, or drop mixing.max_rise")
+    if m.objective is not None:
+        o = list(m.objective.values())
+        check(all(x >= 0 and math.isfinite(x) for x in o) and sum(o) > 0, "mixing.objective",
+              "must be non-negative weights with a positive sum, e.g. {code: 2, math: 1}")
     spec = rules.spec(m.rule)
     for key, what in spec.requires.items():
         check(getattr(m, key) is not None, f"mixing.{key}", f"is required by rule '{m.rule}' ({what})")

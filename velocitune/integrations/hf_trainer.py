@@ -140,7 +140,9 @@ class VelocituneCallback(TrainerCallback):
     ):
         self.dataset = dataset
         names = dataset.names
-        keys = {"signal": "eval", **mixing, "interval": interval}  # the Trainer gives us evaluations only
+        # The Trainer gives us evaluations only; and its LR schedule is its own, which the online targets would
+        # need (docs/usage.md): the callback keeps the targets as `velocitune targets` made them.
+        keys = {"signal": "eval", "online": False, **mixing, "interval": interval}
         if warmup_steps is not None:
             keys["warmup"] = warmup_steps
         if isinstance(targets, (str, Path)):

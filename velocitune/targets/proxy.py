@@ -67,6 +67,7 @@ def proxy_config(cfg: Config, out_dir: Path, main_steps: int) -> Config:
         pc.train.warmup_steps = max(1.0, round(cfg.train.warmup_steps * proxy_steps / main_steps))
     pc.mixing.rule = "static"
     pc.mixing.pace = False  # static at w0: a baseline does not pace (rules.pace_default), whatever the main run does
+    pc.mixing.online, pc.mixing.max_rise, pc.mixing.objective = False, None, None  # nor refits targets it makes
     pc.mixing.weights = None
     pc.mixing.targets = None
     pc.mixing.target_values = None
