@@ -87,7 +87,8 @@ def test_every_rule_reproduces_the_recorded_run(arm, make_config, tmp_path):
     from velocitune.train import train
 
     sections = json.loads(json.dumps(GOLDEN["arms"][arm]))
-    if arm not in ISSUE_27 and sections.get("mixing", {}).get("rule", "velocitune") == "velocitune":
+    if arm not in ISSUE_27 and sections.get("mixing", {}).get("rule", "velocitune") in ("velocitune",
+                                                                                        "velocitune-no-target"):
         sections["mixing"] = {**PRE_27_VELOCITY, **sections.get("mixing", {})}
     if arm == "replay":  # replay needs velocitune's run directory first
         train(make_config("velocitune", mixing=dict(PRE_27_VELOCITY)))

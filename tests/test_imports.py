@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                         "config", "rules", "runfiles", "shards", "manifest")),
     ("training runtime", ("model", "losses", "evaluate", "dist", "dist_checkpoint", "checkpoint", "metrics",
                           "loggers", "memory", "preempt", "smollm", "layout", "engine", "overhead", "announce")),
-    ("one run", ("prepare", "controller", "summary", "train", "downstream")),
+    ("one run", ("prepare", "online", "controller", "summary", "train", "downstream")),
     ("reading runs", ("report",)),
     ("orchestration", ("targets", "plan", "sweep")),
     ("front", ("integrations", "demo", "cli", "__main__")),

@@ -9,7 +9,6 @@ import pytest
 from velocitune import mixing
 from velocitune.config import MixingConfig
 from velocitune.controller import MixingController
-from velocitune.laws.online_law import OnlineLaw
 from velocitune.online import OnlineTargets
 from velocitune.sampler import MixtureSampler
 

@@ -21,6 +21,9 @@ OLD_ADAPTIVE = ("velocitune", "velocitune-no-target", "dbl", "odm")
 OLD_TIMING = {"odm": {"signal": "train", "interval": 1, "warmup": 0.02},
               "dbl": {"signal": "eval", "interval": None, "warmup": 0.0}}
 OLD_DEFAULT_TIMING = {"signal": "eval", "interval": None, "warmup": None}
+# Issue 27 moved the velocity rules to the train signal on purpose (docs/design.md §3, "The signal").
+OLD_TIMING.update({name: {"signal": "train", "interval": None, "warmup": None}
+                   for name in ("velocitune", "velocitune-no-target")})
 
 
 def _replay_dir(tmp_path):
@@ -120,7 +123,8 @@ def test_rule_parameter_typo_names_the_closest_key():
 @pytest.mark.parametrize("overrides,label", [
     ([], "velocitune"),
     (["--mixing.preset=faithful"], "velocitune-faithful"),  # faithful does not pace: no -nopace
-    (["--mixing.signal=train"], "velocitune-train"),
+    (["--mixing.signal=eval"], "velocitune-eval"),  # issue 27: the velocity rules' own signal is train
+    (["--mixing.online=false"], "velocitune-fixed"),
     (["--mixing.pace=false"], "velocitune-nopace"),
     (["--mixing.rule=odm"], "odm"),
     (["--mixing.rule=odm", "--mixing.signal=eval"], "odm-eval"),

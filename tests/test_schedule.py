@@ -100,7 +100,7 @@ def test_rules_update_when_their_authors_did(make_config):
     dbl = make_config(mixing={"rule": "dbl", "interval": None})
     assert dbl.mixing.signal == "eval" and mixing_interval(dbl, 1000) == 10 and mixing_warmup(dbl, 1000) == 0
     vt = make_config(mixing={"interval": None}, train={"warmup_steps": 0.05})
-    assert vt.mixing.signal == "eval" and mixing_interval(vt, 1000) == 10 and mixing_warmup(vt, 1000) == 50
+    assert vt.mixing.signal == "train" and mixing_interval(vt, 1000) == 10 and mixing_warmup(vt, 1000) == 50
     own = make_config(mixing={"rule": "odm", "signal": "eval", "interval": 5, "warmup": 7})
     assert own.mixing.signal == "eval" and mixing_interval(own, 1000) == 5 and mixing_warmup(own, 1000) == 7
     assert mixing_warmup(make_config(mixing={"warmup": 0.1}), 1000) == 100

@@ -22,8 +22,8 @@ import torch
 
 from velocitune import dist, mixing, rules, runfiles
 from velocitune.config import MixingConfig
-from velocitune.online import OnlineTargets, law_record
 from velocitune.errors import ConfigError, TrainingError
+from velocitune.online import OnlineTargets, law_record
 from velocitune.sampler import MixtureSampler, Plan, cap_weights
 from velocitune.schedule import as_steps, first_update_setting, is_update_step, update_interval
 

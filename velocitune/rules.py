@@ -274,7 +274,8 @@ def pace_default(name: str, preset: str) -> bool:
 
 def arm_label(mc: MixingConfig) -> str:
     """The report label of a run's arm when run.arm is unset: the rule (+ preset when not the default, + the
-    signal when not the rule's own, + "-pace" / "-nopace" when pacing is not the rule's default)."""
+    signal when not the rule's own, + "-pace" / "-nopace" when pacing is not the rule's default, + "-fixed" when
+    a rule whose targets learn from the run by default keeps them fixed)."""
     s = spec(mc.rule)
     arm = mc.rule
     if s.presets and mc.preset != DEFAULT_PRESET:
@@ -283,6 +284,8 @@ def arm_label(mc: MixingConfig) -> str:
         arm += f"-{mc.signal}"  # velocitune-train, odm-eval
     if mc.pace != pace_default(mc.rule, mc.preset):
         arm += "-pace" if mc.pace else "-nopace"
+    if online_default(mc.rule) and not mc.online:
+        arm += "-fixed"  # velocitune-fixed: Stage B's targets, as before issue 27
     return arm
 
 
