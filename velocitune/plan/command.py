@@ -70,9 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `velocitune plan` besides the config and its overrides."""
     p.add_argument("--out", required=True, help="the plan's directory: proxies/, plan.json, plan.png, init_loss.json")
     p.add_argument("--objective", help="per-domain weights of the loss to minimise, e.g. code=2,math=1 "
-                                       "(plan.objective; default: every domain 1, the mean loss)")
+                                       "(plan.objective; default: mixing.objective, else every domain 1, the mean loss)")
     p.add_argument("--max-rise", help="largest rise (nats) a domain may take over its predicted loss under w0, "
-                                      "e.g. replay=0.05 (plan.max_rise)")
+                                      "e.g. replay=0.05 (plan.max_rise; default: mixing.max_rise for every domain, "
+                                      "0.03 with the default online targets)")
     p.add_argument("--budget", type=float, help="the proxies' steps together as a share of the main run's "
                                                 "(plan.budget, default 0.5)")
     p.add_argument("--law", choices=["auto", *LAWS], help="mixture law per domain (plan.law, default auto: "

@@ -95,6 +95,12 @@ def domain_map(names: list[str], given: dict[str, float] | None, key: str, defau
     return {n: float((given or {}).get(n, default if given is None else 0.0)) for n in names}
 
 
+def _run_max_rise(cfg: Config, names: list[str]) -> dict[str, float] | None:
+    """mixing.max_rise for every domain, when it is a finite number (inf or unset: no constraint)."""
+    tol = cfg.mixing.max_rise
+    return None if tol is None or not np.isfinite(tol) else {n: float(tol) for n in names}
+
+
 @dataclass
 class PlanSetup:
     """One plan, fixed before any proxy runs: the data's domains, the objective, the main run's budget, the
@@ -129,8 +135,12 @@ def plan_setup(cfg: Config, out: Path) -> PlanSetup:
     names = data.domains
     if len(names) < 2:
         raise ConfigError(f"a plan needs at least two domains; the prepared data at {cfg.data.path} has {names}")
-    objective = domain_map(names, cfg.plan.objective, "plan.objective", 1.0)
-    max_rise = domain_map(names, cfg.plan.max_rise, "plan.max_rise", None)
+    # plan.objective / plan.max_rise mean what mixing.objective / mixing.max_rise mean (docs/design.md §3); unset,
+    # the plan takes the run's, so one config states the objective once and the default sacrifices no domain.
+    objective = domain_map(names, cfg.plan.objective if cfg.plan.objective is not None else cfg.mixing.objective,
+                           "plan.objective", 1.0)
+    max_rise = domain_map(names, cfg.plan.max_rise if cfg.plan.max_rise is not None else _run_max_rise(cfg, names),
+                          "plan.max_rise", None)
     windows = [data.train(n).n_windows(cfg.data.seq_len) for n in names]
     main_steps = main_run_steps(cfg, windows)
     w0 = np.asarray(data.w0, dtype=np.float64)
