@@ -42,6 +42,8 @@ def _plots_section(plots: dict[str, str]) -> list[str]:
         md += ["No run records a learning velocity in its mixture.jsonl, so there is no velocity plot.", ""]
     if "targets.png" not in plots:
         md += ["No run has a targets.json, so there is no target-fit plot.", ""]
+    if "online_targets.png" not in plots:
+        md += ["No run refits its targets (mixing.online), so there is no online-target plot.", ""]
     return md
 
 
