@@ -26,7 +26,8 @@ HOW_TO_READ = (
     "the all-reduce and the rule); — for rules whose weights never move (they have no signal either). "
     "**Downstream scores** (`task metric`) are the final model's scores from `velocitune eval` "
     "(lm-evaluation-harness; higher is better), in their own table when a run has a downstream.json. In the "
-    "plots, a domain keeps one colour throughout; dashed lines mark the predicted targets."
+    "plots, a domain keeps one colour throughout; dashed lines mark the predicted targets (in the online-target "
+    "plot, each run's final loss)."
 )
 
 
