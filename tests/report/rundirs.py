@@ -48,9 +48,14 @@ def fabricate_run(root: Path, name: str, *, arm: str, rule: str, signal: str = "
                   final: dict[str, float], total_tokens: int = 1_200_000, wall: float = 300.0,
                   t_eval: float = 40.0, t_update: float = 2.0, targets: dict | None = TARGETS,
                   targets_file: bool = True, domains=DOMAINS, version: str | None = None,
-                  n_evals: int = 7, n_updates: int = 6, legacy: bool = False) -> Path:
+                  n_evals: int = 7, n_updates: int = 6, legacy: bool = False, online: bool = False,
+                  max_rise: float | None = None) -> Path:
     """Write a run dir whose files agree: eval losses fall from l_init to `final`, weights move for
     reweighting rules, velocity follows from the losses, tokens per domain integrate the weights.
+
+    With `online` the run refits its targets as mixing.online does: each update record after step 0 carries
+    its own target (`online_target(final, frac)`), a static prediction and laws, and with a finite
+    `max_rise` floors and forgetting domains; config.yaml then has mixing.online and mixing.max_rise.
 
     The files are written through velocitune.runfiles (today's formats), or with `legacy` as plain JSON
     without format versions, as velocitune 0.1 wrote them. `version` is summary.json's velocitune_version.
@@ -83,16 +88,29 @@ def fabricate_run(root: Path, name: str, *, arm: str, rule: str, signal: str = "
         if moving and targets is not None and frac > 0:
             velocity = {d: float(np.clip((losses[d] - targets[d]) / max(init[d] - targets[d], 0.02), 0, 1))
                         for d in domains}
-        mixture.append({"step": round(frac * steps), "tokens": round(frac * total_tokens), "signal": signal,
-                        "losses": losses, "init": init, "targets": targets, "velocity": velocity,
-                        "weights": dict(zip(domains, w.tolist())), "sampling_weights": dict(zip(domains, w.tolist())),
-                        "tokens_per_domain": dict(zip(domains, np.round(cum).astype(int).tolist())), "guarded": []})
+        record = {"step": round(frac * steps), "tokens": round(frac * total_tokens), "signal": signal,
+                  "losses": losses, "init": init, "targets": targets, "velocity": velocity,
+                  "weights": dict(zip(domains, w.tolist())), "sampling_weights": dict(zip(domains, w.tolist())),
+                  "tokens_per_domain": dict(zip(domains, np.round(cum).astype(int).tolist())), "guarded": []}
+        if online and frac > 0:
+            record["targets"] = online_target({d: final[d] for d in domains}, frac)
+            record["static_prediction"] = {d: final[d] + 0.01 for d in domains}
+            record["laws"] = {d: {"B": -0.9, "E": 2000.0, "beta": 0.6, "C": 15.0, "points": 3 + j} for d in domains}
+            if max_rise is not None and np.isfinite(max_rise):
+                record["floors"] = {d: 0.05 for d in domains}
+                record["forgetting"] = []
+        mixture.append(record)
         span = ((fracs[j + 1] if j + 1 < len(fracs) else 1.0) - frac) * total_tokens
         cum = cum + w * span
 
     _write_log(run / runfiles.EVAL_FILE, runfiles.EVAL, domains, evals, legacy)
     _write_log(run / runfiles.MIXTURE_FILE, runfiles.MIXTURE, domains, mixture, legacy)
-    (run / runfiles.CONFIG_FILE).write_text(f"mixing:\n  rule: {rule}\n  signal: {signal}\nrun:\n  seed: {seed}\n")
+    online_keys = ""
+    if online or max_rise is not None:
+        bound = "null" if max_rise is None else ".inf" if max_rise == np.inf else repr(float(max_rise))
+        online_keys = f"  online: {str(online).lower()}\n  max_rise: {bound}\n"
+    (run / runfiles.CONFIG_FILE).write_text(f"mixing:\n  rule: {rule}\n  signal: {signal}\n{online_keys}"
+                                           f"run:\n  seed: {seed}\n")
     (run / runfiles.INIT_LOSS_FILE).write_text(json.dumps({"model": "tiny", "domains": {
         d: {"loss": init[d], "tokens": 4096} for d in domains}}))
     if targets is not None and targets_file:
@@ -112,6 +130,12 @@ def fabricate_run(root: Path, name: str, *, arm: str, rule: str, signal: str = "
     else:
         runfiles.write_summary(run / runfiles.SUMMARY_FILE, summary)
     return run
+
+
+def online_target(final: dict[str, float], frac: float) -> dict[str, float]:
+    """The target a fabricated online run records at the update at `frac` of the run: it closes in on the final
+    loss (0.2 nats above it at the start, 0 at the end)."""
+    return {d: v + 0.2 * (1 - frac) for d, v in final.items()}
 
 
 def good_run(tmp_path: Path, name: str = "run", **kw) -> Path:

@@ -188,3 +188,51 @@ def test_plot_targets_writes_png(tmp_path):
     names = list(doc["domains"])
     plot_targets(doc, names, [], domain_colours(names), None, tmp_path / "targets.png")
     assert_valid_png(tmp_path / "targets.png")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# online_targets.png (issue 27)
+
+
+def test_online_targets_plot_drawn_when_a_run_refits_and_removed_when_none_does(tmp_path):
+    static = fabricate_run(tmp_path, "static", arm="static", rule="static", final={"math": 2.9, "code": 2.5,
+                                                                                    "prose": 2.55})
+    online = fabricate_run(tmp_path, "velo", arm="velocitune", rule="velocitune", online=True, max_rise=0.03,
+                           final={"math": 2.95, "code": 2.51, "prose": 2.5})
+    fixed = fabricate_run(tmp_path, "fixed", arm="fixed", rule="velocitune", final={"math": 2.8, "code": 2.4,
+                                                                                     "prose": 2.6})
+    out = tmp_path / "report"
+    md = make_report([static, online, fixed], out).read_text()
+    assert_valid_png(out / "online_targets.png")
+    assert "![online_targets](online_targets.png)" in md and "no online-target plot" not in md
+
+    # the same folder, no run refitting its targets (fixed targets never change): the stale plot goes
+    md = make_report([static, fixed], out).read_text()
+    assert not (out / "online_targets.png").exists()
+    assert "online_targets.png" not in md
+    assert "No run refits its targets (mixing.online), so there is no online-target plot." in md
+
+
+def test_online_targets_figure_draws_each_refitting_arm_and_its_final_loss(tmp_path, monkeypatch):
+    """One panel per domain; per refitting arm its targets at the updates (solid) and its final loss (dashed)."""
+    from matplotlib.figure import Figure
+
+    from velocitune.report import arm_colours, load_run, plot_online_targets
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    final = {"math": 2.95, "code": 2.51, "prose": 2.5}
+    run = load_run(fabricate_run(tmp_path, "velo", arm="velocitune", rule="velocitune", online=True, final=final))
+    plot_online_targets([("velocitune", run)], list(final), arm_colours(["velocitune"], None), tmp_path / "x.png")
+    (fig,) = saved
+    assert [ax.get_title() for ax in fig.axes] == list(final)
+    for ax, loss in zip(fig.axes, final.values()):
+        lines = lines_by_style(ax)
+        (targets,) = lines["-"]
+        fracs = np.arange(1, 6) / 6  # the updates after step 0
+        np.testing.assert_allclose(targets.get_ydata(), loss + 0.2 * (1 - fracs))
+        np.testing.assert_allclose(targets.get_xdata(), np.round(fracs * 1_200_000))
+        dashed = [line for line in lines["--"] if len(line.get_ydata())]
+        assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(loss)
+        assert dashed[0].get_color() == targets.get_color()
+    assert "velocitune" in legend_text(fig) and "final validation loss" in legend_text(fig)

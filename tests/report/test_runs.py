@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,15 @@ from report.rundirs import FINAL, TARGETS, edit_summary, fabricate_run, good_run
 from velocitune import runfiles
 from velocitune.errors import DataError
 from velocitune.report import (
+    Run,
     difference,
     load_run,
     make_report,
+    max_rise_limit,
     mean_sd,
     normalised_progress,
+    online_target_errors,
+    refits_targets,
     run_result,
 )
 
@@ -193,3 +198,84 @@ def test_error_missing_directory_and_duplicates(tmp_path):
     expect_error([tmp_path / "nope"], tmp_path, "nope", "does not exist")
     run = good_run(tmp_path)
     expect_error([run, tmp_path / "." / "run"], tmp_path, "given twice")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online targets and max_rise (issue 27)
+
+
+def _run(mixture: list[dict], steps: int = 100, final: dict | None = None, mixing: dict | None = None) -> Run:
+    """A Run built by hand: its summary holds what the online-target functions read."""
+    final = final or {"a": 2.0, "b": 3.0}
+    summary = {"steps": steps, "final_val_loss": final, "domains": list(final), "arm": "x", "rule": "velocitune",
+               "seed": 0}
+    return Run(path=Path("/nowhere"), name="r", summary=summary, evals=[], mixture=mixture, targets_file=None,
+               mixing=mixing or {})
+
+
+def _record(step: int, targets: dict | None, online: bool = True) -> dict:
+    r = {"step": step, "tokens": 1000.0 * step, "sampling_weights": {"a": 0.5, "b": 0.5}, "velocity": None,
+         "targets": targets}
+    if online and step > 0:
+        r["static_prediction"] = {"a": 2.01, "b": 2.99}
+    return r
+
+
+def test_online_target_errors_by_hand():
+    """Final losses a 2.0, b 3.0 over 100 steps; updates at 20, 40, 60 and 80 (step 0 holds the prior)."""
+    run = _run([_record(0, {"a": 1.5, "b": 2.5}), _record(20, {"a": 2.3, "b": 3.1}),
+                _record(40, {"a": 2.1, "b": None}), _record(60, {"a": 1.95, "b": 2.96}),
+                _record(80, {"a": 2.02, "b": 2.99})])
+    errors = online_target_errors(run)
+    # 25 % = step 25 -> the update at 20: |2.3 - 2.0| = 0.3, |3.1 - 3.0| = 0.1
+    # 50 % = step 50 -> the update at 40: |2.1 - 2.0| = 0.1, b has no target there
+    # 75 % = step 75 -> the update at 60: |1.95 - 2.0| = 0.05, |2.96 - 3.0| = 0.04
+    assert errors["a"] == pytest.approx([0.3, 0.1, 0.05], abs=1e-12)
+    assert errors["b"][0] == pytest.approx(0.1, abs=1e-12) and errors["b"][1] is None
+    assert errors["b"][2] == pytest.approx(0.04, abs=1e-12)
+    # an update exactly at a fraction counts (<=): the update at 50 is the one at 50 %
+    at_half = online_target_errors(_run([_record(0, {"a": 1.0, "b": 1.0}), _record(50, {"a": 2.25, "b": 2.5})]))
+    assert at_half["a"] == pytest.approx([None, 0.25, 0.25]) and at_half["b"] == pytest.approx([None, 0.5, 0.5])
+
+
+def test_online_target_errors_before_the_first_update_are_none():
+    run = _run([_record(0, {"a": 1.5, "b": 2.5}), _record(30, {"a": 2.2, "b": 3.3})], steps=100)
+    errors = online_target_errors(run)
+    # 25 % = step 25: only the prior (step 0) so far, which is no refit
+    assert errors["a"][0] is None and errors["b"][0] is None
+    assert errors["a"][1:] == pytest.approx([0.2, 0.2]) and errors["b"][1:] == pytest.approx([0.3, 0.3])
+
+
+def test_refits_targets():
+    fixed = {"a": 2.5, "b": 2.8}
+    assert not refits_targets(_run([_record(s, fixed, online=False) for s in (0, 20, 40)]))
+    assert refits_targets(_run([_record(0, fixed, online=False), _record(20, fixed, online=False),
+                                _record(40, {"a": 2.4, "b": 2.8}, online=False)]))
+    # one update only: its static prediction says the targets are the online laws'
+    assert refits_targets(_run([_record(0, fixed), _record(20, fixed)]))
+    assert not refits_targets(_run([_record(0, fixed)]))
+
+
+@pytest.mark.parametrize("value, limit", [(0.03, 0.03), (0, 0.0), ("0.05", 0.05), (None, None),
+                                          (math.inf, None), ("inf", None), (True, None), ("high", None)])
+def test_max_rise_limit(value, limit):
+    assert max_rise_limit(_run([], mixing={"max_rise": value})) == limit
+    assert max_rise_limit(_run([])) is None  # no config.yaml, or no max_rise in it
+
+
+@pytest.mark.parametrize("max_rise, limit", [(0.03, 0.03), (math.inf, None), (None, None)])
+def test_load_run_reads_mixing_config_and_online_records(tmp_path, max_rise, limit):
+    run = load_run(fabricate_run(tmp_path, "on", arm="velocitune", rule="velocitune", final=FINAL, online=True,
+                                 max_rise=max_rise))
+    assert run.mixing["online"] is True and max_rise_limit(run) == limit
+    assert refits_targets(run)
+    assert [r["step"] for r in run.mixture] == [0, 17, 33, 50, 67, 83]
+    assert run.mixture[0]["targets"] == pytest.approx(TARGETS)  # step 0: the prior
+    assert run.mixture[3]["targets"] == pytest.approx({d: v + 0.1 for d, v in FINAL.items()})  # 0.2 · (1 - 1/2)
+    assert not refits_targets(load_run(good_run(tmp_path)))
+
+
+def test_error_damaged_config_yaml(tmp_path):
+    run = good_run(tmp_path)
+    (run / "config.yaml").write_text("mixing: [rule: velocitune\n")
+    expect_error([run], tmp_path, str(run / "config.yaml"), "not valid YAML")

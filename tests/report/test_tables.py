@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +19,13 @@ from report.rundirs import (
     floats,
     good_run,
     hms,
+    md_tables,
     read_summary,
     table_with,
     tokens_value,
 )
 
-from velocitune.report import add_arguments, fmt_tokens, main, make_report
+from velocitune.report import Run, add_arguments, fmt_tokens, main, make_report, target_error_table
 
 # ----------------------------------------------------------------------------------------------------------
 # Single-seed report: one row per run
@@ -324,3 +326,111 @@ def test_one_seed_per_arm_without_static_says_why_there_is_no_delta(tmp_path):
     runs = [fabricate_run(tmp_path, arm, arm=arm, rule=arm, final=FINAL) for arm in ("velocitune", "dbl")]
     md = make_report(runs, tmp_path / "report").read_text()
     assert "No static arm was given" in md and "Δ" not in _section(md, "Results")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online targets (issue 27): per-domain Δ to static against max_rise, the online targets' errors
+
+STATIC_FINAL = {"math": 2.90, "code": 2.50, "prose": 2.55}
+# Δ to static: math +0.05 (above max_rise 0.03: a breach), code +0.01 (within it), prose -0.05
+ONLINE_FINAL = {"math": 2.95, "code": 2.51, "prose": 2.50}
+
+
+def _delta_rows(md: str) -> dict[str, dict[str, str]]:
+    return {r["arm"]: r for r in table_with(md, "max_rise (nats)")}
+
+
+def test_breach_flagged_above_max_rise_one_seed(tmp_path):
+    runs = [fabricate_run(tmp_path, "static", arm="static", rule="static", final=STATIC_FINAL, targets=None),
+            fabricate_run(tmp_path, "velo", arm="velocitune", rule="velocitune", final=ONLINE_FINAL, online=True,
+                          max_rise=0.03),
+            # the same losses with max_rise = inf (trades allowed): nothing to breach
+            fabricate_run(tmp_path, "trade", arm="trade", rule="velocitune", final=ONLINE_FINAL, online=True,
+                          max_rise=math.inf)]
+    md = make_report(runs, tmp_path / "report").read_text()
+    rows = _delta_rows(md)
+    assert set(rows) == {"velocitune", "trade"}  # the static arm is the reference, not a row
+    velo = rows["velocitune"]
+    assert velo["max_rise (nats)"] == "0.03"
+    assert velo["Δ loss math vs static"] == "+0.0500 (no spread) **breach**"
+    assert velo["Δ loss code vs static"] == "+0.0100 (no spread)"
+    assert velo["Δ loss prose vs static"] == "-0.0500 (no spread)"
+    assert rows["trade"]["max_rise (nats)"] == "—"
+    assert not any("breach" in cell for cell in rows["trade"].values())
+    assert "**Breaches of max_rise**: `velocitune` on `math`: Δ +0.0500 > max_rise 0.03." in md
+    assert "on `code`" not in md and "`trade` on" not in md
+    # the existing single-seed Δ table is unchanged
+    assert list(table_with(md, "Δ mean loss vs static")[0]) == [
+        "arm", "seed", "Δ mean loss vs static", "Δ worst progress vs static"]
+
+
+def test_breach_flagged_on_the_paired_mean_over_seeds(tmp_path):
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, -0.01)):  # the seeds shift both arms alike: paired Δ is exact
+        runs.append(fabricate_run(tmp_path, f"static-s{seed}", arm="static", rule="static", seed=seed,
+                                  final={d: v + shift for d, v in STATIC_FINAL.items()}))
+        runs.append(fabricate_run(tmp_path, f"velo-s{seed}", arm="velocitune", rule="velocitune", seed=seed,
+                                  final={d: v + shift for d, v in ONLINE_FINAL.items()}, online=True, max_rise=0.03))
+    md = make_report(runs, tmp_path / "report").read_text()
+    velo = _delta_rows(_section(md, "Results per arm"))["velocitune"]
+    math_cell, code_cell = velo["Δ loss math vs static"], velo["Δ loss code vs static"]
+    assert math_cell.endswith("(paired) **breach**") and floats(math_cell)[0] == pytest.approx(0.05, abs=5.1e-5)
+    assert code_cell.endswith("(paired)") and floats(code_cell)[0] == pytest.approx(0.01, abs=5.1e-5)
+    assert "`velocitune` on `math`" in md and "`velocitune` on `code`" not in md
+    # the arm table keeps its columns
+    assert list(table_with(md, "seeds")[0]) == [
+        "arm", "seeds", *[f"loss {d}" for d in DOMAINS], "mean loss", "Δ mean loss vs static", "worst progress",
+        "Δ worst progress vs static", "wall time", "reweighting"]
+
+
+def test_no_breach_line_says_so(single):
+    _, _, md = single
+    rows = _delta_rows(md)
+    assert all(r["max_rise (nats)"] == "—" for r in rows.values())
+    assert "No arm sets a finite `mixing.max_rise`, so no breach is checked." in md
+    assert "**breach**" not in md.replace("marked **breach**", "")
+
+
+def test_target_error_table_by_hand(tmp_path):
+    """The fabricated online run's targets sit 0.2 · (1 − frac) above its final losses, updates at steps 0, 17,
+    33, 50, 67, 83 of 100: at 25 % the update at 17 (frac 1/6: 0.2 · 5/6), at 50 % the one at 50 (0.1), at
+    75 % the one at 67 (frac 4/6: 0.2 · 2/6)."""
+    runs = [fabricate_run(tmp_path, "static", arm="static", rule="static", final=STATIC_FINAL),
+            fabricate_run(tmp_path, "velo", arm="velocitune", rule="velocitune", final=ONLINE_FINAL, online=True,
+                          max_rise=0.03),
+            # one update, at step 50 (0.2 · 1/2 = 0.1 above the final loss): nothing refitted by 25 %
+            fabricate_run(tmp_path, "late", arm="late", rule="velocitune", final=ONLINE_FINAL, online=True,
+                          n_updates=2)]
+    md = make_report(runs, tmp_path / "report").read_text()
+    rows = {r["run"]: r for r in table_with(md, "largest at 50 %")}
+    assert list(rows) == ["velo", "late"]  # the static run refits nothing
+    for d in DOMAINS:
+        assert [float(rows["velo"][f"{d} at {p} %"]) for p in (25, 50, 75)] == pytest.approx(
+            [1 / 6, 0.1, 1 / 15], abs=5.1e-5)
+        assert rows["late"][f"{d} at 25 %"] == "—"
+        assert [float(rows["late"][f"{d} at {p} %"]) for p in (50, 75)] == pytest.approx([0.1, 0.1], abs=5.1e-5)
+    assert float(rows["velo"]["largest at 50 %"]) == pytest.approx(0.1, abs=5.1e-5)
+    assert "### Online targets against the final loss" in _section(md, "Results")
+
+
+def test_no_target_error_table_without_online_runs(single):
+    _, _, md = single
+    assert "largest at 50 %" not in md and "Online targets against" not in md
+
+
+def test_target_error_table_largest_at_half_over_domains():
+    """Hand-made runs over 100 steps, final losses a 2.0, b 3.0: at 50 % the update at 40 decides."""
+    def run(name: str, at_40: dict) -> Run:
+        mixture = [{"step": s, "tokens": 1000.0 * s, "sampling_weights": {"a": 0.5, "b": 0.5}, "velocity": None,
+                    "targets": t, **({"static_prediction": {"a": 2.0, "b": 3.0}} if s else {})}
+                   for s, t in ((0, {"a": 1.5, "b": 2.5}), (40, at_40))]
+        summary = {"steps": 100, "final_val_loss": {"a": 2.0, "b": 3.0}, "domains": ["a", "b"], "arm": name,
+                   "rule": "velocitune", "seed": 0}
+        return Run(path=Path("/nowhere") / name, name=name, summary=summary, evals=[], mixture=mixture,
+                   targets_file=None)
+
+    table = target_error_table([run("one", {"a": 2.1, "b": None}), run("two", {"a": 1.9, "b": 3.3})], ["a", "b"])
+    rows = {r["run"]: r for r in md_tables(table)[0]}
+    assert rows["one"]["a at 25 %"] == "—" and rows["one"]["a at 50 %"] == "0.1000" and rows["one"]["b at 50 %"] == "—"
+    assert rows["one"]["largest at 50 %"] == "0.1000"  # |2.1 − 2.0|; b has no target
+    assert rows["two"]["b at 75 %"] == "0.3000" and rows["two"]["largest at 50 %"] == "0.3000"  # |3.3 − 3.0| > 0.1

@@ -26,7 +26,8 @@ HOW_TO_READ = (
     "the all-reduce and the rule); — for rules whose weights never move (they have no signal either). "
     "**Downstream scores** (`task metric`) are the final model's scores from `velocitune eval` "
     "(lm-evaluation-harness; higher is better), in their own table when a run has a downstream.json. In the "
-    "plots, a domain keeps one colour throughout; dashed lines mark the predicted targets."
+    "plots, a domain keeps one colour throughout; dashed lines mark the predicted targets (in the online-target "
+    "plot, each run's final loss)."
 )
 
 
@@ -42,6 +43,8 @@ def _plots_section(plots: dict[str, str]) -> list[str]:
         md += ["No run records a learning velocity in its mixture.jsonl, so there is no velocity plot.", ""]
     if "targets.png" not in plots:
         md += ["No run has a targets.json, so there is no target-fit plot.", ""]
+    if "online_targets.png" not in plots:
+        md += ["No run refits its targets (mixing.online), so there is no online-target plot.", ""]
     return md
 
 

@@ -1,5 +1,5 @@
 """The report's PNG plots: one colour per domain and per arm, panels, and every plot (sampling weights,
-validation loss, learning velocity, target fits). Matplotlib Figure objects on the Agg canvas: no pyplot,
+validation loss, learning velocity, target fits, online targets). Matplotlib Figure objects on the Agg canvas: no pyplot,
 no global backend switch."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from velocitune import laws
-from velocitune.report.runs import Run, load_run, reference_targets
+from velocitune.report.runs import Run, load_run, reference_targets, refits_targets
 from velocitune.report.tables import fmt_tokens
 
-PLOT_FILES = ("weights.png", "val_loss.png", "velocity.png", "targets.png")
+PLOT_FILES = ("weights.png", "val_loss.png", "velocity.png", "targets.png", "online_targets.png")
 PLOT_DPI = 110
 TITLE_SIZE = 10
 MAX_PANELS_PER_ROW = 4
@@ -184,6 +184,29 @@ def plot_velocity(panels: Sequence[tuple[str, Run]], domains: Sequence[str], col
         ax.set(ylim=(-0.03, 1.03), xlabel="tokens trained",
                ylabel="velocity V (1 = no progress)")
     _legend(fig, axes, "domain")
+    fig.savefig(path, dpi=PLOT_DPI)
+
+
+def plot_online_targets(panels: Sequence[tuple[str, Run]], domains: Sequence[str], colours: dict,
+                        path: Path) -> None:
+    """Online targets vs tokens, one panel per domain: per run (keyed by arm in `colours`) the refitted target
+    at each weight update (solid, markers) and the run's final validation loss (dashed, same colour), so a
+    target that closes in on the dashed line predicted where the domain ended."""
+    fig, axes = _panels(len(domains))
+    for ax, d in zip(axes, domains):
+        for arm, run in panels:
+            recs = [r for r in run.mixture if r["step"] > 0 and r["targets"] is not None
+                    and r["targets"].get(d) is not None]
+            x = np.array([r["tokens"] for r in recs], dtype=np.float64)
+            y = np.array([r["targets"][d] for r in recs], dtype=np.float64)
+            ax.plot(x, y, color=colours[arm], marker="o", markersize=3, linewidth=1.2, label=arm)
+            ax.axhline(run.summary["final_val_loss"][d], color=colours[arm], linestyle="--", linewidth=1.0)
+        ax.set_title(_short(d), fontsize=TITLE_SIZE)
+        ax.set(xlabel="tokens trained", ylabel="target (nats)")
+    # The dashed lines carry no label of their own (one per arm would double the legend): one grey entry, an
+    # empty line (it draws nothing and leaves the limits alone), says what they are.
+    axes[0].plot([], [], color="0.4", linestyle="--", linewidth=1.0, label="final validation loss\n(the arm's colour)")
+    _legend(fig, axes, "arm")
     fig.savefig(path, dpi=PLOT_DPI)
 
 
@@ -384,6 +407,13 @@ def make_plots(runs: Sequence[Run], arms: dict[str, list[Run]], domains: Sequenc
         written["targets.png"] = (f"Target fits from `{with_fits.name}`/targets.json: proxy points, each domain's "
                                   f"fitted law (solid) and its prediction to the budget (dashed), predicted target"
                                   + (", static run's actual final loss" if statics else ""))
+    # Per arm its first seed that refits its targets (seeds of one arm share the config: the first one, as a rule).
+    firsts = {arm: next((r for r in rs if refits_targets(r)), None) for arm, rs in arms.items()}
+    online = [(arm, run) for arm, run in firsts.items() if run is not None]
+    if online:
+        plot_online_targets(online, domains, acol, out_dir / "online_targets.png")
+        written["online_targets.png"] = ("Online targets per domain at each weight update (solid; each arm's first "
+                                         "seed) and that run's final validation loss (dashed)")
     for name in PLOT_FILES:
         if name not in written:
             (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier report would mislead

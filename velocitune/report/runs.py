@@ -4,18 +4,20 @@
 checks its version and schema) and adds the checks only a report needs: the directory exists, the run
 finished, its files are all there, each run is given once and all cover the same domains. `run_result`
 turns a run into the numbers of the report (final losses, normalised progress, cost); `mean_sd` and
-`difference` are the statistics over seeds; `group_arms` and `static_arm` group runs into arms.
+`difference` are the statistics over seeds; `group_arms` and `static_arm` group runs into arms;
+`online_target_errors` and `max_rise_limit` read a run's online targets and its mixing.max_rise.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from velocitune import rules, runfiles
 from velocitune.errors import DataError
@@ -28,6 +30,8 @@ PROGRESS_MIN_GAP = 0.02
 
 # The files every finished run directory holds (targets.json is optional).
 REQUIRED_FILES = (runfiles.SUMMARY_FILE, runfiles.EVAL_FILE, runfiles.MIXTURE_FILE)
+# The points of a run at which the report measures how far its online target was from the final loss.
+TARGET_ERROR_FRACTIONS = (0.25, 0.5, 0.75)
 # summary.json's per-domain fields and numbers, read as floats (counts included: they are divided and plotted).
 _SUMMARY_PER_DOMAIN = ("init_loss", "final_val_loss", "tokens_per_domain", "targets")
 _SUMMARY_NUMBERS = ("tokens", "wall_time_s", "time_eval_s", "time_update_s")
@@ -41,9 +45,12 @@ class Run:
     name: str  # short label, unique within one report
     summary: dict[str, Any]
     evals: list[dict[str, Any]]  # eval.jsonl records (tokens, losses), ordered by tokens
-    mixture: list[dict[str, Any]]  # mixture.jsonl records (tokens, sampling_weights, velocity), ordered by tokens
+    # mixture.jsonl records (step, tokens, sampling_weights, velocity, targets; static_prediction where the run
+    # refits its targets), ordered by tokens
+    mixture: list[dict[str, Any]]
     targets_file: dict[str, Any] | None  # targets.json when the run has one
     downstream: dict[str, float] | None = None  # "task metric" -> score from downstream.json (`velocitune eval`)
+    mixing: dict[str, Any] = field(default_factory=dict)  # config.yaml's mixing section ({} without config.yaml)
 
     @property
     def arm(self) -> str:
@@ -108,11 +115,35 @@ def _evals(run_dir: Path, domains: Sequence[str]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["tokens"])
 
 
+def _mixture_record(r: dict[str, Any]) -> dict[str, Any]:
+    out = {"step": int(r["step"]), "tokens": float(r["tokens"]), "sampling_weights": _floats(r["sampling_weights"]),
+           "velocity": _floats(r["velocity"]), "targets": _floats(r["targets"])}
+    if isinstance(r.get("static_prediction"), dict):  # written at the updates of a run with online targets only
+        out["static_prediction"] = _floats(r["static_prediction"])
+    return out
+
+
 def _mixture(run_dir: Path, domains: Sequence[str]) -> list[dict[str, Any]]:
     records = runfiles.read_log(run_dir / runfiles.MIXTURE_FILE, runfiles.MIXTURE, domains)
-    out = [{"tokens": float(r["tokens"]), "sampling_weights": _floats(r["sampling_weights"]),
-            "velocity": _floats(r["velocity"])} for r in records]
-    return sorted(out, key=lambda r: r["tokens"])
+    return sorted((_mixture_record(r) for r in records), key=lambda r: r["tokens"])
+
+
+def _mixing_config(run_dir: Path) -> dict[str, Any]:
+    """config.yaml's mixing section as plain YAML, {} when the run has no config.yaml.
+
+    Not `runfiles.read_config`: that type-checks the whole config against this release's keys, so a run of
+    another velocitune release (a key added or renamed) would be refused, and the report needs two keys.
+    """
+    path = run_dir / runfiles.CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid YAML ({exc}); the run's resolved config is damaged or was edited "
+                        f"by hand: copy the whole run directory, or re-run the training") from None
+    mixing = doc.get("mixing") if isinstance(doc, dict) else None
+    return dict(mixing) if isinstance(mixing, dict) else {}
 
 
 def _not_empty(records: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -139,7 +170,7 @@ def load_run(run_dir: Path) -> Run:
     targets_path = run_dir / runfiles.TARGETS_FILE
     targets_file = runfiles.read_targets(targets_path) if targets_path.is_file() else None
     return Run(path=run_dir.resolve(), name=run_dir.name, summary=summary, evals=evals, mixture=mixture,
-               targets_file=targets_file, downstream=downstream_scores(run_dir))
+               targets_file=targets_file, downstream=downstream_scores(run_dir), mixing=_mixing_config(run_dir))
 
 
 def downstream_scores(run_dir: Path) -> dict[str, float] | None:
@@ -314,3 +345,60 @@ def difference(arm: Sequence[tuple[int, float]], reference: Sequence[tuple[int, 
     if a.size >= 2 and r.size >= 2:
         return Difference(diff, float(math.sqrt(a.var(ddof=1) / a.size + r.var(ddof=1) / r.size)), paired=False)
     return Difference(diff, None, paired=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online targets and max_rise
+
+
+def _update_targets(run: Run) -> list[dict[str, Any]]:
+    """The mixture records written at a weight update (step > 0) that carry targets.
+
+    Step 0's record holds the targets the run started from (the prior), not a refit: left out.
+    """
+    return [r for r in run.mixture if r["step"] > 0 and r["targets"] is not None]
+
+
+def refits_targets(run: Run) -> bool:
+    """Does the run refit its targets during training (mixing.online)? Its update records carry a static
+    prediction (only the online laws write one), or its targets change between updates (fixed targets never
+    do)."""
+    records = _update_targets(run)
+    if any("static_prediction" in r for r in records):
+        return True
+    return any(r["targets"] != records[0]["targets"] for r in records[1:])
+
+
+def online_target_errors(run: Run, fractions: Sequence[float] = TARGET_ERROR_FRACTIONS
+                         ) -> dict[str, list[float | None]]:
+    """{domain: [|target − final loss| at each fraction of the run]} of a run that refits its targets.
+
+    At fraction f the target is that of the last update record whose step is <= f · summary.steps: what the
+    run aimed at by then, against where the domain ended (summary.json's final_val_loss). None where no update
+    had happened yet, or the record has no target for the domain.
+    """
+    records = _update_targets(run)
+    steps = float(run.summary["steps"])
+    final = run.summary["final_val_loss"]
+    out: dict[str, list[float | None]] = {d: [] for d in run.domains}
+    for f in fractions:
+        # records are ordered by tokens, and so by step: the last one at or before f of the run
+        upto = [r for r in records if r["step"] <= f * steps]
+        targets = upto[-1]["targets"] if upto else {}
+        for d in run.domains:
+            t = targets.get(d)
+            out[d].append(None if t is None else float(abs(np.float64(t) - np.float64(final[d]))))
+    return out
+
+
+def max_rise_limit(run: Run) -> float | None:
+    """mixing.max_rise of the run's config.yaml in nats, or None when it sets no finite bound (null, absent,
+    inf: trades allowed, so nothing can be breached)."""
+    value = run.mixing.get("max_rise")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        limit = float(value)  # YAML writes inf as .inf (a float); a hand-written "inf" is a string
+    except ValueError:
+        return None
+    return limit if math.isfinite(limit) else None

@@ -9,18 +9,26 @@ import numpy as np
 
 from velocitune.report.runs import (
     PROGRESS_MIN_GAP,
+    TARGET_ERROR_FRACTIONS,
     Difference,
     Run,
     RunNumbers,
     Spread,
     difference,
     downstream_columns,
+    max_rise_limit,
     mean_sd,
+    online_target_errors,
     reference_targets,
+    refits_targets,
 )
 
 GUARD_MARK = "†"
 BORROWED_MARK = "‡"
+BREACH_MARK = "**breach**"
+# A Δ within this of max_rise is no breach: losses read from JSON and subtracted carry rounding of ~1e-16, and a
+# Δ that equals the bound (as written in the config) kept it.
+BREACH_TOLERANCE = 1e-9
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,6 +230,87 @@ def downstream_arm_table(by_arm: dict[str, list[RunNumbers]], reference_arm: str
     return _table(header, rows, text_cols=(0, 1))
 
 
+def _max_rise(results: Sequence[RunNumbers]) -> float | None:
+    """An arm's mixing.max_rise: the strictest finite one of its runs (seeds share the config), None if none."""
+    limits = [x for x in (max_rise_limit(r.run) for r in results) if x is not None]
+    return min(limits) if limits else None
+
+
+def domain_delta_table(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str],
+                       reference_arm: str) -> tuple[str, list[str]]:
+    """One row per arm other than the reference: its mixing.max_rise and each domain's final-loss Δ to the
+    reference arm (paired by seed where the seeds allow, as in the arm table), a Δ above max_rise marked
+    **breach**; and one line per breach ("`arm` on `domain`: Δ ... > max_rise ...")."""
+    header = ["arm", "max_rise (nats)", *[f"Δ loss {d} vs {reference_arm}" for d in domains]]
+    rows, breaches = [], []
+    for arm, results in by_arm.items():
+        if arm == reference_arm:
+            continue
+        limit = _max_rise(results)
+        row = [arm, "—" if limit is None else f"{limit:g}"]
+        for d in domains:
+            get = lambda r, d=d: r.final_loss[d]  # noqa: E731 (one domain's final loss)
+            diff = difference(_arm_values(results, get), _arm_values(by_arm[reference_arm], get))
+            cell = _difference_cell(diff, ".4f")
+            if limit is not None and diff.diff > limit + BREACH_TOLERANCE:
+                cell += " " + BREACH_MARK
+                breaches.append(f"`{arm}` on `{d}`: Δ {diff.diff:+.4f} > max_rise {limit:g}")
+            row.append(cell)
+        rows.append(row)
+    return _table(header, rows, text_cols=(0,)), breaches
+
+
+def domain_delta_section(by_arm: dict[str, list[RunNumbers]], domains: Sequence[str],
+                         reference_arm: str) -> list[str]:
+    """"Per-domain Δ to static and max_rise": the table, then a line naming every breach (or saying none)."""
+    table, breaches = domain_delta_table(by_arm, domains, reference_arm)
+    limits = any(_max_rise(rs) is not None for arm, rs in by_arm.items() if arm != reference_arm)
+    if breaches:
+        verdict = "**Breaches of max_rise**: " + "; ".join(breaches) + "."
+    elif limits:
+        verdict = "No domain's Δ exceeds its arm's max_rise."
+    else:
+        verdict = "No arm sets a finite `mixing.max_rise`, so no breach is checked."
+    return [f"### Per-domain Δ to `{reference_arm}` and max_rise", "",
+            f"Each domain's final loss, the arm's minus the `{reference_arm}` arm's (± its standard error, "
+            f"paired by seed where both arms ran the same seeds; *(no spread)* with one seed), beside the arm's `mixing.max_rise` from its config.yaml (— "
+            f"when null or inf: no bound). max_rise bounds how far a domain may rise over its predicted loss "
+            f"under static; a Δ above it against the actual `{reference_arm}` run is marked {BREACH_MARK}.", "",
+            table, "", verdict, ""]
+
+
+def _error_cell(e: float | None) -> str:
+    return "—" if e is None else f"{e:.4f}"
+
+
+def target_error_table(runs: Sequence[Run], domains: Sequence[str]) -> str:
+    """One row per run that refits its targets: per domain |target − final loss| at 25, 50 and 75 % of the
+    run (`online_target_errors`), and the largest over domains at 50 %."""
+    pcts = [f"{100 * f:g} %" for f in TARGET_ERROR_FRACTIONS]
+    half = TARGET_ERROR_FRACTIONS.index(0.5)
+    header = ["run", "arm", "seed", *[f"{d} at {p}" for d in domains for p in pcts], "largest at 50 %"]
+    rows = []
+    for run in runs:
+        errors = online_target_errors(run)
+        at_half = [errors[d][half] for d in domains if errors[d][half] is not None]
+        rows.append([run.name, run.arm, str(run.seed), *[_error_cell(e) for d in domains for e in errors[d]],
+                     _error_cell(max(at_half) if at_half else None)])
+    return _table(header, rows, text_cols=(0, 1, 2))
+
+
+def target_error_section(runs: Sequence[Run], domains: Sequence[str]) -> list[str]:
+    """"Online targets against the final loss", for the runs that refit their targets; [] when none does."""
+    online = [r for r in runs if refits_targets(r)]
+    if not online:
+        return []
+    return ["### Online targets against the final loss", "",
+            "For each run that refits its targets during training (`mixing.online`): |target − final validation "
+            "loss| per domain (nats), the target being the one of the last weight update at or before 25 %, 50 % "
+            "and 75 % of the run's steps (— before the first update); the last column is the largest over "
+            "domains at 50 %. Small errors early mean the online laws foresaw where each domain would end.", "",
+            target_error_table(online, domains), ""]
+
+
 def _target_cells(init: float, target: float | None, fit: dict) -> list[str]:
     """ℓ_target, gap, predictor, R² and note of one domain in the targets table."""
     r2 = fit.get("r2")
@@ -311,7 +400,7 @@ def _no_delta_note(arms: dict[str, list[Run]], reference_arm: str | None) -> str
             "differences to it.")
 
 
-def _single_seed_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]],
+def _single_seed_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
                          reference_arm: str | None, per_run: list[str]) -> list[str]:
     md = ["## Results", "", *per_run, ""]
     if reference_arm is None or len(arms) < 2:
@@ -323,7 +412,8 @@ def _single_seed_section(results: Sequence[RunNumbers], arms: dict[str, list[Run
                  f"*(no spread)*, with no standard error (it includes the seed-to-seed noise, of unknown size). "
                  f"Run ≥ 2 seeds per arm (`velocitune sweep --seeds 3`) for Δ ± its standard error. A negative "
                  f"Δ mean loss and a positive Δ worst progress favour the arm.", "",
-                 single_seed_delta_table(by_arm, reference_arm), ""]
+                 single_seed_delta_table(by_arm, reference_arm), "",
+                 *domain_delta_section(by_arm, domains, reference_arm)]
 
 
 def _downstream_section(results: Sequence[RunNumbers], by_arm: dict[str, list[RunNumbers]] | None,
@@ -345,10 +435,12 @@ def _downstream_section(results: Sequence[RunNumbers], by_arm: dict[str, list[Ru
 def results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], domains: Sequence[str],
                     reference_arm: str | None) -> list[str]:
     """The results: per arm (per-run table folded away) when an arm has several seeds, else per run with the
-    single-seed Δ to static; then the downstream scores, when any run has them, in their own tables."""
+    single-seed Δ to static; either way each domain's Δ to static against max_rise, and the online targets'
+    errors when a run refits them; then the downstream scores, when any run has them, in their own tables."""
     per_run = [run_table(results, domains), ""] + [n + "  " for n in _footnotes(results)]
+    target_errors = target_error_section([r.run for r in results], domains)
     if not any(len(rs) > 1 for rs in arms.values()):
-        return _single_seed_section(results, arms, reference_arm, per_run) + \
+        return _single_seed_section(results, arms, domains, reference_arm, per_run) + target_errors + \
             _downstream_section(results, None, reference_arm)
     result_of = {res.run.path: res for res in results}
     by_arm = {arm: [result_of[r.path] for r in rs] for arm, rs in arms.items()}
@@ -362,5 +454,6 @@ def results_section(results: Sequence[RunNumbers], arms: dict[str, list[Run]], d
                 f"A negative Δ mean loss and a positive Δ worst progress or downstream score favour the arm."
                 if reference_arm else f" {note or ''}"), "",
             arm_table(by_arm, domains, reference_arm), "",
+            *(domain_delta_section(by_arm, domains, reference_arm) if reference_arm and len(arms) > 1 else []),
             "<details><summary>Per-run results</summary>", "", *per_run, "", "</details>", "",
-            *_downstream_section(results, by_arm, reference_arm)]
+            *target_errors, *_downstream_section(results, by_arm, reference_arm)]
