@@ -181,3 +181,17 @@ def test_max_rise_without_online_is_refused():
         from_dict({"mixing": {"rule": "dbl", "online": True}})
     assert from_dict({"mixing": {"max_rise": float("inf")}}).mixing.max_rise == float("inf")
     assert from_dict({"mixing": {"rule": "static"}}).mixing.online is False
+
+
+def test_a_run_from_before_online_targets_resumes_only_as_it_ran():
+    from velocitune.config import Config, check_resume_config, from_dict, to_dict
+    from velocitune.errors import ConfigError
+
+    now = to_dict(from_dict({"mixing": {"signal": "eval"}}))  # today's default: online, max_rise 0.03
+    saved = to_dict(Config())
+    for key in ("online", "max_rise"):
+        del saved["mixing"][key]  # a 0.2 config.yaml has neither key
+    saved["mixing"]["signal"] = "eval"
+    with pytest.raises(ConfigError, match=r"mixing\.online: False -> True"):
+        check_resume_config(saved, now)
+    check_resume_config(saved, to_dict(from_dict({"mixing": {"signal": "eval", "online": False}})))

@@ -13,7 +13,7 @@ from velocitune.errors import (
     VelocituneError,
 )
 
-__version__ = "0.2.0"  # keep equal to pyproject.toml (read without an install, as on the bare GPU image)
+__version__ = "0.3.0"  # keep equal to pyproject.toml (read without an install, as on the bare GPU image)
 
 
 def __getattr__(name):

@@ -28,8 +28,9 @@ RESUMABLE_CHANGES = (
 
 
 # What a run did before a key existed, where that differs from the key's default today: a run started by an
-# older version never paced, so resuming it may not start pacing.
-BEFORE_KEY: dict[str, Any] = {"mixing.pace": False}
+# older version never paced, and before 0.3 never refitted its targets or held domains to max_rise, so resuming
+# it may not start doing so.
+BEFORE_KEY: dict[str, Any] = {"mixing.pace": False, "mixing.online": False, "mixing.max_rise": None}
 
 
 def check_resume_config(saved: dict, now: dict) -> None:
