@@ -17,7 +17,10 @@ HELP_NOTES = {
     "train.memory_check": "   # false: start even when the memory estimate exceeds the device's memory",
     "model.attn_implementation": " (flash_attention_2 needs the flash_attn package and CUDA)",
     "log.wandb_mode": " (auto: $WANDB_MODE, else online; offline writes RUN/wandb/ for `wandb sync`)",
-    "mixing.signal": " (auto: the rule's, train for odm, eval for the others)",
+    "mixing.signal": " (auto: the rule's: train for velocitune, velocitune-no-target, odm and ado; eval for the others)",
+    "mixing.online": "   # null: true for velocitune (targets refitted from the run, the targets file as prior), false otherwise",
+    "mixing.objective": "   # {domain: weight}: the loss to lower (null: every domain 1, the mean)",
+    "mixing.max_rise": "   # nats over a domain's predicted loss under static (null: 0.03 with online targets; .inf: allow trades)",
     "mixing.pace": "   # null: true for velocitune's robust preset, false for faithful and the baselines",
     "mixing.params": "   # {name: value}: a rule's parameters that have no key of their own (see the rules below)",
 }
