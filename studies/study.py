@@ -46,8 +46,11 @@ from velocitune.sweep import Arm, run_arms  # noqa: E402
 # The study's sets name no mixing.interval (issue 27, item 7): an arm gets the interval it names, else its rule's
 # default, exactly as `velocitune train` would. The arms measured before issue 27 ran at m = 20: they name it.
 _M20 = "--mixing.interval=20"
-# The velocity arms before issue 27 used the targets as they were (no online refit, no max_rise); they say so.
-_STATIC_TARGETS = ["--mixing.online=false", "--mixing.max_rise=inf"]
+# The velocity arms before issue 27 used the targets as they were (no online refit, no max_rise) and, unless they
+# named the train signal, the eval signal: they say so.
+_FIXED = "--mixing.online=false"
+_EVAL = "--mixing.signal=eval"
+_STATIC_TARGETS = [_FIXED, _EVAL]
 ARMS: dict[str, list[str]] = {
     # `velocitune train` with no mixing keys at all (its targets and ℓ_init files are inputs, not knobs)
     "default": [],
@@ -56,18 +59,19 @@ ARMS: dict[str, list[str]] = {
     "avg-fixed": ["--mixing.rule=replay", "--mixing.replay_from=DEFAULT_RUN", "--mixing.pace=true"],
     # the default as shipped before issue 27 (robust, paced, static targets), at its own interval
     "prior-default": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", *_STATIC_TARGETS],
-    "default-train": ["--mixing.signal=train"],
+    # the default on the paper's eval signal (issue 27's bar, criterion 5, reports it beside the default)
+    "default-eval": ["--mixing.signal=eval"],
     "static": ["--mixing.rule=static"],
     "uniform": ["--mixing.rule=uniform"],
     "faithful": ["--mixing.rule=velocitune", "--mixing.preset=faithful", _M20, *_STATIC_TARGETS],
     "faithful-train": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.signal=train", _M20,
-                       *_STATIC_TARGETS],
+                       _FIXED],
     "robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", _M20, *_STATIC_TARGETS],
     "robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.signal=train", _M20,
-                     *_STATIC_TARGETS],
+                     _FIXED],
     "robust-pace": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", _M20, *_STATIC_TARGETS],
     "robust-pace-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
-                          "--mixing.signal=train", _M20, *_STATIC_TARGETS],
+                          "--mixing.signal=train", _M20, _FIXED],
     # the baselines as their authors ran them (issue 17, part 3; issue 27, item 5), each with its own timing
     "odm": ["--mixing.rule=odm", "--mixing.interval=1"],  # every step
     "dbl": ["--mixing.rule=dbl", _M20],
@@ -79,7 +83,7 @@ ARMS: dict[str, list[str]] = {
     "plan-robust": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true", "--mixing.plan=PLAN",
                     _M20, *_STATIC_TARGETS],
     "plan-robust-train": ["--mixing.rule=velocitune", "--mixing.preset=robust", "--mixing.pace=true",
-                          "--mixing.plan=PLAN", "--mixing.signal=train", _M20, *_STATIC_TARGETS],
+                          "--mixing.plan=PLAN", "--mixing.signal=train", _M20, _FIXED],
     # one knob at a time from `faithful` (update study, §3)
     "c0.05": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.05", _M20, *_STATIC_TARGETS],
     "c0.2": ["--mixing.rule=velocitune", "--mixing.preset=faithful", "--mixing.smoothing=0.2", _M20, *_STATIC_TARGETS],

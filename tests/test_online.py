@@ -180,6 +180,11 @@ def test_max_rise_without_online_is_refused():
     with pytest.raises(ConfigError, match="online"):
         from_dict({"mixing": {"rule": "dbl", "online": True}})
     assert from_dict({"mixing": {"max_rise": float("inf")}}).mixing.max_rise == float("inf")
+    from velocitune.config import load_config
+
+    assert load_config(None, ["--mixing.max_rise=inf"]).mixing.max_rise == float("inf")  # as the CLI gives it
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, ["--train.lr=inf"])
     assert from_dict({"mixing": {"rule": "static"}}).mixing.online is False
 
 

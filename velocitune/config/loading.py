@@ -86,6 +86,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
+            return float("inf")  # YAML reads `inf` as text; validation refuses it where a finite number is needed
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, Path)):
