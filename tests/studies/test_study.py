@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 
 from velocitune import runfiles
@@ -88,12 +89,15 @@ def test_study_runs_end_to_end_on_a_toy_demo(tmp_path, toy_demo):
     """Second domain set at toy size: corpus, prepare, targets, two arms as subprocesses, report and bar."""
     out = tmp_path / "demo"
     toy_demo.run_demo(out, steps=12, base_steps=6, scale=0.03, parallel=2)
-    assert study.main(["--out", str(out), "--set", "alt", "--arms", "static", "robust", "--seeds", "1",
+    # the default (no mixing keys) and the fixed mixture at its average weights, which runs after it
+    assert study.main(["--out", str(out), "--set", "alt", "--arms", "static", "default", "avg-fixed", "--seeds", "1",
                        "--steps", "12", "--scale", "0.03", "--parallel", "2", "--tag", "toy"]) == 0
     root = out / "study" / "alt"
     summary = json.loads((root / "toy.json").read_text())
     assert summary["domains"] == ["replay", "cpp", "markdown", "records"]
-    run = json.loads((root / "runs" / "robust" / "seed0" / "summary.json").read_text())
-    assert run["preset"] == "robust" and run["steps"] == 12
-    assert summary["arms"]["robust"]["mean_loss"] == pytest.approx(np.mean(list(run["final_val_loss"].values())))
-    assert (root / "toy" / "report.md").is_file() and "| robust |" in (root / "toy.md").read_text()
+    run = json.loads((root / "runs" / "default" / "seed0" / "summary.json").read_text())
+    assert run["preset"] == "robust" and run["signal"] == "train" and run["steps"] == 12
+    assert summary["arms"]["default"]["mean_loss"] == pytest.approx(np.mean(list(run["final_val_loss"].values())))
+    assert (root / "toy" / "report.md").is_file() and "| default |" in (root / "toy.md").read_text()
+    fixed = yaml.safe_load((root / "runs" / "avg-fixed" / "seed0" / "config.yaml").read_text())["mixing"]
+    assert fixed["rule"] == "replay" and fixed["replay_from"] == str(root / "runs" / "default" / "seed0")
