@@ -91,7 +91,10 @@ def tiny_config(data_path: Path, out_dir: Path, **sections):
         "data": {"path": str(data_path), "seq_len": 32},
         "model": {"hidden_size": 32, "n_layers": 2, "n_heads": 2, "intermediate_size": 64},
         "train": {"steps": 24, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "seed": 0, "threads": 1},
-        "mixing": {"rule": "velocitune", "interval": 4, "target_values": {"prose": 3.0, "code": 2.0, "math": 1.5}},
+        # signal eval: most tests exercise the evaluation path at update points (faults, overhead, timing); the
+        # default's own signal (train, issue 27) is tested where it is named (golden "default", test_rules)
+        "mixing": {"rule": "velocitune", "signal": "eval", "interval": 4,
+                   "target_values": {"prose": 3.0, "code": 2.0, "math": 1.5}},
         "eval": {"max_tokens": 256, "batch_size": 8},
         "log": {"interval": 4, "progress": False},
         "checkpoint": {"interval": 8, "keep": 2},

@@ -114,7 +114,7 @@ def test_train_prints_one_config_line_and_verbose_the_whole_config(make_config, 
     path.write_text(dump_yaml(make_config()))
     assert main(["train", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert sum(line.startswith("config: rule=velocitune signal=train steps=24 ") for line in out.splitlines()) == 1
+    assert sum(line.startswith("config: rule=velocitune signal=eval steps=24 ") for line in out.splitlines()) == 1
     assert "version: 1" not in out
     assert main(["train", str(path), "--dry-run", "--verbose"]) == 0
     out = capsys.readouterr().out

@@ -171,14 +171,15 @@ def test_resume_reproduces_the_refits_bit_for_bit():
     assert second.online.points == whole.online.points
 
 
-def test_max_rise_without_online_is_refused():
+def test_online_and_max_rise_act_on_velocitune_only():
     from velocitune.config import from_dict
     from velocitune.errors import ConfigError
 
+    # like the shared keys, other rules ignore them: a sweep may cross static with a velocitune config
+    assert _controller(rule="dbl", online=True).online is None
+    assert _controller(online=False, max_rise=0.05).max_rise is None  # nothing predicts the static loss
     with pytest.raises(ConfigError, match="max_rise"):
-        from_dict({"mixing": {"online": False, "max_rise": 0.05}})
-    with pytest.raises(ConfigError, match="online"):
-        from_dict({"mixing": {"rule": "dbl", "online": True}})
+        from_dict({"mixing": {"max_rise": -0.1}})
     assert from_dict({"mixing": {"max_rise": float("inf")}}).mixing.max_rise == float("inf")
     from velocitune.config import load_config
 

@@ -94,12 +94,12 @@ def test_interval_default_and_guard(make_config):
 def test_rules_update_when_their_authors_did(make_config):
     """odm: every step on the training loss after 2 % of the run; dbl: at every m from the start; the
     velocity rules after the LR warm-up. Explicit keys override each default."""
-    odm = make_config(mixing={"rule": "odm", "interval": None})
+    odm = make_config(mixing={"rule": "odm", "interval": None, "signal": "auto"})
     assert odm.mixing.signal == "train"  # "auto" resolved when the config is read, so config.yaml records it
     assert mixing_interval(odm, 1000) == 1 and mixing_warmup(odm, 1000) == 20
     dbl = make_config(mixing={"rule": "dbl", "interval": None})
     assert dbl.mixing.signal == "eval" and mixing_interval(dbl, 1000) == 10 and mixing_warmup(dbl, 1000) == 0
-    vt = make_config(mixing={"interval": None}, train={"warmup_steps": 0.05})
+    vt = make_config(mixing={"interval": None, "signal": "auto"}, train={"warmup_steps": 0.05})
     assert vt.mixing.signal == "train" and mixing_interval(vt, 1000) == 10 and mixing_warmup(vt, 1000) == 50
     own = make_config(mixing={"rule": "odm", "signal": "eval", "interval": 5, "warmup": 7})
     assert own.mixing.signal == "eval" and mixing_interval(own, 1000) == 5 and mixing_warmup(own, 1000) == 7

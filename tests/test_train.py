@@ -133,7 +133,7 @@ def test_train_signal_uses_training_losses(make_config):
     evals = {r["step"] for r in read_jsonl(res.out_dir / "eval.jsonl")}
     assert len(mix) > 1
     assert all(rec["signal"] == "train" for rec in mix)
-    assert json.loads((res.out_dir / "summary.json").read_text())["arm"] == "velocitune-train"
+    assert json.loads((res.out_dir / "summary.json").read_text())["arm"] == "velocitune"  # train: its own signal
     assert not {r["step"] for r in mix[1:]} <= evals  # no val evaluation was needed for the updates
 
 
@@ -321,14 +321,16 @@ def test_overhead_estimate_printed_and_saved(make_config, monkeypatch, capsys, s
 def test_default_arm_names_the_signal_only_when_not_the_rules_own(make_config):
     from velocitune.summary import default_arm
 
-    assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"
-    assert default_arm(make_config(mixing={"rule": "odm"})) == "odm"  # odm's own signal is train
+    # (the fixture names signal eval; "auto" is each rule's own: train for velocitune since issue 27, and odm)
+    assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune"
+    assert default_arm(make_config(mixing={"signal": "eval"})) == "velocitune-eval"
+    assert default_arm(make_config(mixing={"rule": "odm", "signal": "auto"})) == "odm"  # odm's own signal is train
     assert default_arm(make_config(mixing={"rule": "odm", "signal": "eval"})) == "odm-eval"
     assert default_arm(make_config(mixing={"rule": "dbl"})) == "dbl"
-    assert default_arm(make_config(mixing={"signal": "train"})) == "velocitune-train"  # paced: the default
-    assert default_arm(make_config(mixing={"pace": False})) == "velocitune-nopace"
+    assert default_arm(make_config(mixing={"signal": "auto"})) == "velocitune"  # paced, online: the default
+    assert default_arm(make_config(mixing={"pace": False, "signal": "auto"})) == "velocitune-nopace"
     assert default_arm(make_config(mixing={"rule": "uniform", "pace": True})) == "uniform-pace"
-    assert default_arm(make_config(mixing={"preset": "faithful"})) == "velocitune-faithful"
+    assert default_arm(make_config(mixing={"preset": "faithful", "signal": "auto"})) == "velocitune-faithful"
     assert default_arm(make_config(mixing={"preset": "faithful"}, run={"arm": "mine"})) == "mine"
 
 

@@ -245,7 +245,7 @@ class MixingController:
         setting = first_update_setting(mc)
         warmup = lr_warmup if setting is None else as_steps(setting, steps)
         online = None
-        if mc.online:
+        if mc.online and rules.online_default(mc.rule):  # any other rule ignores the key (config/validation.py)
             if lrs is None:
                 raise ConfigError("mixing.online needs the run's LR schedule, which this trainer does not give; "
                                   "set mixing.online=false (the targets then stay as `velocitune targets` made them)")
@@ -255,7 +255,8 @@ class MixingController:
         c = cls(rule, make_sampler(rule.initial_weights()), steps=steps, warmup=warmup,
                 interval=update_interval(mc, steps, rule_interval), signal=mc.signal, targets=targets,
                 seq_len=seq_len, device=device, pace=bool(mc.pace), given_init=given_init, keep_records=keep_records,
-                online=online, max_rise=domain_vector(mc.max_rise, names, "max_rise", rules.DEFAULT_MAX_RISE),
+                online=online, max_rise=None if online is None else domain_vector(mc.max_rise, names, "max_rise",
+                                                                                  rules.DEFAULT_MAX_RISE),
                 objective=None if objective is None else objective / objective.sum())
         c._warmup_from_lr = setting is None
         return c
