@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 import pytest
+import yaml
 
 from velocitune import runfiles
 from velocitune.config import load_config, parse_override
