@@ -201,3 +201,12 @@ def test_a_run_from_before_online_targets_resumes_only_as_it_ran():
     with pytest.raises(ConfigError, match=r"mixing\.online: False -> True"):
         check_resume_config(saved, now)
     check_resume_config(saved, to_dict(from_dict({"mixing": {"signal": "eval", "online": False}})))
+
+
+def test_the_start_warning_says_what_happens_to_a_forgetting_domain():
+    c = _controller()
+    warnings = c.start(np.array([3.3, 3.0, 3.2]))  # replay's target 3.45 > ℓ_init 3.3
+    assert any("keeps its corpus share" in w for w in warnings), warnings
+    assert not any("upweighted while above its target" in w for w in warnings)
+    fixed = _controller(online=False)
+    assert any("upweighted while above its target" in w for w in fixed.start(np.array([3.3, 3.0, 3.2])))

@@ -297,7 +297,11 @@ class MixingController:
             # The rule's first block starts at step 0 on ℓ_init (aioli's first round): its weights are in force
             # from step 0, and step 0's record is theirs.
             return list(self.update(0, self.init, None).warnings)
-        preview = self.rule.update(0, self.init, self.init, self.targets) if self.rule.needs_init else None
+        # The forgetting domains' warning says what the online rule does with them (their corpus share), not the guard.
+        quiet = (None if self.online is None or self.max_rise is None or not np.isfinite(self.max_rise).any()
+                 or self.targets is None else self.targets >= self.init)
+        preview = (self.rule.update(0, self.init, self.init, self.targets, guidance=mixing.Guidance(quiet=quiet))
+                   if self.rule.needs_init else None)
         warnings = list(preview.warnings) if preview is not None else []
         if self.pace:
             self.sampler.set_weights(0, self.paced(self.rule.initial_weights(), 0))

@@ -88,3 +88,9 @@ def test_bad_points_are_refused():
         fit_online_law([1.0], [0.0], [math.nan], INIT, prior_x=1, prior_s2=0, prior_loss=2)
     with pytest.raises(ValueError, match="noise_sd"):
         fit_online_law([], [], [], INIT, prior_x=1, prior_s2=0, prior_loss=2, noise_sd=0.0)
+
+
+def test_a_prediction_never_goes_below_zero():
+    # a fast-falling domain's law may extrapolate below 0 nats; a cross-entropy cannot
+    law = OnlineLaw(init=1.0, B=-3.0, E=100.0, beta=1.0, C=0.0, points=5)
+    assert float(law.predict(10.0, 0.0)) == 0.0 and float(law.predict(0.0, 0.0)) == 1.0

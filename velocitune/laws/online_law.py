@@ -44,7 +44,9 @@ class OnlineLaw:
     def predict(self, x, s2) -> np.ndarray:
         """The law at areas x (its tokens' LR area) and S2 (the run's annealing area); broadcasts."""
         x, s2 = np.asarray(x, dtype=np.float64), np.asarray(s2, dtype=np.float64)
-        return self.init + self.B * (1.0 - np.power(1.0 + self.E * x, -self.beta)) - self.C * s2
+        # A cross-entropy is >= 0; a law fitted to a fast-falling domain may extrapolate below it (seen on the
+        # second domain set's JSON logs): the prediction stops at 0.
+        return np.maximum(self.init + self.B * (1.0 - np.power(1.0 + self.E * x, -self.beta)) - self.C * s2, 0.0)
 
     @property
     def learns(self) -> bool:
