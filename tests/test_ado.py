@@ -74,8 +74,8 @@ def test_velocitune_train_with_ado_moves_the_weights(make_config, capsys):
     from velocitune.cli import main
     from velocitune.config import dump_yaml
 
-    cfg = make_config("ado", train={"steps": 40}, mixing={"rule": "ado", "interval": None, "target_values": None,
-                                                         "warmup": 10, "params": {"refit": 10, "starts": 32}},
+    cfg = make_config("ado", train={"steps": 40}, mixing={"rule": "ado", "signal": "auto", "interval": None,
+                                                         "target_values": None, "warmup": 10, "params": {"refit": 10, "starts": 32}},
                       checkpoint={"interval": 0})
     path = cfg.run.out_dir + ".yaml"
     with open(path, "w") as fh:
