@@ -35,6 +35,13 @@ def test_lift_to_floors_invariants(seed):
     assert np.all(out[~free] == pytest.approx(floors[~free], abs=1e-12)) if (~free).any() else True
 
 
+def test_pinned_domains_are_held_at_their_floor():
+    # replay pinned at 0.05 although the update gave it 0.3; the others share 0.95 as 0.5 : 0.2
+    out, ok = mixing.lift_to_floors([0.3, 0.5, 0.2], [0.05, 0.0, 0.0], pinned=[True, False, False])
+    assert ok
+    np.testing.assert_allclose(out, [0.05, 0.95 * 5 / 7, 0.95 * 2 / 7], atol=1e-12)
+
+
 def test_lift_to_floors_by_hand_and_infeasible():
     out, ok = mixing.lift_to_floors([0.7, 0.2, 0.1], [0.0, 0.0, 0.4])
     # 0.4 to the floored domain, the other 0.6 shared 0.7 : 0.2

@@ -63,7 +63,7 @@ def test_run_directory_contract_and_rule_applied(make_config):
         np.testing.assert_allclose([rec["velocity"][n] for n in NAMES], v, atol=1e-12)
         w = mixing.update_weights(w, v, eta=1.0, smoothing=mixing.PRESETS["robust"]["smoothing"])  # the default preset
         w = mixing.lift_to_floors(w, floors)[0]  # max_rise (lift_to_floors has its own tests)
-        if quiet.any():  # pinned at the floor, the others scaled together
+        if quiet.any():  # pinned at the floor, the others scaled together (an independent reference)
             w = np.where(quiet, floors, w * (1 - floors[quiet].sum()) / w[~quiet].sum())
         np.testing.assert_allclose([rec["weights"][n] for n in NAMES], w, atol=1e-9)
         assert sum(rec["sampling_weights"].values()) == pytest.approx(1.0)

@@ -220,12 +220,13 @@ def _lift_to_min_weight(w: np.ndarray, min_weight: float) -> np.ndarray:
     return normalize((1.0 - lam) * w + lam / k)
 
 
-def lift_to_floors(w: ArrayLike, floors: ArrayLike) -> tuple[np.ndarray, bool]:
-    """w with every w_i >= floors_i, the others scaled down together; (weights (k,), feasible).
+def lift_to_floors(w: ArrayLike, floors: ArrayLike, pinned: ArrayLike | None = None) -> tuple[np.ndarray, bool]:
+    """w with every w_i >= floors_i, the others scaled together; (weights (k,), feasible).
 
     Water-filling: a domain below its floor is set to it, the rest share what is left in proportion to w,
-    until no domain is below its floor. When the floors sum to more than 1 they are scaled to sum to 1
-    (feasible False: no mixture keeps every floor; the caller warns). Shapes (k,).
+    until no domain is below its floor. `pinned` (bool (k,)): domains held at exactly their floor, above it
+    or not (the forgetting domains, docs/design.md §3). When the floors sum to more than 1 they are scaled to
+    sum to 1 (feasible False: no mixture keeps every floor; the caller warns). Shapes (k,).
     """
     w = normalize(w)
     f = _vector(floors, "floors", w.size)
@@ -235,6 +236,8 @@ def lift_to_floors(w: ArrayLike, floors: ArrayLike) -> tuple[np.ndarray, bool]:
     if not feasible:
         return normalize(f), False
     fixed = w < f  # at their floor; the others share what is left in proportion to w
+    if pinned is not None:
+        fixed |= np.asarray(pinned, dtype=bool)
     out = np.where(fixed, f, w)
     for _ in range(w.size):
         free = ~fixed
@@ -458,14 +461,9 @@ class VelocityRule(Rule):
         w = update_weights(self._w, signal, self.eta, self.smoothing)
         w = _lift_to_min_weight(w, self.min_weight)
         if g.floors is not None:
-            w, feasible = lift_to_floors(w, g.floors)
-            if g.quiet is not None and g.quiet.any():
-                # A forgetting domain keeps exactly its floor (its corpus share): smoothing toward uniform must not
-                # lift a 5 % replay slice either; the others share the rest in proportion (docs/design.md §3).
-                rest = ~g.quiet
-                if w[rest].sum() > 0:
-                    w = np.where(g.quiet, g.floors, w * (1.0 - g.floors[g.quiet].sum()) / w[rest].sum())
-                    w = normalize(w)
+            # A forgetting domain keeps exactly its floor (its corpus share): smoothing toward uniform must not
+            # lift a 5 % replay slice either (docs/design.md §3).
+            w, feasible = lift_to_floors(w, g.floors, pinned=g.quiet)
             if not feasible and "<max_rise>" not in self._warned:
                 self._warned.add("<max_rise>")
                 warnings.append(
